@@ -1,0 +1,220 @@
+//! The transport vocabulary every broker speaks to the dispatcher, and the brokers themselves.
+//!
+//! The dispatcher sees one vocabulary whatever the broker:
+//! - a [`Subscription`] yields [`Delivery`]s, already scheduled for the ordering the trigger
+//!   asked for (a delivery is handed out only when its lane is free);
+//! - a delivery is settled exactly once: [`Delivery::ack`], [`Delivery::retry_after`] (the
+//!   broker redelivers later, or the caller retries in place: see [`RetryStyle`]) or
+//!   [`Delivery::term`] (give up after the DLQ record was confirmed). A delivery dropped without
+//!   being settled is handed back for redelivery, never lost;
+//! - a [`Publisher`] returns only once the broker confirmed the message;
+//! - [`Subscription::lag`] says how much work is waiting.
+//!
+//! This crate is the only one that imports async-nats or rdkafka. It does not decode events
+//! (that is `weir-schemas`) and does not decide retries (that is the dispatcher's policy).
+
+pub mod memory;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Which broker a message travelled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Memory,
+    Nats,
+    JetStream,
+    Kafka,
+}
+
+impl BrokerKind {
+    /// A short label for metrics and logs (`memory`, `nats`, `jetstream`, `kafka`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerKind::Memory => "memory",
+            BrokerKind::Nats => "nats",
+            BrokerKind::JetStream => "jetstream",
+            BrokerKind::Kafka => "kafka",
+        }
+    }
+}
+
+impl fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a message sits in its broker: enough to find it again, and the seed of derived ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Memory { topic: String, seq: u64 },
+    Nats { subject: String },
+    JetStream { stream: String, sequence: u64 },
+    Kafka { topic: String, partition: i32, offset: i64 },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Memory { topic, seq } => write!(f, "memory://{topic}/{seq}"),
+            Origin::Nats { subject } => write!(f, "nats://{subject}"),
+            Origin::JetStream { stream, sequence } => write!(f, "jetstream://{stream}/{sequence}"),
+            Origin::Kafka { topic, partition, offset } => {
+                write!(f, "kafka://{topic}/{partition}/{offset}")
+            }
+        }
+    }
+}
+
+/// A message as received, before decoding.
+#[derive(Debug, Clone)]
+pub struct InboundMessage {
+    /// Subject (NATS) or topic (Kafka, memory).
+    pub topic: String,
+    pub key: Option<Bytes>,
+    pub headers: Vec<(String, String)>,
+    /// `None` is a null value (a Kafka tombstone).
+    pub payload: Option<Bytes>,
+    pub origin: Origin,
+    /// 1 on first delivery. Counted by the broker where it can (JetStream metadata), else by
+    /// the transport.
+    pub delivery_count: u32,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct OutboundMessage {
+    pub topic: String,
+    pub key: Option<Bytes>,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// Broker-side de-duplication id (JetStream `Nats-Msg-Id`); a redelivered input republishes
+    /// its outputs with the same ids, so they are not duplicated.
+    pub dedup_id: Option<String>,
+}
+
+/// How a retry happens on this transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryStyle {
+    /// The broker redelivers after the delay (JetStream NAK-with-delay, the memory bus); the
+    /// caller settles the delivery with [`Delivery::retry_after`] and moves on.
+    Redeliver,
+    /// The broker cannot redeliver one message (Kafka, core NATS): the caller keeps the
+    /// delivery, waits and invokes again, which blocks only the lane ordering requires.
+    InPlace,
+}
+
+/// Errors from a transport, with enough context to log them.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("connecting to {broker}: {reason}")]
+    Connect { broker: BrokerKind, reason: String },
+    #[error("publishing to {topic}: {reason}")]
+    Publish { topic: String, reason: String },
+    #[error("publish to {topic} not confirmed within {timeout:?}")]
+    PublishTimeout { topic: String, timeout: Duration },
+    #[error("settling {origin}: {reason}")]
+    Settle { origin: String, reason: String },
+    #[error("subscribing to {topic}: {reason}")]
+    Subscribe { topic: String, reason: String },
+    #[error("reading lag of {topic}: {reason}")]
+    Lag { topic: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("transport closed")]
+    Closed,
+}
+
+/// The broker-specific half of a delivery: how to settle it.
+#[async_trait]
+pub trait Settle: Send + Sync {
+    async fn ack(self: Box<Self>) -> Result<(), TransportError>;
+    async fn retry_after(self: Box<Self>, delay: Duration) -> Result<(), TransportError>;
+    /// Give up on this message for good (only after its DLQ record was confirmed).
+    async fn term(self: Box<Self>) -> Result<(), TransportError>;
+    /// Tell the broker the message is still being worked on (JetStream `+WPI`); a no-op where
+    /// the broker has no ack deadline.
+    async fn in_progress(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+/// A received message and the right to settle it, once.
+pub struct Delivery {
+    pub message: InboundMessage,
+    settle: Box<dyn Settle>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery").field("origin", &self.message.origin).finish()
+    }
+}
+
+impl Delivery {
+    pub fn new(message: InboundMessage, settle: Box<dyn Settle>) -> Self {
+        Self { message, settle }
+    }
+
+    pub async fn ack(self) -> Result<(), TransportError> {
+        self.settle.ack().await
+    }
+
+    pub async fn retry_after(self, delay: Duration) -> Result<(), TransportError> {
+        self.settle.retry_after(delay).await
+    }
+
+    pub async fn term(self) -> Result<(), TransportError> {
+        self.settle.term().await
+    }
+
+    pub async fn in_progress(&self) -> Result<(), TransportError> {
+        self.settle.in_progress().await
+    }
+}
+
+/// A stream of deliveries for one trigger.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next delivery; `None` once the subscription was closed (shutdown). Transient broker
+    /// trouble is retried inside the transport and logged, not returned.
+    async fn next(&mut self) -> Option<Delivery>;
+
+    /// Messages waiting or in flight for this subscription.
+    async fn lag(&self) -> Result<u64, TransportError>;
+
+    fn retry_style(&self) -> RetryStyle;
+
+    fn broker(&self) -> BrokerKind;
+
+    /// Stop fetching; deliveries already handed out may still be settled.
+    async fn close(&mut self);
+}
+
+/// Confirmed publishing.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Returns once the broker confirmed the message (JetStream ack, Kafka delivery report,
+    /// memory bus append). Core NATS has no confirmation: the flush is the best it offers.
+    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError>;
+
+    fn broker(&self) -> BrokerKind;
+}
+
+/// How a trigger wants its deliveries ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Strict per partition (Kafka's default; on other brokers the same as `key`).
+    #[default]
+    Partition,
+    /// Strict per key, parallel across keys.
+    Key,
+    /// Maximum parallelism.
+    None,
+}

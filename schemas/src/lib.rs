@@ -1,0 +1,57 @@
+//! Weir's event vocabulary, with no I/O.
+//!
+//! This crate is the one place that knows what an event *is* on the wire and in memory:
+//! the CloudEvents 1.0 envelope ([`Event`]), the typed payloads Weir recognises
+//! ([`DbChange`] from Debezium, [`Upload`] from S3/MinIO notifications), the wire codecs
+//! (CloudEvents binary and structured mode, Debezium and S3 JSON) and the MessagePack codec for
+//! typed payloads and Weir's own records. The WIT world `weir:function` lives in `wit/`.
+//!
+//! It deliberately does no I/O and depends on neither tokio, wasmtime nor any broker client, so
+//! the guest SDK (compiled to wasm32-wasip2) uses the very same types and codecs as the host.
+
+pub mod codec;
+pub mod cloudevents;
+pub mod debezium;
+pub mod error;
+pub mod event;
+pub mod s3;
+pub mod wire;
+
+pub use debezium::{DbChange, DbOp, DbSource};
+pub use error::DecodeError;
+pub use event::{derived_id, Event, SPECVERSION};
+pub use s3::Upload;
+pub use wire::{decode, encode_binary, encode_structured, Format, HeaderStyle, WireMessage};
+
+/// The WIT package text of `weir:function`, for hosts that want to show or check it.
+pub const WIT: &str = include_str!("../wit/function.wit");
+
+/// CloudEvents `type` of an event whose `data` is a MessagePack [`DbChange`].
+pub const DB_CHANGE_TYPE: &str = "weir.db.change";
+/// `datacontenttype` of a MessagePack [`DbChange`].
+pub const DB_CHANGE_CONTENT_TYPE: &str = "application/vnd.weir.dbchange+msgpack";
+/// CloudEvents `type` of an event whose `data` is a MessagePack [`Upload`].
+pub const UPLOAD_TYPE: &str = "weir.upload";
+/// `datacontenttype` of a MessagePack [`Upload`].
+pub const UPLOAD_CONTENT_TYPE: &str = "application/vnd.weir.upload+msgpack";
+
+/// Names of Weir's own CloudEvents extension attributes.
+pub mod ext {
+    /// Chain depth: 0 (or absent) for an event published from outside, +1 per function hop.
+    pub const HOPS: &str = "weirhops";
+    /// Id of the event whose handling produced this one.
+    pub const CAUSATION: &str = "weircausation";
+    /// W3C trace context, carried unchanged along a chain.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Key for ordering when the broker gives none (CloudEvents partitioning extension).
+    pub const PARTITION_KEY: &str = "partitionkey";
+
+    pub const DLQ_REASON: &str = "weirdlqreason";
+    pub const DLQ_ERROR: &str = "weirdlqerror";
+    pub const DLQ_ATTEMPTS: &str = "weirdlqattempts";
+    pub const DLQ_FUNCTION: &str = "weirdlqfunction";
+    pub const DLQ_MODULE: &str = "weirdlqmodule";
+    pub const DLQ_ORIGIN: &str = "weirdlqorigin";
+    pub const DLQ_FIRST_FAILURE: &str = "weirdlqfirstfailure";
+    pub const DLQ_LAST_FAILURE: &str = "weirdlqlastfailure";
+}
