@@ -13,7 +13,9 @@
 //! This crate is the only one that imports async-nats or rdkafka. It does not decode events
 //! (that is `weir-schemas`) and does not decide retries (that is the dispatcher's policy).
 
+pub mod kafka;
 pub mod memory;
+pub mod nats;
 
 use std::fmt;
 use std::time::Duration;
@@ -52,10 +54,22 @@ impl fmt::Display for BrokerKind {
 /// Where a message sits in its broker: enough to find it again, and the seed of derived ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Origin {
-    Memory { topic: String, seq: u64 },
-    Nats { subject: String },
-    JetStream { stream: String, sequence: u64 },
-    Kafka { topic: String, partition: i32, offset: i64 },
+    Memory {
+        topic: String,
+        seq: u64,
+    },
+    Nats {
+        subject: String,
+    },
+    JetStream {
+        stream: String,
+        sequence: u64,
+    },
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
 }
 
 impl fmt::Display for Origin {
@@ -64,7 +78,11 @@ impl fmt::Display for Origin {
             Origin::Memory { topic, seq } => write!(f, "memory://{topic}/{seq}"),
             Origin::Nats { subject } => write!(f, "nats://{subject}"),
             Origin::JetStream { stream, sequence } => write!(f, "jetstream://{stream}/{sequence}"),
-            Origin::Kafka { topic, partition, offset } => {
+            Origin::Kafka {
+                topic,
+                partition,
+                offset,
+            } => {
                 write!(f, "kafka://{topic}/{partition}/{offset}")
             }
         }
@@ -152,7 +170,9 @@ pub struct Delivery {
 
 impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Delivery").field("origin", &self.message.origin).finish()
+        f.debug_struct("Delivery")
+            .field("origin", &self.message.origin)
+            .finish()
     }
 }
 
@@ -191,6 +211,13 @@ pub trait Subscription: Send {
     fn retry_style(&self) -> RetryStyle;
 
     fn broker(&self) -> BrokerKind;
+
+    /// How often a long-running delivery must be reported in progress
+    /// ([`Delivery::in_progress`]) so the broker does not redeliver it concurrently; `None`
+    /// where the broker has no ack deadline. For JetStream: a third of the ack wait.
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
 
     /// Stop fetching; deliveries already handed out may still be settled.
     async fn close(&mut self);

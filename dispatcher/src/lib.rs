@@ -1,1 +1,13 @@
-//! Weir's dispatcher.
+//! Weir's dispatcher: runs WebAssembly functions on events from brokers.
+//!
+//! Data flows one way: broker → transport (`weir-broker-bridge`) → [`runner`] → function
+//! ([`engine`], [`pool`]) → outputs / dead letters ([`chain`], [`deadletter`]) → ack.
+
+pub mod chain;
+pub mod config;
+pub mod deadletter;
+pub mod engine;
+pub mod pool;
+pub mod retry;
+pub mod runner;
+pub mod telemetry;

@@ -21,7 +21,12 @@ pub use debezium::{DbChange, DbOp, DbSource};
 pub use error::DecodeError;
 pub use event::{derived_id, Event, SPECVERSION};
 pub use s3::Upload;
-pub use wire::{decode, encode_binary, encode_structured, Format, HeaderStyle, WireMessage};
+pub use error::EncodeError;
+pub use event::{is_rfc3339, rfc3339_from_unix_millis};
+pub use wire::{
+    decode, detect, encode_binary, encode_structured, Detected, Format, HeaderStyle, WireMessage,
+    CUSTOM_TYPE,
+};
 
 /// The WIT package text of `weir:function`, for hosts that want to show or check it.
 pub const WIT: &str = include_str!("../wit/function.wit");

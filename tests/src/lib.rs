@@ -1,1 +1,9 @@
-//! Test support: real servers on free loopback ports, stopped on drop.
+//! Test support for Weir's end-to-end tests: real servers on free loopback ports, stopped on drop.
+//!
+//! Nothing here mocks a broker: `NatsServer` runs a real `nats-server -js`, `KafkaBroker` a real
+//! Kafka-protocol broker (Tansu). Tests that need them fail loudly when a binary is missing, because
+//! `make test` installs them first.
+
+pub mod kafka_broker;
+pub mod nats_server;
+pub mod ports;

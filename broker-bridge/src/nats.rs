@@ -1,0 +1,1 @@
+//! NATS core and JetStream transport (in progress).

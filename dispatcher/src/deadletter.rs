@@ -1,0 +1,164 @@
+//! Dead-letter records: the original event unchanged (or the raw bytes, when it did not
+//! decode) plus the `weirdlq*` extensions that say what failed, where and when, so that
+//! `weir dlq redrive` can send it back to the function that failed it.
+//!
+//! Building the record is pure; publishing it (and pausing the lane while the DLQ is
+//! unavailable) is the runner's job.
+
+use weir_schemas::{derived_id, ext, Event};
+
+/// Why an event was dead-lettered. The strings are part of the DLQ record format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    RetriesExhausted,
+    Rejected,
+    Undecodable,
+    Timeout,
+    Trap,
+    HopLimit,
+    Expired,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::RetriesExhausted => "retries-exhausted",
+            DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::Undecodable => "undecodable",
+            DeadLetterReason::Timeout => "timeout",
+            DeadLetterReason::Trap => "trap",
+            DeadLetterReason::HopLimit => "hop-limit",
+            DeadLetterReason::Expired => "expired",
+        }
+    }
+}
+
+/// The most of an error message a record keeps.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// What the record says about the failure.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: DeadLetterReason,
+    pub error: String,
+    pub attempts: u32,
+    pub function: String,
+    /// sha256 of the function's module.
+    pub module: String,
+    /// Where the source message sits, e.g. `kafka://topic/partition/offset`.
+    pub origin: String,
+    /// RFC 3339.
+    pub first_failure: String,
+    /// RFC 3339.
+    pub last_failure: String,
+}
+
+/// An input that could not be decoded, kept byte for byte.
+#[derive(Debug, Clone)]
+pub struct RawInput<'a> {
+    pub payload: Option<&'a [u8]>,
+    pub content_type: Option<&'a str>,
+    pub default_source: &'a str,
+}
+
+/// CloudEvents `type` of the record of an undecodable input.
+pub const UNDECODABLE_TYPE: &str = "weir.undecodable";
+
+impl DeadLetter {
+    /// The record for an event that decoded.
+    pub fn record(&self, original: &Event) -> Event {
+        let mut record = original.clone();
+        self.stamp(&mut record);
+        record
+    }
+
+    /// The record for an input that did not decode: its bytes unchanged as `data`, with an id
+    /// derived from its origin so a redelivery produces the same record.
+    pub fn record_raw(&self, raw: &RawInput<'_>) -> Event {
+        let mut record =
+            Event::new(derived_id(&["undecodable", &self.origin]), raw.default_source, UNDECODABLE_TYPE);
+        record.data = raw.payload.map(<[u8]>::to_vec);
+        record.datacontenttype = raw.content_type.map(str::to_owned);
+        self.stamp(&mut record);
+        record
+    }
+
+    fn stamp(&self, record: &mut Event) {
+        let ext = &mut record.extensions;
+        ext.insert(ext::DLQ_REASON.to_owned(), self.reason.as_str().to_owned());
+        ext.insert(ext::DLQ_ERROR.to_owned(), clip(&self.error, MAX_ERROR_BYTES).to_owned());
+        ext.insert(ext::DLQ_ATTEMPTS.to_owned(), self.attempts.to_string());
+        ext.insert(ext::DLQ_FUNCTION.to_owned(), self.function.clone());
+        ext.insert(ext::DLQ_MODULE.to_owned(), self.module.clone());
+        ext.insert(ext::DLQ_ORIGIN.to_owned(), self.origin.clone());
+        ext.insert(ext::DLQ_FIRST_FAILURE.to_owned(), self.first_failure.clone());
+        ext.insert(ext::DLQ_LAST_FAILURE.to_owned(), self.last_failure.clone());
+    }
+}
+
+fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(reason: DeadLetterReason, error: String) -> DeadLetter {
+        DeadLetter {
+            reason,
+            error,
+            attempts: 3,
+            function: "f".into(),
+            module: "abc".into(),
+            origin: "memory://orders/7".into(),
+            first_failure: "2024-01-01T00:00:00Z".into(),
+            last_failure: "2024-01-01T00:00:02Z".into(),
+        }
+    }
+
+    #[test]
+    fn record_keeps_the_original_and_adds_every_extension() {
+        let mut original = Event::new("e1", "s", "t");
+        original.data = Some(b"{}".to_vec());
+        let record = letter(DeadLetterReason::RetriesExhausted, "boom".into()).record(&original);
+        assert_eq!(record.id, "e1");
+        assert_eq!(record.data, original.data);
+        for (k, v) in [
+            (ext::DLQ_REASON, "retries-exhausted"),
+            (ext::DLQ_ERROR, "boom"),
+            (ext::DLQ_ATTEMPTS, "3"),
+            (ext::DLQ_FUNCTION, "f"),
+            (ext::DLQ_MODULE, "abc"),
+            (ext::DLQ_ORIGIN, "memory://orders/7"),
+            (ext::DLQ_FIRST_FAILURE, "2024-01-01T00:00:00Z"),
+            (ext::DLQ_LAST_FAILURE, "2024-01-01T00:00:02Z"),
+        ] {
+            assert_eq!(record.extension(k), Some(v), "{k}");
+        }
+    }
+
+    #[test]
+    fn errors_are_clipped_to_one_kib_on_a_char_boundary() {
+        let record = letter(DeadLetterReason::Trap, "é".repeat(1000)).record(&Event::new("e", "s", "t"));
+        let error = record.extension(ext::DLQ_ERROR).unwrap();
+        assert!(error.len() <= MAX_ERROR_BYTES && error.len() >= MAX_ERROR_BYTES - 1);
+    }
+
+    #[test]
+    fn raw_records_keep_bytes_and_have_stable_ids() {
+        let raw = RawInput { payload: Some(b"\xff\x00not json"), content_type: Some("application/json"), default_source: "weir://memory/orders" };
+        let a = letter(DeadLetterReason::Undecodable, "bad".into()).record_raw(&raw);
+        let b = letter(DeadLetterReason::Undecodable, "bad".into()).record_raw(&raw);
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.data.as_deref(), Some(&b"\xff\x00not json"[..]));
+        assert_eq!(a.ty, UNDECODABLE_TYPE);
+    }
+}

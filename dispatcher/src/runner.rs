@@ -1,0 +1,593 @@
+//! The per-function delivery loop: the delivery contract of DESIGN.md in code.
+//!
+//! For each delivery: decode → (hop limit, max age) → invoke on an instance → check and stamp
+//! outputs → publish them, each confirmed → ack. A `reject`, an undecodable input, a hop-limit
+//! breach or an expired event go to the dead-letter queue at once; other failures are retried
+//! under the function's [`RetryPolicy`] (by redelivery or in place, as the transport says) and
+//! dead-lettered when attempts run out. The source message is acknowledged only after the
+//! outputs or the dead-letter record were confirmed. When the DLQ cannot be written the
+//! delivery is held (its lane pauses, a gauge says so) until it can, or until shutdown hands
+//! the delivery back unsettled.
+//!
+//! It does not know any broker's API (only the transport vocabulary) nor wasmtime's (only the
+//! [`crate::pool`] and [`crate::engine`] call surface).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use weir_broker_bridge::{
+    BrokerKind, Delivery, OutboundMessage, Publisher, RetryStyle, Subscription,
+};
+use weir_schemas::{ext, Event, Format, HeaderStyle, WireMessage};
+
+use crate::chain::{self, OutputRules};
+use crate::deadletter::{DeadLetter, DeadLetterReason, RawInput};
+use crate::engine::{self, InvocationError, WitDelivery};
+use crate::pool::InstancePool;
+use crate::retry::RetryPolicy;
+use crate::telemetry;
+
+/// Everything the loop needs to know about one function.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    pub name: Arc<str>,
+    pub trigger_broker: BrokerKind,
+    pub trigger_topic: String,
+    pub format: Format,
+    pub retry: RetryPolicy,
+    pub rules: OutputRules,
+    pub hop_limit: u32,
+    pub dead_letter_topic: String,
+    /// Bound on how long shutdown waits for in-flight invocations.
+    pub shutdown_grace: Duration,
+}
+
+/// Counters behind `GET /v1/functions` and the status page.
+#[derive(Debug, Default)]
+pub struct FunctionCounters {
+    pub received: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub outputs: AtomicU64,
+    pub dlq_paused: AtomicBool,
+}
+
+/// The most recent failures, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentFailure {
+    pub at: String,
+    pub event_id: String,
+    pub outcome: &'static str,
+    pub error: String,
+}
+
+const RECENT_FAILURES: usize = 20;
+/// First-failure times are remembered for this many messages awaiting redelivery.
+const FIRST_FAILURES: usize = 100_000;
+
+/// One function at run time.
+pub struct FunctionRunner {
+    pub spec: FunctionSpec,
+    pub pool: Arc<InstancePool>,
+    outputs: Arc<dyn Publisher>,
+    dead_letters: Arc<dyn Publisher>,
+    pub counters: FunctionCounters,
+    recent: Mutex<Vec<RecentFailure>>,
+    /// origin → first failure time, for redelivered messages (best effort: a restart forgets).
+    first_failures: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for FunctionRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionRunner").field("function", &self.spec.name).finish_non_exhaustive()
+    }
+}
+
+/// How one event fared.
+enum EventOutcome {
+    Done,
+    Failed(InvocationError),
+}
+
+/// The DLQ could not be written before shutdown: hand the delivery back unsettled.
+struct HandBack;
+
+/// Where we are in handling one delivery, for logs and DLQ records.
+struct DeliveryContext<'a> {
+    origin: String,
+    broker: BrokerKind,
+    topic: &'a str,
+    key: Option<String>,
+}
+
+impl FunctionRunner {
+    pub fn new(
+        spec: FunctionSpec,
+        pool: Arc<InstancePool>,
+        outputs: Arc<dyn Publisher>,
+        dead_letters: Arc<dyn Publisher>,
+    ) -> Self {
+        Self {
+            spec,
+            pool,
+            outputs,
+            dead_letters,
+            counters: FunctionCounters::default(),
+            recent: Mutex::new(Vec::new()),
+            first_failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn recent_failures(&self) -> Vec<RecentFailure> {
+        lock(&self.recent).clone()
+    }
+
+    /// Consume until `shutdown`; then stop fetching, let in-flight work finish (bounded by the
+    /// shutdown grace) and return. Work still unfinished is dropped unsettled, which hands it
+    /// back to the broker for redelivery.
+    pub async fn run(self: Arc<Self>, mut subscription: Box<dyn Subscription>, shutdown: CancellationToken) {
+        let style = subscription.retry_style();
+        let progress = subscription.progress_interval();
+        let mut tasks = JoinSet::new();
+        loop {
+            let slot = tokio::select! {
+                slot = self.pool.acquire() => match slot { Some(slot) => slot, None => break },
+                () = shutdown.cancelled() => break,
+            };
+            let delivery = tokio::select! {
+                delivery = subscription.next() => match delivery { Some(d) => d, None => break },
+                () = shutdown.cancelled() => break,
+            };
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            let span = tracing::info_span!(
+                "invocation",
+                function = %self.spec.name,
+                "messaging.system" = delivery.message.origin_system(),
+                outcome = tracing::field::Empty,
+            );
+            tasks.spawn(
+                async move {
+                    this.process(delivery, style, progress, &shutdown).await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
+            while let Some(finished) = tasks.try_join_next() {
+                log_task_end(&self.spec.name, finished);
+            }
+        }
+        subscription.close().await;
+        let drained = tokio::time::timeout(self.spec.shutdown_grace, async {
+            while let Some(finished) = tasks.join_next().await {
+                log_task_end(&self.spec.name, finished);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(function = %self.spec.name, in_flight = tasks.len(), "shutdown grace elapsed; handing unfinished deliveries back");
+            tasks.abort_all();
+        }
+    }
+
+    async fn process(
+        &self,
+        delivery: Delivery,
+        style: RetryStyle,
+        progress: Option<Duration>,
+        shutdown: &CancellationToken,
+    ) {
+        // JetStream redelivers a message whose ack deadline passes; keep telling it we are
+        // still on it so a slow function never runs twice at once for one event.
+        let work = self.handle(&delivery, style, shutdown);
+        let settlement = match progress {
+            None => work.await,
+            Some(every) => {
+                tokio::pin!(work);
+                let mut ticker = tokio::time::interval(every);
+                ticker.tick().await;
+                loop {
+                    tokio::select! {
+                        settlement = &mut work => break settlement,
+                        _ = ticker.tick() => {
+                            if let Err(e) = delivery.in_progress().await {
+                                tracing::warn!(error = %e, "could not extend the ack deadline");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let origin = delivery.message.origin.to_string();
+        let result = match settlement {
+            Settlement::Ack => delivery.ack().await,
+            Settlement::Term => delivery.term().await,
+            Settlement::RetryAfter(delay) => delivery.retry_after(delay).await,
+            Settlement::HandBack => {
+                drop(delivery);
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            // The broker will redeliver: at-least-once, never lost.
+            tracing::warn!(function = %self.spec.name, origin, error = %e, "settling failed; the message will be redelivered");
+        }
+    }
+
+    async fn handle(&self, delivery: &Delivery, style: RetryStyle, shutdown: &CancellationToken) -> Settlement {
+        let message = &delivery.message;
+        let broker = message.origin_broker();
+        telemetry::events_received(&self.spec.name, broker.as_str());
+        self.counters.received.fetch_add(1, AtomicOrdering::Relaxed);
+        let origin = message.origin.to_string();
+        let default_source = format!("weir://{}/{}", broker.as_str(), message.topic);
+        let wire = WireMessage {
+            headers: &message.headers,
+            payload: message.payload.as_deref(),
+            key: message.key.as_deref(),
+            origin: &origin,
+            default_source: &default_source,
+        };
+        let ctx = DeliveryContext {
+            origin: origin.clone(),
+            broker,
+            topic: &message.topic,
+            key: message.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        };
+        let mut pending = match weir_schemas::decode(&wire, self.spec.format) {
+            Ok(events) => events,
+            Err(e) => {
+                telemetry::undecodable(&self.spec.name, e.kind());
+                let now = now_rfc3339();
+                let letter = self.letter(DeadLetterReason::Undecodable, e.to_string(), message.delivery_count.max(1), &ctx, now.clone(), now);
+                let raw = RawInput {
+                    payload: message.payload.as_deref(),
+                    content_type: header(&message.headers, "content-type"),
+                    default_source: &default_source,
+                };
+                return match self.dead_letter(letter.record_raw(&raw), DeadLetterReason::Undecodable, shutdown).await {
+                    Ok(()) => Settlement::Term,
+                    Err(HandBack) => Settlement::HandBack,
+                };
+            }
+        };
+        let mut attempt = message.delivery_count.max(1);
+        loop {
+            let mut failed = Vec::new();
+            let mut last_error = None;
+            for event in pending {
+                match self.handle_event(&event, &ctx, attempt, shutdown).await {
+                    Ok(EventOutcome::Done) => {}
+                    Ok(EventOutcome::Failed(e)) => {
+                        failed.push(event);
+                        last_error = Some(e);
+                    }
+                    Err(HandBack) => return Settlement::HandBack,
+                }
+            }
+            let Some(error) = last_error else {
+                lock(&self.first_failures).remove(&origin);
+                return Settlement::Ack;
+            };
+            let first_failure = self.first_failure(&origin);
+            if self.spec.retry.may_retry(attempt) {
+                let delay = self.spec.retry.delay_after(attempt);
+                telemetry::retry_scheduled(&self.spec.name, broker.as_str());
+                self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                tracing::debug!(attempt, delay = ?delay, error = %error, "retrying");
+                match style {
+                    RetryStyle::Redeliver => return Settlement::RetryAfter(delay),
+                    RetryStyle::InPlace => {
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = shutdown.cancelled() => return Settlement::HandBack,
+                        }
+                        attempt += 1;
+                        pending = failed;
+                        continue;
+                    }
+                }
+            }
+            let reason = match &error {
+                InvocationError::Timeout(_) => DeadLetterReason::Timeout,
+                InvocationError::Trap(_) | InvocationError::MemoryLimit(_) => DeadLetterReason::Trap,
+                _ => DeadLetterReason::RetriesExhausted,
+            };
+            for event in failed {
+                let letter = self.letter(reason, error.to_string(), attempt, &ctx, first_failure.clone(), now_rfc3339());
+                if self.dead_letter(letter.record(&event), reason, shutdown).await.is_err() {
+                    return Settlement::HandBack;
+                }
+            }
+            lock(&self.first_failures).remove(&origin);
+            return Settlement::Term;
+        }
+    }
+
+    /// Run one event through the function; dead-letter it when it must not be run or was
+    /// rejected. `Err(HandBack)` only when the DLQ stayed unwritable until shutdown.
+    async fn handle_event(
+        &self,
+        event: &Event,
+        ctx: &DeliveryContext<'_>,
+        attempt: u32,
+        shutdown: &CancellationToken,
+    ) -> Result<EventOutcome, HandBack> {
+        let hops = chain::hops(event);
+        if hops >= self.spec.hop_limit {
+            let error = format!("event has travelled {hops} hops; the limit is {}", self.spec.hop_limit);
+            let now = now_rfc3339();
+            let letter = self.letter(DeadLetterReason::HopLimit, error, attempt, ctx, now.clone(), now);
+            self.dead_letter(letter.record(event), DeadLetterReason::HopLimit, shutdown).await?;
+            return Ok(EventOutcome::Done);
+        }
+        if let Some(age) = self.expired(event) {
+            let error = format!("event is {} old; max age is {}", humantime::format_duration(age), humantime::format_duration(self.spec.retry.max_age.unwrap_or_default()));
+            let now = now_rfc3339();
+            let letter = self.letter(DeadLetterReason::Expired, error, attempt, ctx, now.clone(), now);
+            self.dead_letter(letter.record(event), DeadLetterReason::Expired, shutdown).await?;
+            return Ok(EventOutcome::Done);
+        }
+
+        let started = std::time::Instant::now();
+        let outcome = self.invoke(event, ctx, attempt).await;
+        let label = match &outcome {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        telemetry::invocation_finished(&self.spec.name, label, started.elapsed());
+        tracing::Span::current().record("outcome", label);
+        match outcome {
+            Ok(outputs) => match self.publish_outputs(outputs).await {
+                Ok(()) => {
+                    self.counters.succeeded.fetch_add(1, AtomicOrdering::Relaxed);
+                    Ok(EventOutcome::Done)
+                }
+                Err(e) => {
+                    self.note_failure(event, "publish", &e);
+                    self.remember_first_failure(&ctx.origin);
+                    Ok(EventOutcome::Failed(InvocationError::Retry(e)))
+                }
+            },
+            Err(InvocationError::Reject(reason)) => {
+                self.counters.failed.fetch_add(1, AtomicOrdering::Relaxed);
+                self.note_failure(event, "reject", &reason);
+                let now = now_rfc3339();
+                let first = self.first_failure(&ctx.origin);
+                let letter = self.letter(DeadLetterReason::Rejected, reason, attempt, ctx, first, now);
+                self.dead_letter(letter.record(event), DeadLetterReason::Rejected, shutdown).await?;
+                Ok(EventOutcome::Done)
+            }
+            Err(e) => {
+                self.counters.failed.fetch_add(1, AtomicOrdering::Relaxed);
+                self.note_failure(event, e.outcome(), &e.to_string());
+                self.remember_first_failure(&ctx.origin);
+                tracing::info!(event = %event.id, attempt, error = %e, "invocation failed");
+                Ok(EventOutcome::Failed(e))
+            }
+        }
+    }
+
+    async fn invoke(
+        &self,
+        event: &Event,
+        ctx: &DeliveryContext<'_>,
+        attempt: u32,
+    ) -> Result<Vec<chain::ChainedOutput>, InvocationError> {
+        let mut instance = self.pool.checkout().await?;
+        let key = ctx.key.clone().or_else(|| event.extension(ext::PARTITION_KEY).map(str::to_owned));
+        let delivery = WitDelivery {
+            broker: engine::to_wit_broker(ctx.broker),
+            topic: ctx.topic.to_owned(),
+            key,
+            attempt,
+        };
+        let result = instance.handle(&engine::to_wit_event(event), &delivery).await;
+        let checked = result.and_then(|outputs| {
+            chain::check_outputs(
+                &self.spec.rules,
+                outputs.iter().map(|o| (o.topic.as_str(), o.event.data.as_ref().map_or(0, Vec::len))),
+            )
+            .map_err(InvocationError::OutputRule)?;
+            Ok(outputs)
+        });
+        self.pool.checkin(instance, checked.as_ref().map(|_| ()));
+        let outputs = checked?;
+        let outputs = outputs
+            .into_iter()
+            .map(|o| (o.topic, o.key, engine::from_wit_event(o.event)))
+            .collect();
+        Ok(chain::chain_outputs(&self.spec.name, event, outputs, &now_rfc3339()))
+    }
+
+    /// Publish every output, each confirmed by its broker. The ids are deterministic, so a
+    /// retry after a partial failure republishes the same events (de-duplicated where the broker
+    /// can).
+    async fn publish_outputs(&self, outputs: Vec<chain::ChainedOutput>) -> Result<(), String> {
+        let count = outputs.len() as u64;
+        let style = header_style(self.outputs.broker());
+        for output in outputs {
+            let (headers, payload) = weir_schemas::encode_binary(&output.event, style);
+            let message = OutboundMessage {
+                topic: output.topic.clone(),
+                key: Some(Bytes::from(output.key.into_bytes())),
+                headers,
+                payload: Bytes::from(payload),
+                dedup_id: Some(output.event.id.clone()),
+            };
+            if let Err(e) = self.outputs.publish(message).await {
+                telemetry::output_publish_failed(&self.spec.name);
+                return Err(format!("publishing output to {}: {e}", output.topic));
+            }
+        }
+        if count > 0 {
+            telemetry::outputs_published(&self.spec.name, count);
+            self.counters.outputs.fetch_add(count, AtomicOrdering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Write a dead-letter record, holding the lane until the DLQ confirms it.
+    async fn dead_letter(&self, record: Event, reason: DeadLetterReason, shutdown: &CancellationToken) -> Result<(), HandBack> {
+        let style = header_style(self.dead_letters.broker());
+        let (headers, payload) = weir_schemas::encode_binary(&record, style);
+        let message = OutboundMessage {
+            topic: self.spec.dead_letter_topic.clone(),
+            key: Some(Bytes::from(record.id.clone().into_bytes())),
+            headers,
+            payload: Bytes::from(payload),
+            dedup_id: Some(format!("dlq-{}", record.id)),
+        };
+        let mut wait = Duration::from_millis(50);
+        let mut paused = false;
+        loop {
+            match self.dead_letters.publish(message.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    telemetry::dead_letter_publish_failed(&self.spec.name);
+                    if !paused {
+                        paused = true;
+                        self.counters.dlq_paused.store(true, AtomicOrdering::Relaxed);
+                        telemetry::lane_paused(&self.spec.name, true);
+                        tracing::error!(function = %self.spec.name, topic = %self.spec.dead_letter_topic, error = %e, "dead-letter queue unavailable; pausing this lane until it recovers");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled() => return Err(HandBack),
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        if paused {
+            self.counters.dlq_paused.store(false, AtomicOrdering::Relaxed);
+            telemetry::lane_paused(&self.spec.name, false);
+            tracing::info!(function = %self.spec.name, "dead-letter queue recovered; lane resumed");
+        }
+        telemetry::dead_lettered(&self.spec.name, reason.as_str());
+        self.counters.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
+        tracing::warn!(function = %self.spec.name, event = %record.id, reason = reason.as_str(), "event dead-lettered");
+        Ok(())
+    }
+
+    fn letter(&self, reason: DeadLetterReason, error: String, attempts: u32, ctx: &DeliveryContext<'_>, first_failure: String, last_failure: String) -> DeadLetter {
+        DeadLetter {
+            reason,
+            error,
+            attempts,
+            function: self.spec.name.to_string(),
+            module: self.pool.module().sha256().to_owned(),
+            origin: ctx.origin.clone(),
+            first_failure,
+            last_failure,
+        }
+    }
+
+    fn expired(&self, event: &Event) -> Option<Duration> {
+        let max_age = self.spec.retry.max_age?;
+        let time = humantime::parse_rfc3339_weak(event.time.as_deref()?).ok()?;
+        let age = SystemTime::now().duration_since(time).ok()?;
+        (age > max_age).then_some(age)
+    }
+
+    fn remember_first_failure(&self, origin: &str) {
+        let mut map = lock(&self.first_failures);
+        if map.len() >= FIRST_FAILURES {
+            // Bounded memory beats perfect timestamps: a forgotten entry only means the DLQ
+            // record's first-failure time becomes the time of a later failure.
+            map.clear();
+        }
+        map.entry(origin.to_owned()).or_insert_with(now_rfc3339);
+    }
+
+    fn first_failure(&self, origin: &str) -> String {
+        lock(&self.first_failures).get(origin).cloned().unwrap_or_else(now_rfc3339)
+    }
+
+    fn note_failure(&self, event: &Event, outcome: &'static str, error: &str) {
+        let mut recent = lock(&self.recent);
+        if recent.len() >= RECENT_FAILURES {
+            recent.remove(0);
+        }
+        recent.push(RecentFailure {
+            at: now_rfc3339(),
+            event_id: event.id.clone(),
+            outcome,
+            error: error.chars().take(300).collect(),
+        });
+    }
+}
+
+/// What to do with a delivery once handled.
+enum Settlement {
+    Ack,
+    Term,
+    RetryAfter(Duration),
+    HandBack,
+}
+
+fn log_task_end(function: &str, finished: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = finished {
+        if e.is_panic() {
+            // A bug in Weir, not in the guest; the delivery was dropped unsettled and so will be
+            // redelivered.
+            tracing::error!(function, error = %e, "invocation task panicked");
+        }
+    }
+}
+
+/// The header convention of a broker's CloudEvents binary mode.
+pub fn header_style(broker: BrokerKind) -> HeaderStyle {
+    match broker {
+        BrokerKind::Kafka => HeaderStyle::Underscore,
+        BrokerKind::Memory | BrokerKind::Nats | BrokerKind::JetStream => HeaderStyle::Dash,
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+/// Now, as RFC 3339 with milliseconds (UTC).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Small conveniences on the transport's message, kept here so the transport vocabulary stays
+/// free of dispatcher concerns.
+trait MessageExt {
+    fn origin_broker(&self) -> BrokerKind;
+    fn origin_system(&self) -> &'static str;
+}
+
+impl MessageExt for weir_broker_bridge::InboundMessage {
+    fn origin_broker(&self) -> BrokerKind {
+        match self.origin {
+            weir_broker_bridge::Origin::Memory { .. } => BrokerKind::Memory,
+            weir_broker_bridge::Origin::Nats { .. } => BrokerKind::Nats,
+            weir_broker_bridge::Origin::JetStream { .. } => BrokerKind::JetStream,
+            weir_broker_bridge::Origin::Kafka { .. } => BrokerKind::Kafka,
+        }
+    }
+
+    /// OpenTelemetry `messaging.system` values.
+    fn origin_system(&self) -> &'static str {
+        match self.origin_broker() {
+            BrokerKind::Memory => "weir_memory",
+            BrokerKind::Nats | BrokerKind::JetStream => "nats",
+            BrokerKind::Kafka => "kafka",
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Tansu harness (in progress).
