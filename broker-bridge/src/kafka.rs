@@ -46,7 +46,7 @@ use serde::Deserialize;
 pub use self::consumer::{KafkaSubscription, PartitionLag};
 pub use self::lanes::{LaneId, LaneScheduler, Popped};
 pub use self::watermark::WatermarkTracker;
-use crate::{BrokerKind, OutboundMessage, Ordering, Publisher, TransportError};
+use crate::{BrokerKind, Ordering, OutboundMessage, Publisher, TransportError};
 
 /// How long `connect` and admin calls wait for the broker.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,9 +57,18 @@ const CONTROLLED_OPTIONS: &[(&str, &str)] = &[
     ("bootstrap.servers", "use `bootstrap`"),
     ("metadata.broker.list", "use `bootstrap`"),
     ("group.id", "Weir uses one consumer group per function"),
-    ("enable.auto.commit", "Weir commits offsets itself, only up to the watermark"),
-    ("enable.auto.offset.store", "Weir commits offsets itself, only up to the watermark"),
-    ("partition.assignment.strategy", "Weir uses cooperative-sticky"),
+    (
+        "enable.auto.commit",
+        "Weir commits offsets itself, only up to the watermark",
+    ),
+    (
+        "enable.auto.offset.store",
+        "Weir commits offsets itself, only up to the watermark",
+    ),
+    (
+        "partition.assignment.strategy",
+        "Weir uses cooperative-sticky",
+    ),
     ("transactional.id", "Weir does not use Kafka transactions"),
     ("security.protocol", "use `security_protocol`"),
     ("sasl.mechanism", "use `sasl_mechanism`"),
@@ -94,7 +103,10 @@ impl SecurityProtocol {
     }
 
     fn uses_sasl(self) -> bool {
-        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
     }
 }
 
@@ -129,7 +141,10 @@ pub struct TopicDefaults {
 
 impl Default for TopicDefaults {
     fn default() -> Self {
-        Self { partitions: 1, replication_factor: 1 }
+        Self {
+            partitions: 1,
+            replication_factor: 1,
+        }
     }
 }
 
@@ -207,15 +222,30 @@ impl fmt::Debug for KafkaConfig {
         let options: BTreeMap<&str, &str> = self
             .options
             .iter()
-            .map(|(k, v)| (k.as_str(), if looks_secret(k) { "<redacted>" } else { v.as_str() }))
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if looks_secret(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
             .collect();
         f.debug_struct("KafkaConfig")
             .field("bootstrap", &self.bootstrap)
             .field("security_protocol", &self.security_protocol)
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field("sasl_username", &self.sasl_username)
-            .field("sasl_password_file", &redacted(self.sasl_password_file.is_some()))
-            .field("sasl_password_env", &redacted(self.sasl_password_env.is_some()))
+            .field(
+                "sasl_password_file",
+                &redacted(self.sasl_password_file.is_some()),
+            )
+            .field(
+                "sasl_password_env",
+                &redacted(self.sasl_password_env.is_some()),
+            )
             .field("ssl_ca_location", &self.ssl_ca_location)
             .field("ssl_certificate_location", &self.ssl_certificate_location)
             .field("ssl_key_location", &self.ssl_key_location)
@@ -227,7 +257,10 @@ impl fmt::Debug for KafkaConfig {
             .field("commit_interval", &self.commit_interval)
             .field("drain_timeout", &self.drain_timeout)
             .field("publish_timeout", &self.publish_timeout)
-            .field("max_buffered_per_partition", &self.max_buffered_per_partition)
+            .field(
+                "max_buffered_per_partition",
+                &self.max_buffered_per_partition,
+            )
             .finish()
     }
 }
@@ -252,9 +285,14 @@ impl KafkaConfig {
             }
         }
 
-        let sasl_protocol = self.security_protocol.is_some_and(SecurityProtocol::uses_sasl);
+        let sasl_protocol = self
+            .security_protocol
+            .is_some_and(SecurityProtocol::uses_sasl);
         if sasl_protocol && self.sasl_mechanism.is_none() {
-            problem("sasl_mechanism", "required with a sasl_* security_protocol".to_owned());
+            problem(
+                "sasl_mechanism",
+                "required with a sasl_* security_protocol".to_owned(),
+            );
         }
         if self.sasl_mechanism.is_some() {
             if !sasl_protocol {
@@ -282,11 +320,17 @@ impl KafkaConfig {
         }
         if let Some(file) = &self.sasl_password_file {
             if !file.is_file() {
-                problem("sasl_password_file", format!("{} is not a readable file", file.display()));
+                problem(
+                    "sasl_password_file",
+                    format!("{} is not a readable file", file.display()),
+                );
             }
         }
         if self.sasl_password_env.as_deref().is_some_and(str::is_empty) {
-            problem("sasl_password_env", "must name an environment variable".to_owned());
+            problem(
+                "sasl_password_env",
+                "must name an environment variable".to_owned(),
+            );
         }
         for (key, file) in [
             ("ssl_ca_location", &self.ssl_ca_location),
@@ -308,11 +352,17 @@ impl KafkaConfig {
             } else if looks_secret(option) {
                 problem(&key, "secrets come from sasl_password_file or sasl_password_env, never from the config file".to_owned());
             } else if option == "enable.idempotence" && value != "true" {
-                problem(&key, "must stay true: outputs rely on the idempotent producer".to_owned());
+                problem(
+                    &key,
+                    "must stay true: outputs rely on the idempotent producer".to_owned(),
+                );
             } else if (option == "acks" || option == "request.required.acks")
                 && !matches!(value, "all" | "-1")
             {
-                problem(&key, "must be all (-1): a publish is confirmed only once replicated".to_owned());
+                problem(
+                    &key,
+                    "must be all (-1): a publish is confirmed only once replicated".to_owned(),
+                );
             }
         }
 
@@ -320,24 +370,55 @@ impl KafkaConfig {
             problem("topic_defaults.partitions", "must be at least 1".to_owned());
         }
         if self.topic_defaults.replication_factor < 1 {
-            problem("topic_defaults.replication_factor", "must be at least 1".to_owned());
+            problem(
+                "topic_defaults.replication_factor",
+                "must be at least 1".to_owned(),
+            );
         }
         for (key, value, min) in [
-            ("session_timeout", self.session_timeout, Duration::from_secs(1)),
-            ("max_poll_interval", self.max_poll_interval, Duration::from_secs(1)),
-            ("commit_interval", self.commit_interval, Duration::from_millis(10)),
+            (
+                "session_timeout",
+                self.session_timeout,
+                Duration::from_secs(1),
+            ),
+            (
+                "max_poll_interval",
+                self.max_poll_interval,
+                Duration::from_secs(1),
+            ),
+            (
+                "commit_interval",
+                self.commit_interval,
+                Duration::from_millis(10),
+            ),
             ("drain_timeout", self.drain_timeout, Duration::ZERO),
-            ("publish_timeout", self.publish_timeout, Duration::from_millis(1)),
+            (
+                "publish_timeout",
+                self.publish_timeout,
+                Duration::from_millis(1),
+            ),
         ] {
             if value < min {
-                problem(key, format!("must be at least {}", humantime_serde::re::humantime::format_duration(min)));
+                problem(
+                    key,
+                    format!(
+                        "must be at least {}",
+                        humantime_serde::re::humantime::format_duration(min)
+                    ),
+                );
             }
             if millis(value).is_none() {
-                problem(key, "is too long for librdkafka (at most ~24 days)".to_owned());
+                problem(
+                    key,
+                    "is too long for librdkafka (at most ~24 days)".to_owned(),
+                );
             }
         }
         if self.max_poll_interval < self.session_timeout {
-            problem("max_poll_interval", "must not be shorter than session_timeout".to_owned());
+            problem(
+                "max_poll_interval",
+                "must not be shorter than session_timeout".to_owned(),
+            );
         }
         if self.drain_timeout >= self.max_poll_interval {
             problem(
@@ -346,7 +427,10 @@ impl KafkaConfig {
             );
         }
         if self.max_buffered_per_partition == 0 {
-            problem("max_buffered_per_partition", "must be at least 1".to_owned());
+            problem(
+                "max_buffered_per_partition",
+                "must be at least 1".to_owned(),
+            );
         }
         problems
     }
@@ -355,7 +439,9 @@ impl KafkaConfig {
     /// Holds the SASL password: never log or Debug-print the result.
     fn client_config(&self) -> Result<ClientConfig, TransportError> {
         let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.bootstrap).set("client.id", "weir");
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", "weir");
         if let Some(protocol) = self.security_protocol {
             config.set("security.protocol", protocol.as_str());
         }
@@ -404,7 +490,9 @@ impl KafkaConfig {
 }
 
 fn millis(duration: Duration) -> Option<String> {
-    i32::try_from(duration.as_millis()).ok().map(|ms| ms.to_string())
+    i32::try_from(duration.as_millis())
+        .ok()
+        .map(|ms| ms.to_string())
 }
 
 fn millis_or_max(duration: Duration) -> String {
@@ -412,7 +500,10 @@ fn millis_or_max(duration: Duration) -> String {
 }
 
 fn connect_error(reason: impl fmt::Display) -> TransportError {
-    TransportError::Connect { broker: BrokerKind::Kafka, reason: reason.to_string() }
+    TransportError::Connect {
+        broker: BrokerKind::Kafka,
+        reason: reason.to_string(),
+    }
 }
 
 /// Route librdkafka's log lines into tracing.
@@ -458,7 +549,9 @@ pub struct KafkaTransport {
 
 impl fmt::Debug for KafkaTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaTransport").field("bootstrap", &self.config.bootstrap).finish()
+        f.debug_struct("KafkaTransport")
+            .field("bootstrap", &self.config.bootstrap)
+            .finish()
     }
 }
 
@@ -467,15 +560,20 @@ impl KafkaTransport {
     /// Does not validate the config: call [`KafkaConfig::validate`] first.
     pub async fn connect(config: &KafkaConfig) -> Result<Self, TransportError> {
         let client = config.client_config()?;
-        let admin: AdminClient<LogContext> =
-            client.create_with_context(LogContext).map_err(connect_error)?;
+        let admin: AdminClient<LogContext> = client
+            .create_with_context(LogContext)
+            .map_err(connect_error)?;
         let admin = Arc::new(admin);
         let probe = admin.clone();
         tokio::task::spawn_blocking(move || probe.inner().fetch_metadata(None, ADMIN_TIMEOUT))
             .await
             .map_err(connect_error)?
             .map_err(|e| connect_error(format!("{}: {e}", config.bootstrap)))?;
-        Ok(Self { config: config.clone(), client, admin })
+        Ok(Self {
+            config: config.clone(),
+            client,
+            admin,
+        })
     }
 
     pub fn config(&self) -> &KafkaConfig {
@@ -489,7 +587,10 @@ impl KafkaTransport {
         partitions: i32,
         replication: i32,
     ) -> Result<(), TransportError> {
-        let topic_error = |reason: String| TransportError::Subscribe { topic: name.to_owned(), reason };
+        let topic_error = |reason: String| TransportError::Subscribe {
+            topic: name.to_owned(),
+            reason,
+        };
         let new_topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
         let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
         let results = self
@@ -512,7 +613,8 @@ impl KafkaTransport {
             return Ok(());
         }
         let defaults = self.config.topic_defaults;
-        self.ensure_topic(name, defaults.partitions, defaults.replication_factor).await
+        self.ensure_topic(name, defaults.partitions, defaults.replication_factor)
+            .await
     }
 
     /// Join consumer group `group_id` on `topic` (one group per function). New groups start at
@@ -526,8 +628,14 @@ impl KafkaTransport {
     ) -> Result<KafkaSubscription, TransportError> {
         let mut client = self.client.clone();
         client
-            .set("session.timeout.ms", millis_or_max(self.config.session_timeout))
-            .set("max.poll.interval.ms", millis_or_max(self.config.max_poll_interval));
+            .set(
+                "session.timeout.ms",
+                millis_or_max(self.config.session_timeout),
+            )
+            .set(
+                "max.poll.interval.ms",
+                millis_or_max(self.config.max_poll_interval),
+            );
         if !self.config.options.contains_key("auto.offset.reset") {
             client.set("auto.offset.reset", "earliest");
         }
@@ -551,10 +659,17 @@ impl KafkaTransport {
         client
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("message.timeout.ms", millis_or_max(self.config.publish_timeout));
-        let producer: FutureProducer<LogContext> =
-            client.create_with_context(LogContext).map_err(connect_error)?;
-        Ok(KafkaPublisher { producer, timeout: self.config.publish_timeout })
+            .set(
+                "message.timeout.ms",
+                millis_or_max(self.config.publish_timeout),
+            );
+        let producer: FutureProducer<LogContext> = client
+            .create_with_context(LogContext)
+            .map_err(connect_error)?;
+        Ok(KafkaPublisher {
+            producer,
+            timeout: self.config.publish_timeout,
+        })
     }
 
     /// The committed offset of every partition of `topic` for `group_id`, as the broker has it
@@ -564,11 +679,17 @@ impl KafkaTransport {
         topic: &str,
         group_id: &str,
     ) -> Result<BTreeMap<i32, Option<i64>>, TransportError> {
-        let lag_error = |reason: String| TransportError::Lag { topic: topic.to_owned(), reason };
+        let lag_error = |reason: String| TransportError::Lag {
+            topic: topic.to_owned(),
+            reason,
+        };
         let mut client = self.client.clone();
-        client.set("group.id", group_id).set("enable.auto.commit", "false");
-        let consumer: BaseConsumer<LogContext> =
-            client.create_with_context(LogContext).map_err(|e| lag_error(e.to_string()))?;
+        client
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false");
+        let consumer: BaseConsumer<LogContext> = client
+            .create_with_context(LogContext)
+            .map_err(|e| lag_error(e.to_string()))?;
         let topic_name = topic.to_owned();
         let result = tokio::task::spawn_blocking(move || -> Result<_, KafkaError> {
             let metadata = consumer.fetch_metadata(Some(&topic_name), ADMIN_TIMEOUT)?;
@@ -602,7 +723,9 @@ pub struct KafkaPublisher {
 
 impl fmt::Debug for KafkaPublisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaPublisher").field("timeout", &self.timeout).finish()
+        f.debug_struct("KafkaPublisher")
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
@@ -611,15 +734,21 @@ impl Publisher for KafkaPublisher {
     async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
         for (key, value) in &message.headers {
-            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&message.topic).payload(&message.payload[..]).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&message.topic)
+            .payload(&message.payload[..])
+            .headers(headers);
         if let Some(key) = &message.key {
             record = record.key(&key[..]);
         }
-        let timeout_error =
-            || TransportError::PublishTimeout { topic: message.topic.clone(), timeout: self.timeout };
+        let timeout_error = || TransportError::PublishTimeout {
+            topic: message.topic.clone(),
+            timeout: self.timeout,
+        };
         // The queue wait and the delivery report are each bounded by `timeout`; the outer bound
         // only guards against a report that never comes.
         let send = self.producer.send(record, Timeout::After(self.timeout));
@@ -686,14 +815,20 @@ mod tests {
 
     fn parse(pairs: &[(&str, &str)]) -> Result<KafkaConfig, serde::de::value::Error> {
         // A map of strings stands in for the TOML loader: the same derive is exercised.
-        KafkaConfig::deserialize(serde::de::value::MapDeserializer::new(pairs.iter().copied()))
+        KafkaConfig::deserialize(serde::de::value::MapDeserializer::new(
+            pairs.iter().copied(),
+        ))
     }
 
     #[test]
     fn defaults_are_valid() {
         let config = KafkaConfig::default();
         assert_eq!(config.bootstrap, "127.0.0.1:9092");
-        assert!(config.validate("kafka").is_empty(), "{:?}", config.validate("kafka"));
+        assert!(
+            config.validate("kafka").is_empty(),
+            "{:?}",
+            config.validate("kafka")
+        );
     }
 
     #[test]
@@ -706,13 +841,24 @@ mod tests {
 
     #[test]
     fn validation_lists_every_problem_with_its_path() {
-        let mut config = KafkaConfig { bootstrap: "nohost".to_owned(), ..Default::default() };
+        let mut config = KafkaConfig {
+            bootstrap: "nohost".to_owned(),
+            ..Default::default()
+        };
         config.sasl_mechanism = Some(SaslMechanism::Plain);
-        config.options.insert("enable.auto.commit".to_owned(), "true".to_owned());
-        config.options.insert("enable.idempotence".to_owned(), "false".to_owned());
+        config
+            .options
+            .insert("enable.auto.commit".to_owned(), "true".to_owned());
+        config
+            .options
+            .insert("enable.idempotence".to_owned(), "false".to_owned());
         config.options.insert("acks".to_owned(), "1".to_owned());
-        config.options.insert("sasl.password".to_owned(), "hunter2".to_owned());
-        config.options.insert("linger.ms".to_owned(), "5".to_owned());
+        config
+            .options
+            .insert("sasl.password".to_owned(), "hunter2".to_owned());
+        config
+            .options
+            .insert("linger.ms".to_owned(), "5".to_owned());
         config.topic_defaults.partitions = 0;
         let problems = config.validate("kafka");
         let has = |needle: &str| problems.iter().any(|p| p.starts_with(needle));
@@ -735,7 +881,9 @@ mod tests {
             sasl_password_env: Some("KAFKA_PASSWORD_VAR".to_owned()),
             ..Default::default()
         };
-        config.options.insert("ssl.key.password".to_owned(), "hunter2".to_owned());
+        config
+            .options
+            .insert("ssl.key.password".to_owned(), "hunter2".to_owned());
         let text = format!("{config:?}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(!text.contains("KAFKA_PASSWORD_VAR"), "{text}");
@@ -746,7 +894,10 @@ mod tests {
     fn password_comes_from_the_file_without_its_newline() {
         let dir = std::env::temp_dir().join(format!("weir-kafka-secret-{}", std::process::id()));
         std::fs::write(&dir, "s3cret\n").unwrap();
-        let config = KafkaConfig { sasl_password_file: Some(dir.clone()), ..Default::default() };
+        let config = KafkaConfig {
+            sasl_password_file: Some(dir.clone()),
+            ..Default::default()
+        };
         assert_eq!(config.sasl_password().unwrap().as_deref(), Some("s3cret"));
         std::fs::remove_file(&dir).unwrap();
     }

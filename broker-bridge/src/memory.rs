@@ -1573,7 +1573,9 @@ mod tests {
             // Settling after close still works.
             d1.ack().await.unwrap();
             let mut b = bus.subscribe("t", "g", options(Ordering::None, 8)).unwrap();
-            assert_eq!(seq_of(&next(&mut b).await), 4);
+            let fourth = next(&mut b).await;
+            assert_eq!(seq_of(&fourth), 4);
+            fourth.ack().await.unwrap();
             drop(d2);
             drop(d3);
             let mut back = vec![next(&mut b).await, next(&mut b).await];

@@ -79,7 +79,7 @@ pub fn chain_outputs(
 /// Limits on what one invocation may emit.
 #[derive(Debug, Clone)]
 pub struct OutputRules {
-    /// Exact topics, or prefixes written `prefix.>` (NATS style).
+    /// Patterns as [`crate::config::topic_matches`] reads them.
     pub allowed_topics: Vec<String>,
     pub max_outputs: usize,
     pub max_output_bytes: usize,
@@ -87,10 +87,7 @@ pub struct OutputRules {
 
 impl OutputRules {
     pub fn allows(&self, topic: &str) -> bool {
-        self.allowed_topics.iter().any(|allowed| match allowed.strip_suffix('>') {
-            Some(prefix) => topic.starts_with(prefix) && topic.len() > prefix.len(),
-            None => allowed == topic,
-        })
+        self.allowed_topics.iter().any(|pattern| crate::config::topic_matches(pattern, topic))
     }
 }
 

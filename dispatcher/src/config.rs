@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use weir_broker_bridge::kafka::KafkaConfig;
 use weir_broker_bridge::memory::MemoryBusConfig;
 use nats_stub::{NatsConfig, StreamConfig};

@@ -166,12 +166,13 @@ impl WasmEngine {
                 // The pooling allocator reserves virtual memory up front; where that is not
                 // allowed (tight ulimits), on-demand allocation still works, only slower.
                 tracing::warn!(error = %pooling_error, "pooling allocator unavailable, using on-demand instance allocation");
-                Engine::new(&wasm_config(settings, false))?
+                Engine::new(&wasm_config(settings, false)).map_err(wasm_error)?
             }
         };
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::Function::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wasm_error)?;
+        bindings::Function::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(wasm_error)?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.clone();
@@ -323,7 +324,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             self.breached = true;
             // An error (not `Ok(false)`) traps at once: a guest that ignores a failed grow
             // would otherwise keep running on an allocation it never got.
-            anyhow::bail!("memory limit of {} bytes exceeded (wanted {desired})", self.cap);
+            wasmtime::bail!("memory limit of {} bytes exceeded (wanted {desired})", self.cap);
         }
         Ok(true)
     }
@@ -400,12 +401,17 @@ impl FunctionModule {
     }
 }
 
+/// wasmtime has its own error type; the rest of the dispatcher speaks anyhow.
+fn wasm_error(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}")
+}
+
 fn deadline_ticks(timeout: Duration) -> u64 {
     let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
     u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
 }
 
-fn classify_trap(store: &Store<HostState>, limits: &SandboxLimits, e: &anyhow::Error) -> InvocationError {
+fn classify_trap(store: &Store<HostState>, limits: &SandboxLimits, e: &wasmtime::Error) -> InvocationError {
     if store.data().limits.breached {
         return InvocationError::MemoryLimit(limits.memory);
     }

@@ -10,4 +10,5 @@ pub mod engine;
 pub mod pool;
 pub mod retry;
 pub mod runner;
+pub mod runtime;
 pub mod telemetry;

@@ -15,19 +15,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::config::Isolation;
 use crate::engine::{FunctionModule, Instance, InvocationError, SandboxLimits};
 use crate::telemetry;
-
-/// Whether instances are reused across events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Isolation {
-    /// Warm instances handle one event at a time and are reused (Lambda's model).
-    #[default]
-    Warm,
-    /// A fresh Store per event: no memory is ever shared between events.
-    PerEvent,
-}
 
 /// How a pool is sized and recycled.
 #[derive(Debug, Clone)]

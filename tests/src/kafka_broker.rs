@@ -1,1 +1,177 @@
-//! Tansu harness (in progress).
+//! A real Kafka-protocol broker (Tansu) for tests, on a free loopback port, killed on drop.
+//!
+//! The binary comes from `$WEIR_TANSU`, else `tansu` on `PATH`, else `~/.cargo/bin/tansu`;
+//! `make test` installs it (`cargo install tansu --version 0.6.0 --features dynostore`). A
+//! missing binary fails the test: nothing is skipped.
+//!
+//! Tansu runs with the `memory://` storage engine: a [`KafkaBroker::restart`] keeps the port
+//! but loses every topic, message and committed offset. The `dynostore` build offers only
+//! `memory://` and `s3://` (which would need an object store), so there is no on-disk variant
+//! here; tests that need data to survive a restart restart the consumer, not the broker.
+//! Tansu 0.6 has no metrics listener of its own, so parallel brokers only need distinct
+//! Kafka ports.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use weir_broker_bridge::kafka::{KafkaConfig, KafkaTransport};
+
+use crate::ports::free_port;
+
+/// How long a started broker has to answer a metadata request.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running Tansu broker.
+#[derive(Debug)]
+pub struct KafkaBroker {
+    binary: PathBuf,
+    port: u16,
+    /// Holds the broker's log (`tansu.log`); also its working directory, so no stray `.env`
+    /// file is picked up.
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl KafkaBroker {
+    /// Start a broker on a free port and wait until it answers a metadata request.
+    pub async fn start() -> anyhow::Result<Self> {
+        let binary = find_tansu()?;
+        let port = free_port().context("finding a free port for tansu")?;
+        let dir = tempfile::Builder::new()
+            .prefix("weir-tansu-")
+            .tempdir()
+            .context("creating tansu's directory")?;
+        let mut broker = Self { binary, port, dir, child: None };
+        broker.spawn_and_wait().await?;
+        Ok(broker)
+    }
+
+    /// `127.0.0.1:PORT`, for `KafkaConfig::bootstrap`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A config pointing at this broker, with short timeouts suited to tests.
+    pub fn config(&self) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap: self.bootstrap(),
+            session_timeout: Duration::from_secs(10),
+            commit_interval: Duration::from_millis(200),
+            drain_timeout: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(10),
+            ..KafkaConfig::default()
+        }
+    }
+
+    /// The broker's log so far (stdout and stderr), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Kill the broker and start it again on the same port. The memory storage engine loses
+    /// all topics, messages and committed offsets.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn_and_wait().await
+    }
+
+    /// Kill the broker now (also done on drop).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tansu.log")
+    }
+
+    async fn spawn_and_wait(&mut self) -> anyhow::Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening tansu's log")?;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(&self.binary)
+            .arg("broker")
+            .args(["--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("sharing tansu's log")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut probe = self.config();
+        // Each probe is bounded by the transport's metadata timeout; librdkafka retries the
+        // connection inside it.
+        probe.options.insert("socket.connection.setup.timeout.ms".into(), "2000".into());
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait().context("checking tansu")? {
+                    bail!("tansu exited early with {status}; log:\n{}", self.log());
+                }
+            }
+            let attempt = tokio::time::timeout(Duration::from_secs(5), KafkaTransport::connect(&probe));
+            match attempt.await {
+                Ok(Ok(_transport)) => return Ok(()),
+                Ok(Err(error)) if Instant::now() >= deadline => {
+                    bail!("tansu on {} not ready after {READY_TIMEOUT:?}: {error}; log:\n{}", self.bootstrap(), self.log())
+                }
+                Err(_) if Instant::now() >= deadline => {
+                    bail!("tansu on {} not ready after {READY_TIMEOUT:?}; log:\n{}", self.bootstrap(), self.log())
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn find_tansu() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WEIR_TANSU") {
+        let path = PathBuf::from(path);
+        if is_executable(&path) {
+            return Ok(path);
+        }
+        bail!("WEIR_TANSU={} is not an executable file", path.display());
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("tansu");
+            if is_executable(&candidate) {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let candidate = Path::new(&home).join(".cargo/bin/tansu");
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    bail!("tansu not found: run `make test` (it installs it)")
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

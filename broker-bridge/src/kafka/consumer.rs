@@ -132,7 +132,11 @@ impl Shared {
                 // Leave it unfinished: the committed offset stays below it, so the next member
                 // of the group delivers it again.
                 state.scheduler.release(partition, &lane, generation);
-            } else if state.scheduler.requeue_front(partition, lane, generation, message).is_err() {
+            } else if state
+                .scheduler
+                .requeue_front(partition, lane, generation, message)
+                .is_err()
+            {
                 tracing::debug!(
                     topic = %self.settings.topic,
                     partition,
@@ -220,7 +224,11 @@ impl ConsumerContext for ConsumerCallbacks {
 }
 
 fn partitions_of(list: &TopicPartitionList, topic: &str) -> Vec<i32> {
-    list.elements().iter().filter(|e| e.topic() == topic).map(|e| e.partition()).collect()
+    list.elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect()
 }
 
 /// Stop handing out the revoked partitions, wait (bounded) for their in-flight deliveries,
@@ -238,8 +246,10 @@ fn revoke_partitions(
     }
     if !lost {
         loop {
-            let in_flight: usize =
-                partitions.iter().map(|p| state.scheduler.in_flight_of(*p)).sum();
+            let in_flight: usize = partitions
+                .iter()
+                .map(|p| state.scheduler.in_flight_of(*p))
+                .sum();
             let now = Instant::now();
             if in_flight == 0 || now >= deadline {
                 if in_flight > 0 {
@@ -259,7 +269,11 @@ fn revoke_partitions(
                 .0;
         }
     }
-    let commit = if lost { TopicPartitionList::new() } else { commit_list(shared, &mut state, Some(partitions)) };
+    let commit = if lost {
+        TopicPartitionList::new()
+    } else {
+        commit_list(shared, &mut state, Some(partitions))
+    };
     for partition in partitions {
         state.scheduler.revoke(*partition);
         state.trackers.remove(partition);
@@ -358,12 +372,19 @@ fn to_inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> InboundMessage
 
 /// Take a received message into the scheduler and tracker.
 fn ingest(shared: &Shared, message: InboundMessage) {
-    let Origin::Kafka { partition, offset, .. } = message.origin else {
+    let Origin::Kafka {
+        partition, offset, ..
+    } = message.origin
+    else {
         return;
     };
     let mut state = shared.lock();
     let Some(tracker) = state.trackers.get_mut(&partition) else {
-        tracing::debug!(partition, offset, "message of a partition not owned; ignored");
+        tracing::debug!(
+            partition,
+            offset,
+            "message of a partition not owned; ignored"
+        );
         return;
     };
     if !tracker.received(offset) {
@@ -480,7 +501,12 @@ fn shutdown_consumer(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Shared
     consumer.unsubscribe();
     // Serve the revoke that unsubscribing triggers, so its commit runs here, bounded.
     let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until && !consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+    while Instant::now() < until
+        && !consumer
+            .assignment()
+            .map(|a| a.count() == 0)
+            .unwrap_or(true)
+    {
         let _ = consumer.poll(POLL_INTERVAL);
     }
     tracing::info!(%topic, group = %shared.settings.group_id, "kafka subscription closed");
@@ -532,9 +558,13 @@ impl KafkaSubscription {
             settings: settings.clone(),
         });
         let consumer: BaseConsumer<ConsumerCallbacks> = client
-            .create_with_context(ConsumerCallbacks { shared: shared.clone() })
+            .create_with_context(ConsumerCallbacks {
+                shared: shared.clone(),
+            })
             .map_err(|e| subscribe_error(e.to_string()))?;
-        consumer.subscribe(&[settings.topic.as_str()]).map_err(|e| subscribe_error(e.to_string()))?;
+        consumer
+            .subscribe(&[settings.topic.as_str()])
+            .map_err(|e| subscribe_error(e.to_string()))?;
         let consumer = Arc::new(consumer);
         let (done_tx, done_rx) = oneshot::channel();
         let thread_consumer = consumer.clone();
@@ -552,7 +582,11 @@ impl KafkaSubscription {
             ordering = ?settings.ordering,
             "kafka subscription started"
         );
-        Ok(Self { shared, consumer, finished: Some(done_rx) })
+        Ok(Self {
+            shared,
+            consumer,
+            finished: Some(done_rx),
+        })
     }
 
     /// The lag of every partition this member owns: high watermark minus committed offset.
@@ -560,7 +594,10 @@ impl KafkaSubscription {
         let partitions: Vec<i32> = self.shared.lock().scheduler.partitions().collect();
         let consumer = self.consumer.clone();
         let topic = self.shared.settings.topic.clone();
-        let lag_error = |reason: String| TransportError::Lag { topic: topic.clone(), reason };
+        let lag_error = |reason: String| TransportError::Lag {
+            topic: topic.clone(),
+            reason,
+        };
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
@@ -575,13 +612,19 @@ impl KafkaSubscription {
                 .collect();
             let mut lags = Vec::with_capacity(partitions.len());
             for partition in partitions {
-                let (low, high) = consumer.fetch_watermarks(&query_topic, partition, LAG_TIMEOUT)?;
+                let (low, high) =
+                    consumer.fetch_watermarks(&query_topic, partition, LAG_TIMEOUT)?;
                 let committed = match committed.get(&partition) {
                     Some(Offset::Offset(offset)) if *offset >= 0 => *offset,
                     _ => low,
                 };
                 let lag = u64::try_from(high.saturating_sub(committed)).unwrap_or(0);
-                lags.push(PartitionLag { partition, high_watermark: high, committed, lag });
+                lags.push(PartitionLag {
+                    partition,
+                    high_watermark: high,
+                    committed,
+                    lag,
+                });
             }
             Ok(lags)
         })
@@ -682,7 +725,8 @@ struct KafkaSettle {
 impl KafkaSettle {
     fn done(mut self: Box<Self>) {
         self.unsettled = None;
-        self.shared.finish(self.partition, self.offset, &self.lane, self.generation);
+        self.shared
+            .finish(self.partition, self.offset, &self.lane, self.generation);
     }
 }
 
@@ -720,7 +764,8 @@ impl Drop for KafkaSettle {
     fn drop(&mut self) {
         if let Some(message) = self.unsettled.take() {
             metrics_events::redelivered("dropped");
-            self.shared.requeue(self.lane.clone(), self.generation, message);
+            self.shared
+                .requeue(self.lane.clone(), self.generation, message);
         }
     }
 }

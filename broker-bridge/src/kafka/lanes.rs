@@ -42,7 +42,11 @@ struct Lane<T> {
 
 impl<T> Default for Lane<T> {
     fn default() -> Self {
-        Self { queue: VecDeque::new(), busy: false, listed: false }
+        Self {
+            queue: VecDeque::new(),
+            busy: false,
+            listed: false,
+        }
     }
 }
 
@@ -120,7 +124,9 @@ impl<T> LaneScheduler<T> {
     /// Stop owning a partition: its buffered messages are dropped (they were never finished, so
     /// the next owner reads them again). Returns how many were dropped.
     pub fn revoke(&mut self, partition: i32) -> usize {
-        self.partitions.remove(&partition).map_or(0, |lanes| lanes.buffered)
+        self.partitions
+            .remove(&partition)
+            .map_or(0, |lanes| lanes.buffered)
     }
 
     /// Stop handing out a partition that is being revoked: its buffered messages are dropped
@@ -143,7 +149,9 @@ impl<T> LaneScheduler<T> {
     }
 
     pub fn generation(&self, partition: i32) -> Option<u64> {
-        self.partitions.get(&partition).map(|lanes| lanes.generation)
+        self.partitions
+            .get(&partition)
+            .map(|lanes| lanes.generation)
     }
 
     pub fn partitions(&self) -> impl Iterator<Item = i32> + '_ {
@@ -204,7 +212,12 @@ impl<T> LaneScheduler<T> {
             lanes.buffered -= 1;
             lanes.in_flight += 1;
             self.in_flight += 1;
-            return Some(Popped { partition, lane: lane_id, generation: lanes.generation, item });
+            return Some(Popped {
+                partition,
+                lane: lane_id,
+                generation: lanes.generation,
+                item,
+            });
         }
         None
     }
@@ -266,17 +279,23 @@ impl<T> LaneScheduler<T> {
     }
 
     fn current(&mut self, partition: i32, generation: u64) -> Option<&mut PartitionLanes<T>> {
-        self.partitions.get_mut(&partition).filter(|lanes| lanes.generation == generation)
+        self.partitions
+            .get_mut(&partition)
+            .filter(|lanes| lanes.generation == generation)
     }
 
     /// Messages of a partition buffered and not handed out.
     pub fn buffered(&self, partition: i32) -> usize {
-        self.partitions.get(&partition).map_or(0, |lanes| lanes.buffered)
+        self.partitions
+            .get(&partition)
+            .map_or(0, |lanes| lanes.buffered)
     }
 
     /// Messages of a partition handed out and not settled.
     pub fn in_flight_of(&self, partition: i32) -> usize {
-        self.partitions.get(&partition).map_or(0, |lanes| lanes.in_flight)
+        self.partitions
+            .get(&partition)
+            .map_or(0, |lanes| lanes.in_flight)
     }
 
     /// Messages handed out and not settled, all partitions (including revoked ones).
@@ -310,7 +329,10 @@ mod tests {
         let second = s.pop().unwrap();
         assert_eq!((first.partition, first.item), (0, 0));
         assert_eq!((second.partition, second.item), (1, 0));
-        assert!(s.pop().is_none(), "partition 0 is busy until offset 0 is settled");
+        assert!(
+            s.pop().is_none(),
+            "partition 0 is busy until offset 0 is settled"
+        );
         s.release(0, &first.lane, first.generation);
         let third = s.pop().unwrap();
         assert_eq!((third.partition, third.item), (0, 1));
@@ -340,7 +362,10 @@ mod tests {
             push(&mut s, 0, None, offset);
         }
         let popped: Vec<_> = std::iter::from_fn(|| s.pop()).collect();
-        assert_eq!(popped.iter().map(|p| p.item).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            popped.iter().map(|p| p.item).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         s.release(0, &popped[1].lane, popped[1].generation);
         assert_eq!(s.pop().unwrap().item, 3);
         assert!(s.pop().is_none());
@@ -353,8 +378,14 @@ mod tests {
         push(&mut s, 0, None, 0);
         push(&mut s, 0, None, 1);
         let first = s.pop().unwrap();
-        assert!(s.requeue_front(0, first.lane, generation, first.item).is_ok());
-        assert_eq!(s.pop().unwrap().item, 0, "the requeued message, not the next one");
+        assert!(s
+            .requeue_front(0, first.lane, generation, first.item)
+            .is_ok());
+        assert_eq!(
+            s.pop().unwrap().item,
+            0,
+            "the requeued message, not the next one"
+        );
     }
 
     #[test]
@@ -370,7 +401,10 @@ mod tests {
         let fresh = s.pop().unwrap();
         assert_eq!(s.in_flight(), 2);
         // The stale settle frees the global slot but not the new owner's busy lane.
-        assert_eq!(s.requeue_front(0, old.lane, old.generation, old.item), Err(0));
+        assert_eq!(
+            s.requeue_front(0, old.lane, old.generation, old.item),
+            Err(0)
+        );
         assert_eq!(s.in_flight(), 1);
         push(&mut s, 0, None, 1);
         assert!(s.pop().is_none(), "the new lane is still busy with `fresh`");
@@ -390,7 +424,10 @@ mod tests {
         assert!(s.pop().is_none());
         assert_eq!(s.push(0, None, 9), Err(9));
         assert_eq!(s.in_flight_of(0), 1);
-        assert_eq!(s.requeue_front(0, first.lane, generation, first.item), Err(0));
+        assert_eq!(
+            s.requeue_front(0, first.lane, generation, first.item),
+            Err(0)
+        );
         assert_eq!(s.in_flight_of(0), 0);
         assert_eq!(s.in_flight(), 0);
     }

@@ -28,7 +28,10 @@ impl WatermarkTracker {
     /// A message at `offset` was received. Returns false for an offset at or below one already
     /// received (a duplicate fetch): it must not be tracked twice.
     pub fn received(&mut self, offset: i64) -> bool {
-        if self.highest_received.is_some_and(|highest| offset <= highest) {
+        if self
+            .highest_received
+            .is_some_and(|highest| offset <= highest)
+        {
             return false;
         }
         self.highest_received = Some(offset);
@@ -115,7 +118,11 @@ mod tests {
         tracker.finished(3);
         assert_eq!(tracker.position(), Some(1), "offset 1 is still unfinished");
         tracker.finished(1);
-        assert_eq!(tracker.position(), Some(4), "all done: resume after the highest");
+        assert_eq!(
+            tracker.position(),
+            Some(4),
+            "all done: resume after the highest"
+        );
     }
 
     #[test]
@@ -156,6 +163,10 @@ mod tests {
         tracker.mark_committed(2);
         assert_eq!(tracker.last_committed(), Some(2));
         tracker.commit_failed();
-        assert_eq!(tracker.commit_candidate(), Some(2), "a failed commit is retried");
+        assert_eq!(
+            tracker.commit_candidate(),
+            Some(2),
+            "a failed commit is retried"
+        );
     }
 }

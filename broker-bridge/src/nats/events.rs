@@ -1,0 +1,147 @@
+//! Everything the NATS transport reports about itself: the log lines and metrics of named events.
+//!
+//! This is the only place in the NATS transport that calls `metrics` macros. Labels are bounded
+//! (an event name, a broker kind, an outcome): never a subject, a stream sequence or an event id.
+//! It deliberately does not decide anything; callers report what happened.
+
+use std::time::Duration;
+
+use metrics::counter;
+use tracing::{debug, info, warn};
+
+/// A connection-level event from async-nats (connect, disconnect, slow consumer, ...).
+pub(super) fn connection_event(event: &async_nats::Event) {
+    use async_nats::Event;
+    let label = match event {
+        Event::Connected => {
+            info!(messaging.system = "nats", "NATS connection established");
+            "connected"
+        }
+        Event::Disconnected => {
+            warn!(messaging.system = "nats", "NATS connection lost; reconnecting");
+            "disconnected"
+        }
+        Event::LameDuckMode => {
+            warn!(messaging.system = "nats", "NATS server entered lame duck mode");
+            "lame_duck"
+        }
+        Event::Draining => {
+            info!(messaging.system = "nats", "NATS connection draining");
+            "draining"
+        }
+        Event::Closed => {
+            warn!(messaging.system = "nats", "NATS connection closed; no more reconnects");
+            "closed"
+        }
+        Event::SlowConsumer(sid) => {
+            warn!(
+                messaging.system = "nats",
+                subscription = sid,
+                "NATS slow consumer: the server or client dropped core messages"
+            );
+            "slow_consumer"
+        }
+        Event::ServerError(err) => {
+            warn!(messaging.system = "nats", error = %err, "NATS server error");
+            "server_error"
+        }
+        Event::ClientError(err) => {
+            warn!(messaging.system = "nats", error = %err, "NATS client error");
+            "client_error"
+        }
+    };
+    counter!("weir_nats_connection_events_total", "event" => label).increment(1);
+}
+
+/// A JetStream pull request failed; the consumer will be re-bound after `retry_in`.
+pub(super) fn record_fetch_error(stream: &str, consumer: &str, reason: &str, retry_in: Duration) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        consumer,
+        error = reason,
+        retry_in = ?retry_in,
+        "JetStream pull failed; re-binding the consumer"
+    );
+    counter!("weir_nats_fetch_errors_total").increment(1);
+}
+
+/// Re-binding (create-or-update) a pull consumer after an error failed.
+pub(super) fn record_consumer_rebind_failed(
+    stream: &str,
+    consumer: &str,
+    reason: &str,
+    retry_in: Duration,
+) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        consumer,
+        error = reason,
+        retry_in = ?retry_in,
+        "re-binding the JetStream consumer failed; will retry"
+    );
+    counter!("weir_nats_consumer_rebinds_total", "outcome" => "error").increment(1);
+}
+
+/// A pull consumer was re-bound after an error (server restart, leader change, deleted consumer).
+pub(super) fn record_consumer_rebound(stream: &str, consumer: &str) {
+    info!(messaging.system = "jetstream", stream, consumer, "JetStream consumer re-bound");
+    counter!("weir_nats_consumer_rebinds_total", "outcome" => "ok").increment(1);
+}
+
+/// A publish finished; `outcome` is one of `ok`, `duplicate`, `error`, `timeout`.
+pub(super) fn record_publish(broker: crate::BrokerKind, outcome: &'static str) {
+    counter!("weir_nats_publish_total", "broker" => broker.as_str(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// The stream already held a message with this `Nats-Msg-Id`: a redelivered input republished
+/// its outputs. This is success, reported at debug level only.
+pub(super) fn record_publish_duplicate(stream: &str, sequence: u64) {
+    debug!(
+        messaging.system = "jetstream",
+        stream, sequence, "publish was a duplicate inside the stream's duplicate window"
+    );
+    record_publish(crate::BrokerKind::JetStream, "duplicate");
+}
+
+/// Settling a delivery (ack, nak, term, in-progress) failed.
+pub(super) fn record_settle_error(kind: &'static str, origin: &str, reason: &str) {
+    warn!(messaging.system = "jetstream", origin, kind, error = reason, "settling a delivery failed");
+    counter!("weir_nats_settle_errors_total", "kind" => kind).increment(1);
+}
+
+/// A message arrived whose reply subject was not JetStream ack metadata.
+pub(super) fn record_missing_metadata(stream: &str, reason: &str) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        error = reason,
+        "JetStream message without readable metadata; delivery count assumed 1"
+    );
+    counter!("weir_nats_missing_metadata_total").increment(1);
+}
+
+/// An existing stream's settings differ from the configured ones; Weir leaves it unchanged.
+pub(super) fn record_stream_drift(stream: &str, differences: &[super::StreamDifference]) {
+    let summary: Vec<String> = differences.iter().map(ToString::to_string).collect();
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        differences = %summary.join("; "),
+        "existing JetStream stream differs from the configuration; leaving it unchanged"
+    );
+    counter!("weir_nats_stream_drift_total").increment(1);
+}
+
+/// A stream was created because it was missing.
+pub(super) fn record_stream_created(stream: &str) {
+    info!(messaging.system = "jetstream", stream, "JetStream stream created");
+}
+
+/// Core messages are buffered between async-nats and the dispatcher; the core subscription
+/// ended because the connection closed.
+pub(super) fn record_core_subscription_ended(subject: &str) {
+    warn!(messaging.system = "nats", subject, "core NATS subscription ended");
+}

@@ -1,0 +1,237 @@
+//! Assembling a running Weir from a validated [`Config`]: the engine, the modules, the
+//! transports, one [`FunctionRunner`] per function, and their background chores (idle reaping,
+//! lag sampling). Also the module checks `weir check` shares with start-up.
+//!
+//! It holds no policy of its own: what happens to an event is [`crate::runner`]'s business.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use weir_broker_bridge::memory::{MemoryBus, SubscribeOptions};
+use weir_broker_bridge::{BrokerKind, Publisher, Subscription};
+
+use crate::chain::OutputRules;
+use crate::config::{Config, ConfigErrors, FunctionConfig};
+use crate::engine::{EngineSettings, FunctionModule, SandboxLimits, WasmEngine};
+use crate::pool::{InstancePool, PoolSettings};
+use crate::retry::RetryPolicy;
+use crate::runner::{FunctionRunner, FunctionSpec};
+use crate::telemetry;
+
+/// How long shutdown waits for in-flight invocations before handing them back.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often lag is sampled (DESIGN.md: ≤ 250 ms).
+pub const LAG_TICK: Duration = Duration::from_millis(250);
+
+/// The engine settings a configuration needs.
+pub fn engine_settings(config: &Config) -> EngineSettings {
+    let defaults = EngineSettings::default();
+    let max_stack = config.functions.iter().map(|f| f.max_stack.as_u64() as usize).max();
+    let max_memory = config.functions.iter().map(|f| f.memory.as_u64() as usize).max();
+    let instances: u32 = config.functions.iter().map(|f| f.scaling.max).sum();
+    EngineSettings {
+        max_wasm_stack: max_stack.unwrap_or(defaults.max_wasm_stack),
+        // Headroom for per-event isolation, where an instance is replaced while the slot is
+        // still held, and for `weir check`'s trial instantiation.
+        max_instances: instances.saturating_add(16),
+        max_memory: max_memory.unwrap_or(defaults.max_memory),
+    }
+}
+
+/// Compile every function's module and check it implements the world; every failure is
+/// reported with its key path.
+pub fn load_modules(
+    engine: &WasmEngine,
+    config: &Config,
+) -> Result<Vec<FunctionModule>, ConfigErrors> {
+    let mut errors = ConfigErrors::new();
+    let mut modules = Vec::new();
+    for (index, function) in config.functions.iter().enumerate() {
+        match engine.load(&function.module) {
+            Ok(module) => modules.push(module),
+            Err(e) => errors.push(format!("functions[{index}].module"), e.to_string()),
+        }
+    }
+    errors.into_result(modules)
+}
+
+/// A running Weir.
+pub struct Runtime {
+    pub config: Config,
+    pub memory: MemoryBus,
+    pub functions: Vec<Arc<FunctionRunner>>,
+    shutdown: CancellationToken,
+    runners: JoinSet<()>,
+    chores: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("functions", &self.functions.len()).finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Load, connect, subscribe and start every function.
+    pub async fn start(config: Config) -> anyhow::Result<Runtime> {
+        let engine = WasmEngine::new(&engine_settings(&config)).context("starting the wasm engine")?;
+        let modules = load_modules(&engine, &config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let memory = MemoryBus::new(config.brokers.memory);
+        let transports = Transports::connect(&config, &memory).await?;
+
+        let shutdown = CancellationToken::new();
+        let mut runners = JoinSet::new();
+        let mut chores = JoinSet::new();
+        let mut functions = Vec::new();
+        for (function, module) in config.functions.iter().zip(modules) {
+            let name: Arc<str> = Arc::from(function.name.as_str());
+            let pool = Arc::new(InstancePool::new(
+                name.clone(),
+                module,
+                Arc::new(function.config.clone()),
+                SandboxLimits { timeout: function.timeout, memory: function.memory.as_u64() as usize },
+                PoolSettings {
+                    min: function.scaling.min as usize,
+                    max: function.scaling.max.max(1) as usize,
+                    idle_timeout: function.scaling.idle_timeout,
+                    max_invocations: function.scaling.max_invocations,
+                    isolation: function.isolation,
+                },
+            ));
+            pool.prewarm()
+                .await
+                .map_err(|e| anyhow::anyhow!("function {}: starting its minimum instances: {e}", function.name))?;
+            let runner = Arc::new(FunctionRunner::new(
+                spec(function, name.clone()),
+                pool.clone(),
+                transports.publisher(function.output_broker)?,
+                transports.publisher(function.dead_letter.broker)?,
+            ));
+            let subscription = transports.subscribe(function).await?;
+            tracing::info!(
+                function = %function.name,
+                broker = %function.trigger.broker,
+                topic = %function.trigger.topic,
+                module = %function.module.display(),
+                "function started"
+            );
+            runners.spawn(runner.clone().run(subscription, shutdown.child_token()));
+            chores.spawn(reap_idle(pool, shutdown.child_token()));
+            if function.trigger.broker == BrokerKind::Memory {
+                chores.spawn(sample_memory_lag(
+                    memory.clone(),
+                    function.clone(),
+                    shutdown.child_token(),
+                ));
+            }
+            functions.push(runner);
+        }
+        Ok(Runtime { config, memory, functions, shutdown, runners, chores })
+    }
+
+    /// Stop fetching, finish or hand back in-flight work, settle what finished, return.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.runners.join_next().await.is_some() {}
+        self.chores.abort_all();
+        while self.chores.join_next().await.is_some() {}
+        tracing::info!("all functions stopped");
+    }
+
+    pub fn function(&self, name: &str) -> Option<&Arc<FunctionRunner>> {
+        self.functions.iter().find(|f| &*f.spec.name == name)
+    }
+}
+
+fn spec(function: &FunctionConfig, name: Arc<str>) -> FunctionSpec {
+    FunctionSpec {
+        name,
+        trigger_broker: function.trigger.broker,
+        trigger_topic: function.trigger.topic.clone(),
+        format: function.trigger.format,
+        retry: RetryPolicy {
+            max_attempts: function.retry.max_attempts,
+            initial_delay: function.retry.initial_delay,
+            multiplier: function.retry.multiplier,
+            max_delay: function.retry.max_delay,
+            jitter: function.retry.jitter,
+            max_age: function.retry.max_age,
+        },
+        rules: OutputRules {
+            allowed_topics: function.outputs.clone(),
+            max_outputs: function.max_outputs as usize,
+            max_output_bytes: function.max_output_bytes.as_u64() as usize,
+        },
+        hop_limit: function.hop_limit,
+        dead_letter_topic: function.dead_letter.topic.clone(),
+        shutdown_grace: SHUTDOWN_GRACE,
+    }
+}
+
+/// The brokers this configuration uses.
+struct Transports {
+    memory: MemoryBus,
+}
+
+impl Transports {
+    async fn connect(config: &Config, memory: &MemoryBus) -> anyhow::Result<Self> {
+        let _ = config;
+        Ok(Self { memory: memory.clone() })
+    }
+
+    fn publisher(&self, broker: BrokerKind) -> anyhow::Result<Arc<dyn Publisher>> {
+        match broker {
+            BrokerKind::Memory => Ok(Arc::new(self.memory.publisher())),
+            other => anyhow::bail!("the {other} transport is not available in this build"),
+        }
+    }
+
+    async fn subscribe(&self, function: &FunctionConfig) -> anyhow::Result<Box<dyn Subscription>> {
+        let trigger = &function.trigger;
+        match trigger.broker {
+            BrokerKind::Memory => {
+                let subscription = self
+                    .memory
+                    .subscribe(
+                        &trigger.topic,
+                        &trigger.group,
+                        SubscribeOptions {
+                            ordering: trigger.ordering,
+                            max_in_flight: function.scaling.max.max(1) as usize,
+                            ..SubscribeOptions::default()
+                        },
+                    )
+                    .with_context(|| format!("function {}: subscribing", function.name))?;
+                Ok(Box::new(subscription))
+            }
+            other => anyhow::bail!("function {}: the {other} transport is not available in this build", function.name),
+        }
+    }
+}
+
+async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {
+    let every = (pool.settings().idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => { pool.reap_idle(); }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn sample_memory_lag(bus: MemoryBus, function: FunctionConfig, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(LAG_TICK);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let lag = bus.depth(&function.trigger.topic, &function.trigger.group);
+                telemetry::consumer_lag(&function.name, BrokerKind::Memory.as_str(), lag);
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
