@@ -729,24 +729,33 @@ impl fmt::Debug for KafkaPublisher {
     }
 }
 
-#[async_trait]
-impl Publisher for KafkaPublisher {
-    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-        for (key, value) in &message.headers {
-            headers = headers.insert(Header {
+impl KafkaPublisher {
+    /// Publish one record and wait for its delivery report. `payload: None` writes a null
+    /// value (a tombstone), which [`OutboundMessage`] cannot express.
+    pub async fn publish_record(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        headers: &[(String, String)],
+        payload: Option<&[u8]>,
+    ) -> Result<(), TransportError> {
+        let mut owned_headers = OwnedHeaders::new_with_capacity(headers.len());
+        for (key, value) in headers {
+            owned_headers = owned_headers.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
             });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&message.topic)
-            .payload(&message.payload[..])
-            .headers(headers);
-        if let Some(key) = &message.key {
-            record = record.key(&key[..]);
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).headers(owned_headers);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        if let Some(key) = key {
+            record = record.key(key);
         }
         let timeout_error = || TransportError::PublishTimeout {
-            topic: message.topic.clone(),
+            topic: topic.to_owned(),
             timeout: self.timeout,
         };
         // The queue wait and the delivery report are each bounded by `timeout`; the outer bound
@@ -762,12 +771,25 @@ impl Publisher for KafkaPublisher {
                 Err(timeout_error())
             }
             Ok(Err((error, _))) => Err(TransportError::Publish {
-                topic: message.topic.clone(),
+                topic: topic.to_owned(),
                 reason: error.to_string(),
             }),
         };
         metrics_events::published(if result.is_ok() { "ok" } else { "error" });
         result
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
+        self.publish_record(
+            &message.topic,
+            message.key.as_deref(),
+            &message.headers,
+            Some(&message.payload[..]),
+        )
+        .await
     }
 
     fn broker(&self) -> BrokerKind {

@@ -1,1 +1,255 @@
-//! NATS core and JetStream transport (in progress).
+//! The NATS transport: core subjects and JetStream, behind the crate's transport vocabulary.
+//!
+//! - [`NatsTransport::connect`] opens one connection (async-nats reconnects by itself, forever
+//!   unless `max_reconnects` says otherwise) and a JetStream context on it.
+//! - Core NATS ([`NatsTransport::subscribe_core`], [`NatsPublisher`]) is **at-most-once by
+//!   nature**: a message nobody is subscribed to, or that a slow subscriber cannot take, is
+//!   gone; there is no redelivery and no publish confirmation. Settling a core delivery is a
+//!   no-op; retries happen in place ([`RetryStyle::InPlace`](crate::RetryStyle)) while the
+//!   process lives.
+//! - JetStream ([`NatsTransport::subscribe_jetstream`], [`JetStreamPublisher`]) is
+//!   at-least-once: a durable pull consumer with explicit acks, fetched in batches that never
+//!   exceed `max_in_flight` unsettled deliveries; acks wait for the server's confirmation;
+//!   retries are NAK-with-delay (never a bare NAK); publishes wait for the stream's ack and
+//!   carry `Nats-Msg-Id` for de-duplication.
+//! - [`ensure_stream`] creates missing streams and reports (never changes) existing ones whose
+//!   settings differ.
+//!
+//! It deliberately does not decide retries or dead-lettering (the dispatcher's policy), does
+//! not decode events, and does not use JetStream's MaxDeliver/BackOff (see
+//! [`JetStreamConsumerOptions`]). Metrics are emitted only from the `events` module.
+
+mod config;
+mod core_nats;
+mod events;
+mod jetstream;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
+
+pub use self::config::{
+    DeliverFrom, DiscardKind, JetStreamConsumerOptions, NatsConfig, RetentionKind, StorageKind,
+    StreamConfig,
+};
+pub use self::core_nats::{NatsCoreSubscription, NatsPublisher};
+pub use self::jetstream::{
+    ensure_stream, JetStreamPublisher, JetStreamSubscription, StreamDifference, StreamReport,
+};
+use crate::{BrokerKind, TransportError};
+
+/// One NATS connection and its JetStream context. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct NatsTransport {
+    client: Client,
+    jetstream: Context,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("state", &self.client.connection_state())
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+impl NatsTransport {
+    /// Validates `config`, reads its secrets (files or environment) and connects. Fails when no
+    /// server answers within `connect_timeout`; once connected, reconnects are automatic.
+    pub async fn connect(config: &NatsConfig) -> Result<Self, TransportError> {
+        let problems = config.validate("nats");
+        if !problems.is_empty() {
+            return Err(TransportError::Config(problems.join("; ")));
+        }
+        let options = connect_options(config).await?;
+        let client = options.connect(config.servers.as_slice()).await.map_err(|err| {
+            TransportError::Connect { broker: BrokerKind::Nats, reason: err.to_string() }
+        })?;
+        let mut jetstream = async_nats::jetstream::new(client.clone());
+        jetstream.set_timeout(config.request_timeout);
+        Ok(Self { client, jetstream, request_timeout: config.request_timeout })
+    }
+
+    /// The underlying async-nats client (for the relay and benchmarks; the dispatcher should not
+    /// need it).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The JetStream context, with `request_timeout` applied.
+    pub fn jetstream(&self) -> &Context {
+        &self.jetstream
+    }
+
+    /// A core publisher on this connection.
+    pub fn core_publisher(&self) -> NatsPublisher {
+        NatsPublisher::new(self.client.clone(), self.request_timeout)
+    }
+
+    /// A confirmed JetStream publisher on this connection; waits at most `request_timeout` for
+    /// each publish ack.
+    pub fn jetstream_publisher(&self) -> JetStreamPublisher {
+        JetStreamPublisher::new(self.jetstream.clone(), self.request_timeout)
+    }
+
+    /// Creates `config`'s stream when missing, else reports how it differs (see [`ensure_stream`]).
+    pub async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamReport, TransportError> {
+        ensure_stream(self, config).await
+    }
+
+    /// Number of messages currently stored in `stream` (read from the server).
+    pub async fn stream_messages(&self, stream: &str) -> Result<u64, TransportError> {
+        let stream_handle = self.jetstream.get_stream(stream).await.map_err(|err| TransportError::Lag {
+            topic: stream.to_owned(),
+            reason: err.to_string(),
+        })?;
+        Ok(stream_handle.cached_info().state.messages)
+    }
+
+    /// Flushes buffered core messages and closes the connection.
+    pub async fn close(&self) -> Result<(), TransportError> {
+        self.client.drain().await.map_err(|err| TransportError::Connect {
+            broker: BrokerKind::Nats,
+            reason: format!("closing: {err}"),
+        })
+    }
+}
+
+async fn connect_options(config: &NatsConfig) -> Result<ConnectOptions, TransportError> {
+    let mut options = if let Some(creds) = &config.creds_file {
+        ConnectOptions::with_credentials_file(creds)
+            .await
+            .map_err(|err| secret_error("creds_file", &err.to_string()))?
+    } else if let Some(seed_file) = &config.nkey_seed_file {
+        ConnectOptions::with_nkey(read_secret_file("nkey_seed_file", seed_file).await?)
+    } else if let Some(user) = &config.user {
+        let password = match (&config.password_file, &config.password_env) {
+            (Some(file), _) => read_secret_file("password_file", file).await?,
+            (None, Some(var)) => read_secret_env("password_env", var)?,
+            (None, None) => return Err(secret_error("password", "user set without a password")),
+        };
+        ConnectOptions::with_user_and_password(user.clone(), password)
+    } else if let Some(file) = &config.token_file {
+        ConnectOptions::with_token(read_secret_file("token_file", file).await?)
+    } else if let Some(var) = &config.token_env {
+        ConnectOptions::with_token(read_secret_env("token_env", var)?)
+    } else {
+        ConnectOptions::new()
+    };
+
+    if let Some(name) = &config.name {
+        options = options.name(name);
+    }
+    if let Some(ca) = &config.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let delay_max = config.reconnect_delay_max;
+    Ok(options
+        .require_tls(config.tls_required)
+        .connection_timeout(config.connect_timeout)
+        .request_timeout(Some(config.request_timeout))
+        .max_reconnects(config.max_reconnects)
+        .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, delay_max))
+        .event_callback(|event| async move { events::connection_event(&event) }))
+}
+
+/// 0 for the first attempt, then doubling from 10 ms up to `max`.
+fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exponent = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(20);
+    Duration::from_millis(10u64.saturating_mul(1 << exponent)).min(max)
+}
+
+fn secret_error(key: &str, reason: &str) -> TransportError {
+    TransportError::Connect { broker: BrokerKind::Nats, reason: format!("{key}: {reason}") }
+}
+
+/// Reads a secret file; the content never appears in errors, only the path.
+async fn read_secret_file(key: &str, path: &std::path::Path) -> Result<String, TransportError> {
+    let content = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|err| secret_error(key, &format!("reading {}: {err}", path.display())))?;
+    let secret = content.trim_end_matches(['\r', '\n']).to_owned();
+    if secret.is_empty() {
+        return Err(secret_error(key, &format!("{} is empty", path.display())));
+    }
+    Ok(secret)
+}
+
+fn read_secret_env(key: &str, var: &str) -> Result<String, TransportError> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Ok(value),
+        _ => Err(secret_error(key, &format!("environment variable {var} is not set or empty"))),
+    }
+}
+
+/// async-nats headers → the vocabulary's pairs: every value of a multi-valued header, names
+/// sorted so the order does not depend on a hash map.
+fn headers_to_pairs(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    let mut pairs: Vec<(String, String)> = headers
+        .iter()
+        .flat_map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values.iter().map(move |value| (name.to_owned(), value.as_str().to_owned()))
+        })
+        .collect();
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    pairs
+}
+
+/// The vocabulary's pairs → async-nats headers, without the panicking conversions: a header
+/// name or value NATS cannot carry is a publish error naming the header.
+fn pairs_to_headers(topic: &str, pairs: &[(String, String)]) -> Result<HeaderMap, TransportError> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        let header_name = HeaderName::from_str(name).map_err(|_| TransportError::Publish {
+            topic: topic.to_owned(),
+            reason: format!("header name `{name}` is not valid in NATS"),
+        })?;
+        let header_value = HeaderValue::from_str(value).map_err(|_| TransportError::Publish {
+            topic: topic.to_owned(),
+            reason: format!("the value of header `{name}` contains CR or LF"),
+        })?;
+        headers.append(header_name, header_value);
+    }
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_grows_to_the_cap() {
+        let max = Duration::from_secs(4);
+        assert_eq!(reconnect_delay(1, max), Duration::ZERO);
+        assert_eq!(reconnect_delay(2, max), Duration::from_millis(10));
+        assert_eq!(reconnect_delay(3, max), Duration::from_millis(20));
+        assert_eq!(reconnect_delay(200, max), max);
+    }
+
+    #[test]
+    fn headers_round_trip_keeps_every_value() {
+        let pairs = vec![
+            ("ce-id".to_owned(), "1".to_owned()),
+            ("x-multi".to_owned(), "a".to_owned()),
+            ("x-multi".to_owned(), "b".to_owned()),
+        ];
+        let headers = pairs_to_headers("t", &pairs).unwrap();
+        assert_eq!(headers_to_pairs(Some(&headers)), pairs);
+        assert!(pairs_to_headers("t", &[("bad:name".into(), "v".into())]).is_err());
+        assert!(pairs_to_headers("t", &[("ok".into(), "a\r\nb".into())]).is_err());
+    }
+}

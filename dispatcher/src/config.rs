@@ -31,10 +31,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use nats_stub::{NatsConfig, StreamConfig};
 use serde::Deserialize;
 use weir_broker_bridge::kafka::KafkaConfig;
 use weir_broker_bridge::memory::MemoryBusConfig;
-use nats_stub::{NatsConfig, StreamConfig};
 // TEMP-STUB-BEGIN
 mod nats_stub {
     #[derive(Debug, Clone, serde::Deserialize)]
@@ -44,7 +44,11 @@ mod nats_stub {
     }
     impl NatsConfig {
         pub fn validate(&self, path: &str) -> Vec<String> {
-            if self.url.is_empty() { vec![format!("{path}.url: must not be empty")] } else { vec![] }
+            if self.url.is_empty() {
+                vec![format!("{path}.url: must not be empty")]
+            } else {
+                vec![]
+            }
         }
     }
     #[derive(Debug, Clone, serde::Deserialize)]
@@ -55,7 +59,11 @@ mod nats_stub {
     }
     impl StreamConfig {
         pub fn validate(&self, path: &str) -> Vec<String> {
-            if self.name.is_empty() { vec![format!("{path}.name: must not be empty")] } else { vec![] }
+            if self.name.is_empty() {
+                vec![format!("{path}.name: must not be empty")]
+            } else {
+                vec![]
+            }
         }
     }
 }
@@ -316,7 +324,9 @@ pub struct FunctionConfig {
 impl FunctionConfig {
     /// Whether the function may publish to `topic` (on [`FunctionConfig::output_broker`]).
     pub fn output_allowed(&self, topic: &str) -> bool {
-        self.outputs.iter().any(|pattern| topic_matches(pattern, topic))
+        self.outputs
+            .iter()
+            .any(|pattern| topic_matches(pattern, topic))
     }
 }
 
@@ -387,7 +397,7 @@ pub struct ScalingConfig {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Defaults {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     pub isolation: Option<Isolation>,
     #[serde(default, deserialize_with = "de::opt_duration")]
     pub timeout: Option<Duration>,
@@ -399,7 +409,7 @@ pub struct Defaults {
     pub max_outputs: Option<u32>,
     #[serde(default, deserialize_with = "de::opt_size")]
     pub max_output_bytes: Option<ByteSize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     pub output_broker: Option<BrokerKind>,
     #[serde(default)]
     pub hop_limit: Option<u32>,
@@ -420,11 +430,11 @@ pub struct Defaults {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerDefaults {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     pub broker: Option<BrokerKind>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     pub format: Option<Format>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     pub ordering: Option<Ordering>,
     /// Applies to JetStream triggers only.
     #[serde(default, deserialize_with = "de::opt_duration")]
@@ -435,7 +445,7 @@ pub struct TriggerDefaults {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterDefaults {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     pub broker: Option<BrokerKind>,
 }
 
@@ -482,7 +492,7 @@ pub struct PartialScaling {
 struct RawFunction {
     name: String,
     module: PathBuf,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     isolation: Option<Isolation>,
     #[serde(default, deserialize_with = "de::opt_duration")]
     timeout: Option<Duration>,
@@ -496,7 +506,7 @@ struct RawFunction {
     max_output_bytes: Option<ByteSize>,
     #[serde(default)]
     outputs: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     output_broker: Option<BrokerKind>,
     #[serde(default)]
     hop_limit: Option<u32>,
@@ -514,12 +524,12 @@ struct RawFunction {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTrigger {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     broker: Option<BrokerKind>,
     topic: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     format: Option<Format>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     ordering: Option<Ordering>,
     #[serde(default)]
     group: Option<String>,
@@ -534,7 +544,7 @@ struct RawTrigger {
 struct RawDeadLetter {
     #[serde(default)]
     topic: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::opt_enum")]
     broker: Option<BrokerKind>,
 }
 
@@ -611,7 +621,11 @@ pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors
 }
 
 /// Parses a configuration from text with the given environment overrides.
-pub fn from_toml_str_with_env<I>(text: &str, base_dir: &Path, env: I) -> Result<Config, ConfigErrors>
+pub fn from_toml_str_with_env<I>(
+    text: &str,
+    base_dir: &Path,
+    env: I,
+) -> Result<Config, ConfigErrors>
 where
     I: IntoIterator<Item = (String, String)>,
 {
@@ -692,8 +706,10 @@ fn parse_sections(
     if let Some(value) = http_value {
         http = section::<HttpConfig>(value, "http", errors);
     }
+    let mut brokers_ok = true;
     if let Some(value) = brokers_value {
         brokers = section::<BrokersConfig>(value, "brokers", errors);
+        brokers_ok = brokers.is_some();
     }
     if let Some(value) = defaults_value {
         defaults = section::<Defaults>(value, "defaults", errors);
@@ -701,10 +717,17 @@ fn parse_sections(
 
     let functions: Vec<Option<RawFunction>> = match raw_functions {
         None => {
-            errors.push("functions", "missing: at least one [[functions]] entry is required");
+            errors.push(
+                "functions",
+                "missing: at least one [[functions]] entry is required",
+            );
             Vec::new()
         }
         Some(value) => match value.into_array() {
+            Ok(items) if items.is_empty() => {
+                errors.push("functions", "no [[functions]] configured");
+                Vec::new()
+            }
             Ok(items) => items
                 .into_iter()
                 .enumerate()
@@ -718,18 +741,11 @@ fn parse_sections(
     };
 
     let http = http.unwrap_or_default();
-    let brokers_ok = brokers.is_some();
     let brokers = brokers.unwrap_or_default();
-    let defaults_ok = defaults.is_some();
     let defaults = defaults.unwrap_or_default();
 
     validate_brokers(&brokers, errors);
-    if defaults_ok {
-        check_settings(&defaults, "defaults", errors);
-    }
-    if functions.is_empty() && errors.is_empty() {
-        errors.push("functions", "no [[functions]] configured");
-    }
+    check_settings(&defaults, "defaults", errors);
 
     let mut resolved = Vec::with_capacity(functions.len());
     let mut first_index_of_name: HashMap<String, usize> = HashMap::new();
@@ -739,14 +755,19 @@ fn parse_sections(
         if let Some(first) = first_index_of_name.get(&raw.name) {
             errors.push(
                 format!("{path}.name"),
-                format!("duplicate function name {:?} (also functions[{first}])", raw.name),
+                format!(
+                    "duplicate function name {:?} (also functions[{first}])",
+                    raw.name
+                ),
             );
         } else {
             first_index_of_name.insert(raw.name.clone(), i);
         }
         // Broker presence is only judged once [brokers] itself parsed, or every function
         // would repeat the brokers section's own error.
-        let function = resolve_function(&path, raw, &defaults, &brokers, brokers_ok, base_dir, errors);
+        let function = resolve_function(
+            &path, raw, &defaults, &brokers, brokers_ok, base_dir, errors,
+        );
         resolved.push(function);
     }
 
@@ -791,7 +812,15 @@ fn bare_message(err: &config::ConfigError) -> String {
             expected,
             ..
         } => format!("invalid type: {unexpected}, expected {expected}"),
-        config::ConfigError::Message(message) => message.clone(),
+        config::ConfigError::NotFound(field) => format!("missing field `{field}`"),
+        config::ConfigError::Message(message) => {
+            match message.split_once(" does not have variant constructor ") {
+                Some((enum_name, variant)) if enum_name.starts_with("enum ") => {
+                    format!("unknown variant `{variant}`")
+                }
+                _ => message.clone(),
+            }
+        }
         other => other.to_string(),
     }
 }
@@ -849,10 +878,15 @@ fn env_overrides(
 ) -> Vec<EnvOverride> {
     let mut overrides = Vec::new();
     'vars: for (var, value) in env {
-        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         let segments: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
         if segments.iter().any(String::is_empty) {
-            errors.push(var.clone(), "empty segment in variable name (use `__` between keys only)");
+            errors.push(
+                var.clone(),
+                "empty segment in variable name (use `__` between keys only)",
+            );
             continue;
         }
         let mut key = String::new();
@@ -888,7 +922,9 @@ fn env_overrides(
                     None => {
                         errors.push(
                             var.clone(),
-                            format!("no [[functions]] entry is named {segment:?} (write `-` as `_`)"),
+                            format!(
+                                "no [[functions]] entry is named {segment:?} (write `-` as `_`)"
+                            ),
                         );
                         continue 'vars;
                     }
@@ -917,12 +953,12 @@ fn annotate_overrides(errors: &mut ConfigErrors, overrides: &[EnvOverride]) {
             problem.path == o.key
                 || (problem.path.starts_with(&o.key)
                     && problem.path[o.key.len()..].starts_with(['.', '[']))
-                || (o.key.starts_with(&problem.path)
-                    && !problem.path.is_empty()
-                    && o.key[problem.path.len()..].starts_with(['.', '[']))
         });
         if let Some(o) = cause {
-            problem.message = format!("{} (set by environment variable {})", problem.message, o.var);
+            problem.message = format!(
+                "{} (set by environment variable {})",
+                problem.message, o.var
+            );
         }
     }
 }
@@ -974,7 +1010,10 @@ fn check_settings(s: &Defaults, path: &str, errors: &mut ConfigErrors) {
         if timeout < MIN_TIMEOUT {
             errors.push(
                 format!("{path}.timeout"),
-                format!("must be at least 10ms, got {}", humantime::format_duration(timeout)),
+                format!(
+                    "must be at least 10ms, got {}",
+                    humantime::format_duration(timeout)
+                ),
             );
         }
     }
@@ -1011,10 +1050,16 @@ fn check_settings(s: &Defaults, path: &str, errors: &mut ConfigErrors) {
 
     let retry = &s.retry;
     if retry.max_attempts == Some(0) {
-        errors.push(format!("{path}.retry.max_attempts"), "must be at least 1 (1 = no retries)");
+        errors.push(
+            format!("{path}.retry.max_attempts"),
+            "must be at least 1 (1 = no retries)",
+        );
     }
     if retry.initial_delay == Some(Duration::ZERO) {
-        errors.push(format!("{path}.retry.initial_delay"), "must be greater than 0");
+        errors.push(
+            format!("{path}.retry.initial_delay"),
+            "must be greater than 0",
+        );
     }
     if let Some(multiplier) = retry.multiplier {
         if !multiplier.is_finite() || multiplier < 1.0 {
@@ -1036,7 +1081,10 @@ fn check_settings(s: &Defaults, path: &str, errors: &mut ConfigErrors) {
         }
     }
     if retry.max_age == Some(Duration::ZERO) {
-        errors.push(format!("{path}.retry.max_age"), "must be greater than 0 (or left out)");
+        errors.push(
+            format!("{path}.retry.max_age"),
+            "must be greater than 0 (or left out)",
+        );
     }
 
     let scaling = &s.scaling;
@@ -1047,10 +1095,16 @@ fn check_settings(s: &Defaults, path: &str, errors: &mut ConfigErrors) {
         errors.push(format!("{path}.scaling.target_lag"), "must be at least 1");
     }
     if scaling.idle_timeout == Some(Duration::ZERO) {
-        errors.push(format!("{path}.scaling.idle_timeout"), "must be greater than 0");
+        errors.push(
+            format!("{path}.scaling.idle_timeout"),
+            "must be greater than 0",
+        );
     }
     if scaling.max_invocations == Some(0) {
-        errors.push(format!("{path}.scaling.max_invocations"), "must be at least 1");
+        errors.push(
+            format!("{path}.scaling.max_invocations"),
+            "must be at least 1",
+        );
     }
 }
 
@@ -1077,7 +1131,10 @@ fn resolve_function(
     } else if !module.is_file() {
         errors.push(
             format!("{path}.module"),
-            format!("module file {} does not exist or is not a file", module.display()),
+            format!(
+                "module file {} does not exist or is not a file",
+                module.display()
+            ),
         );
     }
 
@@ -1094,7 +1151,11 @@ fn resolve_function(
     let timeout = layer(&own.timeout, &defaults.timeout, builtin::TIMEOUT);
 
     let jetstream = if trigger_broker == BrokerKind::JetStream {
-        let ack_wait = layer(&own.trigger.ack_wait, &defaults.trigger.ack_wait, builtin::ACK_WAIT);
+        let ack_wait = layer(
+            &own.trigger.ack_wait,
+            &defaults.trigger.ack_wait,
+            builtin::ACK_WAIT,
+        );
         if ack_wait <= timeout {
             errors.push(
                 format!("{path}.trigger.ack_wait"),
@@ -1136,14 +1197,38 @@ fn resolve_function(
         None
     };
 
-    let group = raw.trigger.group.clone().unwrap_or_else(|| format!("weir-{}", raw.name));
-    check_group(&group, trigger_broker, &format!("{path}.trigger.group"), errors);
-    check_topic(&raw.trigger.topic, trigger_broker, TopicUse::Subscribe, &format!("{path}.trigger.topic"), errors);
+    let group = raw
+        .trigger
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("weir-{}", raw.name));
+    check_group(
+        &group,
+        trigger_broker,
+        &format!("{path}.trigger.group"),
+        errors,
+    );
+    check_topic(
+        &raw.trigger.topic,
+        trigger_broker,
+        TopicUse::Subscribe,
+        &format!("{path}.trigger.topic"),
+        errors,
+    );
 
-    let output_broker = own.output_broker.or(defaults.output_broker).unwrap_or(trigger_broker);
+    let output_broker = own
+        .output_broker
+        .or(defaults.output_broker)
+        .unwrap_or(trigger_broker);
     for (j, pattern) in raw.outputs.iter().enumerate() {
         let output_path = format!("{path}.outputs[{j}]");
-        if !check_topic(pattern, output_broker, TopicUse::OutputPattern, &output_path, errors) {
+        if !check_topic(
+            pattern,
+            output_broker,
+            TopicUse::OutputPattern,
+            &output_path,
+            errors,
+        ) {
             continue;
         }
         if same_topic_space(output_broker, trigger_broker)
@@ -1171,8 +1256,13 @@ fn resolve_function(
         .clone()
         .unwrap_or_else(|| format!("weir.dlq.{}", raw.name));
     let dead_letter_path = format!("{path}.dead_letter.topic");
-    if check_topic(&dead_letter_topic, dead_letter_broker, TopicUse::Publish, &dead_letter_path, errors)
-        && same_topic_space(dead_letter_broker, trigger_broker)
+    if check_topic(
+        &dead_letter_topic,
+        dead_letter_broker,
+        TopicUse::Publish,
+        &dead_letter_path,
+        errors,
+    ) && same_topic_space(dead_letter_broker, trigger_broker)
         && patterns_overlap(&dead_letter_topic, &raw.trigger.topic)
     {
         errors.push(
@@ -1193,7 +1283,11 @@ fn resolve_function(
         ];
         for (field, broker) in uses {
             if !brokers.is_configured(broker) {
-                let section = if broker == BrokerKind::Kafka { "kafka" } else { "nats" };
+                let section = if broker == BrokerKind::Kafka {
+                    "kafka"
+                } else {
+                    "nats"
+                };
                 errors.push(
                     format!("{path}.{field}"),
                     format!("{field} = {broker} but [brokers.{section}] is not configured"),
@@ -1203,11 +1297,31 @@ fn resolve_function(
     }
 
     let retry = RetryConfig {
-        max_attempts: layer(&own.retry.max_attempts, &defaults.retry.max_attempts, builtin::RETRY_MAX_ATTEMPTS),
-        initial_delay: layer(&own.retry.initial_delay, &defaults.retry.initial_delay, builtin::RETRY_INITIAL_DELAY),
-        multiplier: layer(&own.retry.multiplier, &defaults.retry.multiplier, builtin::RETRY_MULTIPLIER),
-        max_delay: layer(&own.retry.max_delay, &defaults.retry.max_delay, builtin::RETRY_MAX_DELAY),
-        jitter: layer(&own.retry.jitter, &defaults.retry.jitter, builtin::RETRY_JITTER),
+        max_attempts: layer(
+            &own.retry.max_attempts,
+            &defaults.retry.max_attempts,
+            builtin::RETRY_MAX_ATTEMPTS,
+        ),
+        initial_delay: layer(
+            &own.retry.initial_delay,
+            &defaults.retry.initial_delay,
+            builtin::RETRY_INITIAL_DELAY,
+        ),
+        multiplier: layer(
+            &own.retry.multiplier,
+            &defaults.retry.multiplier,
+            builtin::RETRY_MULTIPLIER,
+        ),
+        max_delay: layer(
+            &own.retry.max_delay,
+            &defaults.retry.max_delay,
+            builtin::RETRY_MAX_DELAY,
+        ),
+        jitter: layer(
+            &own.retry.jitter,
+            &defaults.retry.jitter,
+            builtin::RETRY_JITTER,
+        ),
         max_age: own.retry.max_age.or(defaults.retry.max_age),
     };
     if retry.max_delay < retry.initial_delay {
@@ -1222,15 +1336,31 @@ fn resolve_function(
     }
 
     let scaling = ScalingConfig {
-        min: layer(&own.scaling.min, &defaults.scaling.min, builtin::SCALING_MIN),
-        max: layer(&own.scaling.max, &defaults.scaling.max, builtin::SCALING_MAX),
-        target_lag: layer(&own.scaling.target_lag, &defaults.scaling.target_lag, builtin::SCALING_TARGET_LAG),
+        min: layer(
+            &own.scaling.min,
+            &defaults.scaling.min,
+            builtin::SCALING_MIN,
+        ),
+        max: layer(
+            &own.scaling.max,
+            &defaults.scaling.max,
+            builtin::SCALING_MAX,
+        ),
+        target_lag: layer(
+            &own.scaling.target_lag,
+            &defaults.scaling.target_lag,
+            builtin::SCALING_TARGET_LAG,
+        ),
         scale_down_window: layer(
             &own.scaling.scale_down_window,
             &defaults.scaling.scale_down_window,
             builtin::SCALING_SCALE_DOWN_WINDOW,
         ),
-        idle_timeout: layer(&own.scaling.idle_timeout, &defaults.scaling.idle_timeout, builtin::SCALING_IDLE_TIMEOUT),
+        idle_timeout: layer(
+            &own.scaling.idle_timeout,
+            &defaults.scaling.idle_timeout,
+            builtin::SCALING_IDLE_TIMEOUT,
+        ),
         max_invocations: layer(
             &own.scaling.max_invocations,
             &defaults.scaling.max_invocations,
@@ -1254,8 +1384,16 @@ fn resolve_function(
         timeout,
         memory: layer(&own.memory, &defaults.memory, builtin::MEMORY),
         max_stack: layer(&own.max_stack, &defaults.max_stack, builtin::MAX_STACK),
-        max_outputs: layer(&own.max_outputs, &defaults.max_outputs, builtin::MAX_OUTPUTS),
-        max_output_bytes: layer(&own.max_output_bytes, &defaults.max_output_bytes, builtin::MAX_OUTPUT_BYTES),
+        max_outputs: layer(
+            &own.max_outputs,
+            &defaults.max_outputs,
+            builtin::MAX_OUTPUTS,
+        ),
+        max_output_bytes: layer(
+            &own.max_output_bytes,
+            &defaults.max_output_bytes,
+            builtin::MAX_OUTPUT_BYTES,
+        ),
         outputs: raw.outputs,
         output_broker,
         hop_limit: layer(&own.hop_limit, &defaults.hop_limit, builtin::HOP_LIMIT),
@@ -1264,7 +1402,11 @@ fn resolve_function(
             broker: trigger_broker,
             topic: raw.trigger.topic,
             format: layer(&own.trigger.format, &defaults.trigger.format, Format::Auto),
-            ordering: layer(&own.trigger.ordering, &defaults.trigger.ordering, Ordering::default()),
+            ordering: layer(
+                &own.trigger.ordering,
+                &defaults.trigger.ordering,
+                Ordering::default(),
+            ),
             group,
             jetstream,
         },
@@ -1290,7 +1432,11 @@ fn check_name(name: &str, path: &str, errors: &mut ConfigErrors) {
 }
 
 fn check_stream_name(stream: &str, path: &str, errors: &mut ConfigErrors) {
-    if stream.is_empty() || stream.chars().any(|c| c.is_whitespace() || ".*>/\\".contains(c)) {
+    if stream.is_empty()
+        || stream
+            .chars()
+            .any(|c| c.is_whitespace() || ".*>/\\".contains(c))
+    {
         errors.push(
             path,
             format!("{stream:?} is not a valid JetStream stream name (no spaces, `.`, `*`, `>`, `/`, `\\`)"),
@@ -1304,8 +1450,16 @@ fn check_group(group: &str, broker: BrokerKind, path: &str, errors: &mut ConfigE
         BrokerKind::JetStream => ".*>/\\",
         _ => "",
     };
-    if group.is_empty() || group.chars().any(|c| c.is_whitespace() || forbidden.contains(c)) {
-        let extra = if forbidden.is_empty() { "" } else { ", `.`, `*`, `>`, `/`, `\\`" };
+    if group.is_empty()
+        || group
+            .chars()
+            .any(|c| c.is_whitespace() || forbidden.contains(c))
+    {
+        let extra = if forbidden.is_empty() {
+            ""
+        } else {
+            ", `.`, `*`, `>`, `/`, `\\`"
+        };
         errors.push(
             path,
             format!("{group:?} is not a valid {broker} consumer group name (no spaces{extra})"),
@@ -1324,7 +1478,13 @@ enum TopicUse {
 }
 
 /// Checks a topic or subject for `broker`; returns whether it is valid.
-fn check_topic(topic: &str, broker: BrokerKind, usage: TopicUse, path: &str, errors: &mut ConfigErrors) -> bool {
+fn check_topic(
+    topic: &str,
+    broker: BrokerKind,
+    usage: TopicUse,
+    path: &str,
+    errors: &mut ConfigErrors,
+) -> bool {
     let problem = topic_problem(topic, broker, usage);
     if let Some(message) = &problem {
         errors.push(path, format!("{topic:?}: {message}"));
@@ -1360,16 +1520,22 @@ fn topic_problem(topic: &str, broker: BrokerKind, usage: TopicUse) -> Option<Str
             return Some(match usage {
                 TopicUse::Publish => "wildcards are not allowed in a topic to publish to".into(),
                 TopicUse::OutputPattern => {
-                    "only a trailing `>` wildcard is supported in outputs (e.g. \"orders.>\")".into()
+                    "only a trailing `>` wildcard is supported in outputs (e.g. \"orders.>\")"
+                        .into()
                 }
-                TopicUse::Subscribe => format!("wildcards are only supported on nats and jetstream, not {broker}"),
+                TopicUse::Subscribe => {
+                    format!("wildcards are only supported on nats and jetstream, not {broker}")
+                }
             });
         }
     }
     match broker {
         BrokerKind::Nats | BrokerKind::JetStream => {
             if tokens.iter().any(|t| t.is_empty()) {
-                return Some("a NATS subject must not have empty tokens (leading, trailing or double `.`)".into());
+                return Some(
+                    "a NATS subject must not have empty tokens (leading, trailing or double `.`)"
+                        .into(),
+                );
             }
         }
         BrokerKind::Kafka => {
@@ -1380,7 +1546,9 @@ fn topic_problem(topic: &str, broker: BrokerKind, usage: TopicUse) -> Option<Str
             if name.len() > MAX_KAFKA_TOPIC_LEN
                 || name == "."
                 || name == ".."
-                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             {
                 return Some("a Kafka topic is 1 to 249 of a-z, A-Z, 0-9, `.`, `_`, `-`".into());
             }
@@ -1450,11 +1618,13 @@ mod de {
     impl<'de> Deserialize<'de> for HumanDuration {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             let text = String::deserialize(d)?;
-            humantime::parse_duration(text.trim()).map(HumanDuration).map_err(|err| {
-                de::Error::custom(format!(
+            humantime::parse_duration(text.trim())
+                .map(HumanDuration)
+                .map_err(|err| {
+                    de::Error::custom(format!(
                     "invalid duration {text:?} ({err}); expected e.g. \"250ms\", \"5s\", \"1h 30m\""
                 ))
-            })
+                })
         }
     }
 
@@ -1494,7 +1664,23 @@ mod de {
         }
     }
 
-    pub(super) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    /// Unit-variant enums through serde's own string deserializer, whose error lists the
+    /// variants (the `config` crate's own enum error does not).
+    pub(super) fn opt_enum<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: de::DeserializeOwned,
+    {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let variant = de::value::StrDeserializer::<de::value::Error>::new(&text);
+        T::deserialize(variant).map(Some).map_err(de::Error::custom)
+    }
+
+    pub(super) fn opt_duration<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         Ok(Option::<HumanDuration>::deserialize(d)?.map(|h| h.0))
     }
 
@@ -1554,7 +1740,12 @@ mod tests {
         assert!(topic_problem("a>.b", BrokerKind::Nats, TopicUse::Subscribe).is_some());
         assert!(topic_problem(">.b", BrokerKind::Nats, TopicUse::Subscribe).is_some());
         assert!(topic_problem("bad topic", BrokerKind::Memory, TopicUse::Publish).is_some());
-        assert!(topic_problem("weir.dlq.order-validate", BrokerKind::Kafka, TopicUse::Publish).is_none());
+        assert!(topic_problem(
+            "weir.dlq.order-validate",
+            BrokerKind::Kafka,
+            TopicUse::Publish
+        )
+        .is_none());
         assert!(topic_problem("orders/eu", BrokerKind::Kafka, TopicUse::Publish).is_some());
     }
 
@@ -1566,9 +1757,18 @@ mod tests {
         };
         let env = vec![
             ("WEIR__HTTP__LISTEN".to_owned(), "0.0.0.0:9000".to_owned()),
-            ("WEIR__FUNCTIONS__1__RETRY__MAX_ATTEMPTS".to_owned(), "9".to_owned()),
-            ("WEIR__FUNCTIONS__ORDER_VALIDATE__TIMEOUT".to_owned(), "2s".to_owned()),
-            ("WEIR__BROKERS__NATS_STREAMS__0__NAME".to_owned(), "X".to_owned()),
+            (
+                "WEIR__FUNCTIONS__1__RETRY__MAX_ATTEMPTS".to_owned(),
+                "9".to_owned(),
+            ),
+            (
+                "WEIR__FUNCTIONS__ORDER_VALIDATE__TIMEOUT".to_owned(),
+                "2s".to_owned(),
+            ),
+            (
+                "WEIR__BROKERS__NATS_STREAMS__0__NAME".to_owned(),
+                "X".to_owned(),
+            ),
             ("WEIR__FUNCTIONS__7__TIMEOUT".to_owned(), "2s".to_owned()),
             ("WEIR__FUNCTIONS__NOPE__TIMEOUT".to_owned(), "2s".to_owned()),
             ("WEIR__HTTP____LISTEN".to_owned(), "x".to_owned()),
@@ -1590,7 +1790,11 @@ mod tests {
         let paths: Vec<&str> = errors.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["WEIR__FUNCTIONS__7__TIMEOUT", "WEIR__FUNCTIONS__NOPE__TIMEOUT", "WEIR__HTTP____LISTEN"]
+            [
+                "WEIR__FUNCTIONS__7__TIMEOUT",
+                "WEIR__FUNCTIONS__NOPE__TIMEOUT",
+                "WEIR__HTTP____LISTEN"
+            ]
         );
     }
 

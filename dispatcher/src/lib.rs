@@ -5,8 +5,10 @@
 
 pub mod chain;
 pub mod config;
+pub mod demo;
 pub mod deadletter;
 pub mod engine;
+pub mod http;
 pub mod pool;
 pub mod retry;
 pub mod runner;

@@ -228,7 +228,7 @@ impl FunctionRunner {
         telemetry::events_received(&self.spec.name, broker.as_str());
         self.counters.received.fetch_add(1, AtomicOrdering::Relaxed);
         let origin = message.origin.to_string();
-        let default_source = format!("weir://{}/{}", broker.as_str(), message.topic);
+        let default_source = weir_schemas::wire::default_source(broker.as_str(), &message.topic);
         let wire = WireMessage {
             headers: &message.headers,
             payload: message.payload.as_deref(),

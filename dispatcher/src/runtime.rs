@@ -58,11 +58,41 @@ pub fn load_modules(
     errors.into_result(modules)
 }
 
-/// A running Weir.
-pub struct Runtime {
+/// What the HTTP layer and the CLI see of a running Weir.
+pub struct Shared {
     pub config: Config,
     pub memory: MemoryBus,
     pub functions: Vec<Arc<FunctionRunner>>,
+    transports: Transports,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("functions", &self.functions.len()).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub fn function(&self, name: &str) -> Option<&Arc<FunctionRunner>> {
+        self.functions.iter().find(|f| &*f.spec.name == name)
+    }
+
+    /// Where an event posted to `topic` over HTTP goes: the broker of the functions triggered by
+    /// that topic, else the memory bus.
+    pub fn ingress(&self, topic: &str) -> anyhow::Result<(BrokerKind, Arc<dyn Publisher>)> {
+        let broker = self
+            .config
+            .functions
+            .iter()
+            .find(|f| f.trigger.topic == topic)
+            .map_or(BrokerKind::Memory, |f| f.trigger.broker);
+        Ok((broker, self.transports.publisher(broker)?))
+    }
+}
+
+/// A running Weir.
+pub struct Runtime {
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
     runners: JoinSet<()>,
     chores: JoinSet<()>,
@@ -70,7 +100,7 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("functions", &self.functions.len()).finish_non_exhaustive()
+        f.debug_struct("Runtime").field("functions", &self.shared.functions.len()).finish_non_exhaustive()
     }
 }
 
@@ -129,7 +159,8 @@ impl Runtime {
             }
             functions.push(runner);
         }
-        Ok(Runtime { config, memory, functions, shutdown, runners, chores })
+        let shared = Arc::new(Shared { config, memory, functions, transports });
+        Ok(Runtime { shared, shutdown, runners, chores })
     }
 
     /// Stop fetching, finish or hand back in-flight work, settle what finished, return.
@@ -141,8 +172,13 @@ impl Runtime {
         tracing::info!("all functions stopped");
     }
 
-    pub fn function(&self, name: &str) -> Option<&Arc<FunctionRunner>> {
-        self.functions.iter().find(|f| &*f.spec.name == name)
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// A token cancelled when shutdown begins (for the HTTP server and other companions).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 }
 

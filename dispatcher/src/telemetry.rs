@@ -15,7 +15,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const EVENTS_RECEIVED: &str = "weir_events_received_total";
@@ -85,8 +87,14 @@ pub enum TelemetryError {
 /// The Prometheus recorder with Weir's buckets, not yet installed.
 pub fn prometheus_builder() -> Result<PrometheusBuilder, BuildError> {
     PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(INVOCATION_DURATION.to_owned()), INVOCATION_DURATION_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full(INSTANCE_START_DURATION.to_owned()), INSTANCE_START_BUCKETS)
+        .set_buckets_for_metric(
+            Matcher::Full(INVOCATION_DURATION.to_owned()),
+            INVOCATION_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(INSTANCE_START_DURATION.to_owned()),
+            INSTANCE_START_BUCKETS,
+        )
 }
 
 /// Installs the process-wide Prometheus recorder, describes every metric and returns a handle
@@ -115,15 +123,31 @@ pub fn install_prometheus() -> Result<PrometheusHandle, TelemetryError> {
 
 /// Registers help texts and units with the current recorder.
 pub fn describe_metrics() {
-    describe_counter!(EVENTS_RECEIVED, Unit::Count, "Events received from a broker, per function.");
+    describe_counter!(
+        EVENTS_RECEIVED,
+        Unit::Count,
+        "Events received from a broker, per function."
+    );
     describe_counter!(
         INVOCATIONS,
         Unit::Count,
         "Function invocations by outcome (ok, retry, reject, trap, timeout, ...)."
     );
-    describe_histogram!(INVOCATION_DURATION, Unit::Seconds, "Duration of one function invocation.");
-    describe_counter!(RETRIES, Unit::Count, "Retries scheduled after a transient failure.");
-    describe_counter!(DEAD_LETTERS, Unit::Count, "Events written to the dead-letter queue, by reason.");
+    describe_histogram!(
+        INVOCATION_DURATION,
+        Unit::Seconds,
+        "Duration of one function invocation."
+    );
+    describe_counter!(
+        RETRIES,
+        Unit::Count,
+        "Retries scheduled after a transient failure."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        Unit::Count,
+        "Events written to the dead-letter queue, by reason."
+    );
     describe_counter!(
         DLQ_PUBLISH_FAILURES,
         Unit::Count,
@@ -134,8 +158,16 @@ pub fn describe_metrics() {
         Unit::Count,
         "Lanes of a function currently paused because the dead-letter queue is unavailable."
     );
-    describe_counter!(OUTPUTS_PUBLISHED, Unit::Count, "Output events published and confirmed.");
-    describe_counter!(OUTPUT_PUBLISH_FAILURES, Unit::Count, "Output events whose publish failed.");
+    describe_counter!(
+        OUTPUTS_PUBLISHED,
+        Unit::Count,
+        "Output events published and confirmed."
+    );
+    describe_counter!(
+        OUTPUT_PUBLISH_FAILURES,
+        Unit::Count,
+        "Output events whose publish failed."
+    );
     describe_counter!(INSTANCE_STARTS, Unit::Count, "Function instances started.");
     describe_histogram!(
         INSTANCE_START_DURATION,
@@ -147,17 +179,40 @@ pub fn describe_metrics() {
         Unit::Count,
         "Function instances dropped, by reason (trap, timeout, limit, recycled, idle, ...)."
     );
-    describe_gauge!(INSTANCES, Unit::Count, "Function instances currently alive.");
-    describe_gauge!(INSTANCES_DESIRED, Unit::Count, "Function instances the autoscaler wants.");
-    describe_gauge!(CONSUMER_LAG, Unit::Count, "Messages waiting or in flight for a function's trigger.");
-    describe_counter!(SCALE_EVENTS, Unit::Count, "Autoscaler decisions, by direction (up, down).");
-    describe_counter!(UNDECODABLE_EVENTS, Unit::Count, "Messages that did not decode, by kind of error.");
+    describe_gauge!(
+        INSTANCES,
+        Unit::Count,
+        "Function instances currently alive."
+    );
+    describe_gauge!(
+        INSTANCES_DESIRED,
+        Unit::Count,
+        "Function instances the autoscaler wants."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "Messages waiting or in flight for a function's trigger."
+    );
+    describe_counter!(
+        SCALE_EVENTS,
+        Unit::Count,
+        "Autoscaler decisions, by direction (up, down)."
+    );
+    describe_counter!(
+        UNDECODABLE_EVENTS,
+        Unit::Count,
+        "Messages that did not decode, by kind of error."
+    );
     describe_counter!(
         HTTP_INGRESS_REQUESTS,
         Unit::Count,
         "HTTP ingress requests, by status class (2xx, 4xx, 5xx)."
     );
-    describe_gauge!(BUILD_INFO, "Always 1; the labels say which Weir version runs.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels say which Weir version runs."
+    );
 }
 
 /// `weir_build_info{version} 1`.
@@ -173,7 +228,8 @@ pub fn events_received(function: &str, broker: &'static str) {
 /// An invocation ended with `outcome`, after `duration`.
 pub fn invocation_finished(function: &str, outcome: &'static str, duration: Duration) {
     counter!(INVOCATIONS, "function" => function.to_owned(), "outcome" => outcome).increment(1);
-    histogram!(INVOCATION_DURATION, "function" => function.to_owned()).record(duration.as_secs_f64());
+    histogram!(INVOCATION_DURATION, "function" => function.to_owned())
+        .record(duration.as_secs_f64());
 }
 
 /// A transient failure will be retried.
@@ -215,12 +271,14 @@ pub fn output_publish_failed(function: &str) {
 /// A new instance was created in `duration`.
 pub fn instance_started(function: &str, duration: Duration) {
     counter!(INSTANCE_STARTS, "function" => function.to_owned()).increment(1);
-    histogram!(INSTANCE_START_DURATION, "function" => function.to_owned()).record(duration.as_secs_f64());
+    histogram!(INSTANCE_START_DURATION, "function" => function.to_owned())
+        .record(duration.as_secs_f64());
 }
 
 /// An instance was dropped for `reason`.
 pub fn instance_discarded(function: &str, reason: &'static str) {
-    counter!(INSTANCES_DISCARDED, "function" => function.to_owned(), "reason" => reason).increment(1);
+    counter!(INSTANCES_DISCARDED, "function" => function.to_owned(), "reason" => reason)
+        .increment(1);
 }
 
 /// Current and desired instance counts.
@@ -236,7 +294,8 @@ pub fn consumer_lag(function: &str, broker: &'static str, lag: u64) {
 
 /// The autoscaler changed the slot count (`direction` is `up` or `down`).
 pub fn scale_event(function: &str, direction: &'static str) {
-    counter!(SCALE_EVENTS, "function" => function.to_owned(), "direction" => direction).increment(1);
+    counter!(SCALE_EVENTS, "function" => function.to_owned(), "direction" => direction)
+        .increment(1);
 }
 
 /// A message did not decode; `kind` is the decode error's kind.
@@ -297,18 +356,48 @@ mod tests {
             http_ingress(404);
             http_ingress(503);
         });
-        assert_has(&out, r#"weir_events_received_total{function="f",broker="kafka"} 2"#);
-        assert_has(&out, r#"weir_retries_total{function="f",broker="jetstream"} 1"#);
-        assert_has(&out, r#"weir_dead_letters_total{function="f",reason="rejected"} 1"#);
+        assert_has(
+            &out,
+            r#"weir_events_received_total{function="f",broker="kafka"} 2"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_retries_total{function="f",broker="jetstream"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_dead_letters_total{function="f",reason="rejected"} 1"#,
+        );
         assert_has(&out, r#"weir_dlq_publish_failures_total{function="f"} 1"#);
         assert_has(&out, r#"weir_outputs_published_total{function="f"} 5"#);
-        assert_has(&out, r#"weir_output_publish_failures_total{function="f"} 1"#);
-        assert_has(&out, r#"weir_instances_discarded_total{function="f",reason="trap"} 1"#);
-        assert_has(&out, r#"weir_scale_events_total{function="f",direction="up"} 1"#);
-        assert_has(&out, r#"weir_undecodable_events_total{function="f",kind="json"} 1"#);
-        assert_has(&out, r#"weir_http_ingress_requests_total{status_class="2xx"} 1"#);
-        assert_has(&out, r#"weir_http_ingress_requests_total{status_class="4xx"} 1"#);
-        assert_has(&out, r#"weir_http_ingress_requests_total{status_class="5xx"} 1"#);
+        assert_has(
+            &out,
+            r#"weir_output_publish_failures_total{function="f"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_instances_discarded_total{function="f",reason="trap"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_scale_events_total{function="f",direction="up"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_undecodable_events_total{function="f",kind="json"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_http_ingress_requests_total{status_class="2xx"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_http_ingress_requests_total{status_class="4xx"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_http_ingress_requests_total{status_class="5xx"} 1"#,
+        );
         assert_has(&out, "# TYPE weir_events_received_total counter");
         assert!(out.contains("# HELP weir_dead_letters_total "), "{out}");
     }
@@ -326,10 +415,19 @@ mod tests {
         });
         assert_has(&out, r#"weir_instances{function="g"} 2"#);
         assert_has(&out, r#"weir_instances_desired{function="g"} 4"#);
-        assert_has(&out, r#"weir_consumer_lag{function="g",broker="memory"} 42"#);
+        assert_has(
+            &out,
+            r#"weir_consumer_lag{function="g",broker="memory"} 42"#,
+        );
         assert_has(&out, r#"weir_lane_paused{function="g"} 1"#);
         assert_has(&out, "# TYPE weir_instances gauge");
-        assert_has(&out, &format!(r#"weir_build_info{{version="{}"}} 1"#, env!("CARGO_PKG_VERSION")));
+        assert_has(
+            &out,
+            &format!(
+                r#"weir_build_info{{version="{}"}} 1"#,
+                env!("CARGO_PKG_VERSION")
+            ),
+        );
     }
 
     #[test]
@@ -339,20 +437,56 @@ mod tests {
             invocation_finished("h", "timeout", Duration::from_secs(12));
             instance_started("h", Duration::from_micros(20));
         });
-        assert_has(&out, r#"weir_invocations_total{function="h",outcome="ok"} 1"#);
-        assert_has(&out, r#"weir_invocations_total{function="h",outcome="timeout"} 1"#);
+        assert_has(
+            &out,
+            r#"weir_invocations_total{function="h",outcome="ok"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_invocations_total{function="h",outcome="timeout"} 1"#,
+        );
         assert_has(&out, "# TYPE weir_invocation_duration_seconds histogram");
-        assert_has(&out, r#"weir_invocation_duration_seconds_bucket{function="h",le="0.0001"} 0"#);
-        assert_has(&out, r#"weir_invocation_duration_seconds_bucket{function="h",le="0.0005"} 1"#);
-        assert_has(&out, r#"weir_invocation_duration_seconds_bucket{function="h",le="10"} 1"#);
-        assert_has(&out, r#"weir_invocation_duration_seconds_bucket{function="h",le="30"} 2"#);
-        assert_has(&out, r#"weir_invocation_duration_seconds_bucket{function="h",le="+Inf"} 2"#);
-        assert_has(&out, r#"weir_invocation_duration_seconds_count{function="h"} 2"#);
+        assert_has(
+            &out,
+            r#"weir_invocation_duration_seconds_bucket{function="h",le="0.0001"} 0"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_invocation_duration_seconds_bucket{function="h",le="0.0005"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_invocation_duration_seconds_bucket{function="h",le="10"} 1"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_invocation_duration_seconds_bucket{function="h",le="30"} 2"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_invocation_duration_seconds_bucket{function="h",le="+Inf"} 2"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_invocation_duration_seconds_count{function="h"} 2"#,
+        );
         assert_has(&out, r#"weir_instance_starts_total{function="h"} 1"#);
-        assert_has(&out, "# TYPE weir_instance_start_duration_seconds histogram");
-        assert_has(&out, r#"weir_instance_start_duration_seconds_bucket{function="h",le="0.00001"} 0"#);
-        assert_has(&out, r#"weir_instance_start_duration_seconds_bucket{function="h",le="0.000025"} 1"#);
-        assert!(!out.contains("quantile="), "histograms must not render as summaries:\n{out}");
+        assert_has(
+            &out,
+            "# TYPE weir_instance_start_duration_seconds histogram",
+        );
+        assert_has(
+            &out,
+            r#"weir_instance_start_duration_seconds_bucket{function="h",le="0.00001"} 0"#,
+        );
+        assert_has(
+            &out,
+            r#"weir_instance_start_duration_seconds_bucket{function="h",le="0.000025"} 1"#,
+        );
+        assert!(
+            !out.contains("quantile="),
+            "histograms must not render as summaries:\n{out}"
+        );
     }
 
     #[test]
@@ -376,8 +510,14 @@ mod tests {
             build_info();
         });
         for name in METRIC_NAMES {
-            assert!(out.contains(&format!("# HELP {name} ")), "no help for {name}:\n{out}");
-            assert!(out.contains(&format!("# TYPE {name} ")), "{name} not emitted:\n{out}");
+            assert!(
+                out.contains(&format!("# HELP {name} ")),
+                "no help for {name}:\n{out}"
+            );
+            assert!(
+                out.contains(&format!("# TYPE {name} ")),
+                "{name} not emitted:\n{out}"
+            );
         }
     }
 
@@ -388,7 +528,9 @@ mod tests {
         events_received("installed-twice", "nats");
         let rendered = second.render();
         assert!(
-            rendered.contains(r#"weir_events_received_total{function="installed-twice",broker="nats"} 1"#),
+            rendered.contains(
+                r#"weir_events_received_total{function="installed-twice",broker="nats"} 1"#
+            ),
             "{rendered}"
         );
         assert!(first.render().contains("installed-twice"));

@@ -146,9 +146,7 @@ fn unwrap_schema_wrapper(document: serde_json::Value) -> serde_json::Value {
             if object.contains_key("payload")
                 && (object.contains_key("schema") || !object.contains_key("op")) =>
         {
-            object
-                .remove("payload")
-                .unwrap_or(serde_json::Value::Null)
+            object.remove("payload").unwrap_or(serde_json::Value::Null)
         }
         other => other,
     }
@@ -240,10 +238,7 @@ fn parse_source(
     })
 }
 
-fn optional_i64(
-    value: Option<serde_json::Value>,
-    field: &str,
-) -> Result<Option<i64>, DecodeError> {
+fn optional_i64(value: Option<serde_json::Value>, field: &str) -> Result<Option<i64>, DecodeError> {
     match value {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::Number(number)) => number.as_i64().map(Some).ok_or_else(|| {

@@ -52,7 +52,10 @@ pub enum DecodeError {
 
     /// A typed accessor was called on an event that does not carry that type.
     #[error("event is not a {expected}: it has {found}")]
-    WrongType { expected: &'static str, found: String },
+    WrongType {
+        expected: &'static str,
+        found: String,
+    },
 }
 
 impl DecodeError {

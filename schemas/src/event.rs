@@ -72,7 +72,10 @@ impl Event {
             return Err(DecodeError::invalid("id", "must be a non-empty string"));
         }
         if self.source.is_empty() {
-            return Err(DecodeError::invalid("source", "must be a non-empty URI-reference"));
+            return Err(DecodeError::invalid(
+                "source",
+                "must be a non-empty URI-reference",
+            ));
         }
         if let Err(why) = check_uri_reference(&self.source) {
             return Err(DecodeError::invalid(
@@ -84,7 +87,10 @@ impl Event {
             return Err(DecodeError::invalid("type", "must be a non-empty string"));
         }
         if self.subject.as_deref() == Some("") {
-            return Err(DecodeError::invalid("subject", "must be non-empty when present"));
+            return Err(DecodeError::invalid(
+                "subject",
+                "must be non-empty when present",
+            ));
         }
         if self.datacontenttype.as_deref() == Some("") {
             return Err(DecodeError::invalid(

@@ -9,8 +9,8 @@
 //! It deliberately does no I/O and depends on neither tokio, wasmtime nor any broker client, so
 //! the guest SDK (compiled to wasm32-wasip2) uses the very same types and codecs as the host.
 
-pub mod codec;
 pub mod cloudevents;
+pub mod codec;
 pub mod debezium;
 pub mod error;
 pub mod event;
@@ -19,10 +19,10 @@ pub mod wire;
 
 pub use debezium::{DbChange, DbOp, DbSource};
 pub use error::DecodeError;
-pub use event::{derived_id, Event, SPECVERSION};
-pub use s3::Upload;
 pub use error::EncodeError;
+pub use event::{derived_id, Event, SPECVERSION};
 pub use event::{is_rfc3339, rfc3339_from_unix_millis};
+pub use s3::Upload;
 pub use wire::{
     decode, detect, encode_binary, encode_structured, Detected, Format, HeaderStyle, WireMessage,
     CUSTOM_TYPE,

@@ -75,11 +75,13 @@ struct RecordObject {
 
 /// Parse a notification body into its uploads, in record order.
 pub fn parse(body: &[u8]) -> Result<Vec<Upload>, DecodeError> {
-    let notification: Notification = serde_json::from_slice(body)
-        .map_err(|err| DecodeError::json("S3 notification", &err))?;
+    let notification: Notification =
+        serde_json::from_slice(body).map_err(|err| DecodeError::json("S3 notification", &err))?;
     let records = notification.records.unwrap_or_default();
     if records.is_empty() {
-        return Err(DecodeError::s3("no Records (a test event, or not a notification)"));
+        return Err(DecodeError::s3(
+            "no Records (a test event, or not a notification)",
+        ));
     }
     records
         .into_iter()
@@ -151,7 +153,10 @@ pub fn to_events(uploads: &[Upload], origin: &str) -> Result<Vec<Event>, DecodeE
         .map(|(index, upload)| {
             let mut event = Event::new(
                 derived_id(&[origin, &index.to_string()]),
-                format!("weir://s3/{}", crate::wire::encode_uri_segment(&upload.bucket)),
+                format!(
+                    "weir://s3/{}",
+                    crate::wire::encode_uri_segment(&upload.bucket)
+                ),
                 crate::UPLOAD_TYPE,
             );
             event.subject = Some(format!("{}/{}", upload.bucket, upload.key));

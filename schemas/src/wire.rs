@@ -208,7 +208,22 @@ fn decode_raw(msg: &WireMessage<'_>) -> Event {
 }
 
 /// RFC 3986 unreserved characters stay; everything else in a path segment is escaped.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The conventional [`WireMessage::default_source`] for a topic: `weir://<transport>/<topic>`
+/// with the topic percent-encoded, so that it is always a valid CloudEvents `source` (topic
+/// names may contain characters a URI may not).
+pub fn default_source(transport: &str, topic: &str) -> String {
+    format!(
+        "weir://{}/{}",
+        encode_uri_segment(transport),
+        encode_uri_segment(topic)
+    )
+}
 
 /// A name made safe as one segment of a `weir://` source URI.
 pub(crate) fn encode_uri_segment(name: &str) -> String {

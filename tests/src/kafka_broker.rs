@@ -44,7 +44,12 @@ impl KafkaBroker {
             .prefix("weir-tansu-")
             .tempdir()
             .context("creating tansu's directory")?;
-        let mut broker = Self { binary, port, dir, child: None };
+        let mut broker = Self {
+            binary,
+            port,
+            dir,
+            child: None,
+        };
         broker.spawn_and_wait().await?;
         Ok(broker)
     }
@@ -118,21 +123,32 @@ impl KafkaBroker {
         let mut probe = self.config();
         // Each probe is bounded by the transport's metadata timeout; librdkafka retries the
         // connection inside it.
-        probe.options.insert("socket.connection.setup.timeout.ms".into(), "2000".into());
+        probe
+            .options
+            .insert("socket.connection.setup.timeout.ms".into(), "2000".into());
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait().context("checking tansu")? {
                     bail!("tansu exited early with {status}; log:\n{}", self.log());
                 }
             }
-            let attempt = tokio::time::timeout(Duration::from_secs(5), KafkaTransport::connect(&probe));
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(5), KafkaTransport::connect(&probe));
             match attempt.await {
                 Ok(Ok(_transport)) => return Ok(()),
                 Ok(Err(error)) if Instant::now() >= deadline => {
-                    bail!("tansu on {} not ready after {READY_TIMEOUT:?}: {error}; log:\n{}", self.bootstrap(), self.log())
+                    bail!(
+                        "tansu on {} not ready after {READY_TIMEOUT:?}: {error}; log:\n{}",
+                        self.bootstrap(),
+                        self.log()
+                    )
                 }
                 Err(_) if Instant::now() >= deadline => {
-                    bail!("tansu on {} not ready after {READY_TIMEOUT:?}; log:\n{}", self.bootstrap(), self.log())
+                    bail!(
+                        "tansu on {} not ready after {READY_TIMEOUT:?}; log:\n{}",
+                        self.bootstrap(),
+                        self.log()
+                    )
                 }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -173,5 +189,6 @@ fn find_tansu() -> anyhow::Result<PathBuf> {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

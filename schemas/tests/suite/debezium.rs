@@ -1,7 +1,5 @@
 use serde_json::json;
-use weir_schemas::{
-    derived_id, DbOp, DecodeError, Format, DB_CHANGE_CONTENT_TYPE, DB_CHANGE_TYPE,
-};
+use weir_schemas::{derived_id, DbOp, DecodeError, Format, DB_CHANGE_CONTENT_TYPE, DB_CHANGE_TYPE};
 
 use crate::{decode_err, decode_one, fixture, message, DEFAULT_SOURCE, ORIGIN};
 
@@ -33,7 +31,10 @@ fn every_op_with_and_without_wrapper() {
             let event = decode_one(&msg, Format::Auto);
             assert_eq!(event, decode_one(&msg, Format::Debezium));
             assert_eq!(event.ty, DB_CHANGE_TYPE);
-            assert_eq!(event.datacontenttype.as_deref(), Some(DB_CHANGE_CONTENT_TYPE));
+            assert_eq!(
+                event.datacontenttype.as_deref(),
+                Some(DB_CHANGE_CONTENT_TYPE)
+            );
             assert_eq!(event.id, derived_id(&[ORIGIN, "0"]));
             assert_eq!(event.source, "weir://debezium/shop");
             assert_eq!(event.subject.as_deref(), Some("shopdb.public.orders"));
@@ -46,8 +47,14 @@ fn every_op_with_and_without_wrapper() {
             assert_eq!(change.source.ts_ms, Some(1714564800123));
             assert_eq!(change.source.extra.get("lsn"), Some(&json!(123)));
             assert_eq!(change.source.extra.get("snapshot"), Some(&json!("false")));
-            assert_eq!(change.before.is_some(), matches!(op, DbOp::Update | DbOp::Delete | DbOp::Truncate));
-            assert_eq!(change.after.is_some(), matches!(op, DbOp::Create | DbOp::Update | DbOp::Read));
+            assert_eq!(
+                change.before.is_some(),
+                matches!(op, DbOp::Update | DbOp::Delete | DbOp::Truncate)
+            );
+            assert_eq!(
+                change.after.is_some(),
+                matches!(op, DbOp::Create | DbOp::Update | DbOp::Read)
+            );
         }
     }
 }
@@ -63,8 +70,14 @@ fn postgres_fixture_with_wrapped_key() {
     assert_eq!(change.after.unwrap()["first_name"], "Anne Marie");
     assert_eq!(change.source.connector.as_deref(), Some("postgresql"));
     assert_eq!(change.source.extra.get("txId"), Some(&json!(555)));
-    assert_eq!(change.source.extra.get("xmin"), Some(&serde_json::Value::Null));
-    assert_eq!(event.subject.as_deref(), Some("inventorydb.public.customers"));
+    assert_eq!(
+        change.source.extra.get("xmin"),
+        Some(&serde_json::Value::Null)
+    );
+    assert_eq!(
+        event.subject.as_deref(),
+        Some("inventorydb.public.customers")
+    );
     assert_eq!(event.source, "weir://debezium/inventory");
 }
 
@@ -78,7 +91,10 @@ fn mysql_fixture_without_wrapper_has_no_schema_part() {
     assert_eq!(change.op, DbOp::Create);
     assert_eq!(change.before, None);
     assert_eq!(change.key, Some(json!(1005)));
-    assert_eq!(change.source.extra.get("file"), Some(&json!("mysql-bin.000003")));
+    assert_eq!(
+        change.source.extra.get("file"),
+        Some(&json!("mysql-bin.000003"))
+    );
 }
 
 #[test]
@@ -97,7 +113,12 @@ fn source_falls_back_to_connector_then_default_and_time_to_envelope_ts() {
 #[test]
 fn tombstones_from_null_value_literal_null_and_null_payload() {
     let key = br#"{"schema":{"type":"struct"},"payload":{"id":7}}"#;
-    for payload in [None, Some(&b"null"[..]), Some(&b" null \n"[..]), Some(&br#"{"schema":null,"payload":null}"#[..])] {
+    for payload in [
+        None,
+        Some(&b"null"[..]),
+        Some(&b" null \n"[..]),
+        Some(&br#"{"schema":null,"payload":null}"#[..]),
+    ] {
         let msg = message(&[], payload, Some(key));
         let event = decode_one(&msg, Format::Auto);
         assert_eq!(event, decode_one(&msg, Format::Debezium), "{payload:?}");
@@ -114,17 +135,54 @@ fn tombstones_from_null_value_literal_null_and_null_payload() {
 
 #[test]
 fn missing_and_unknown_op_are_precise_errors() {
-    let err = decode_err(&message(&[], Some(br#"{"before":null,"after":{"id":1},"source":{}}"#), None), Format::Debezium);
-    assert_eq!(err, DecodeError::Debezium { reason: "missing `op`".into() });
+    let err = decode_err(
+        &message(
+            &[],
+            Some(br#"{"before":null,"after":{"id":1},"source":{}}"#),
+            None,
+        ),
+        Format::Debezium,
+    );
+    assert_eq!(
+        err,
+        DecodeError::Debezium {
+            reason: "missing `op`".into()
+        }
+    );
     assert_eq!(err.kind(), "debezium");
-    let err = decode_err(&message(&[], Some(br#"{"op":"m","source":{"db":"x"}}"#), None), Format::Auto);
-    assert!(matches!(&err, DecodeError::Debezium { reason } if reason.contains("unknown op \"m\"")), "{err:?}");
-    let err = decode_err(&message(&[], Some(br#"{"payload":{"op":"x","source":{}},"schema":{}}"#), None), Format::Auto);
+    let err = decode_err(
+        &message(&[], Some(br#"{"op":"m","source":{"db":"x"}}"#), None),
+        Format::Auto,
+    );
+    assert!(
+        matches!(&err, DecodeError::Debezium { reason } if reason.contains("unknown op \"m\"")),
+        "{err:?}"
+    );
+    let err = decode_err(
+        &message(
+            &[],
+            Some(br#"{"payload":{"op":"x","source":{}},"schema":{}}"#),
+            None,
+        ),
+        Format::Auto,
+    );
     assert_eq!(err.kind(), "debezium");
-    let err = decode_err(&message(&[], Some(br#"{"op":"c","source":{"db":5}}"#), None), Format::Auto);
-    assert!(err.to_string().contains("`source.db` must be a string"), "{err}");
-    let err = decode_err(&message(&[], Some(br#"{"op":"c","source":{},"ts_ms":"soon"}"#), None), Format::Debezium);
-    assert!(err.to_string().contains("`ts_ms` must be an integer"), "{err}");
+    let err = decode_err(
+        &message(&[], Some(br#"{"op":"c","source":{"db":5}}"#), None),
+        Format::Auto,
+    );
+    assert!(
+        err.to_string().contains("`source.db` must be a string"),
+        "{err}"
+    );
+    let err = decode_err(
+        &message(&[], Some(br#"{"op":"c","source":{},"ts_ms":"soon"}"#), None),
+        Format::Debezium,
+    );
+    assert!(
+        err.to_string().contains("`ts_ms` must be an integer"),
+        "{err}"
+    );
     let err = decode_err(&message(&[], Some(br#"[1,2]"#), None), Format::Debezium);
     assert!(err.to_string().contains("must be a JSON object"), "{err}");
     let err = decode_err(&message(&[], Some(b"{oops"), None), Format::Debezium);

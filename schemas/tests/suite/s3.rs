@@ -37,7 +37,10 @@ fn aws_notification_with_two_records() {
         assert_eq!(event.id, derived_id(&[ORIGIN, &index.to_string()]));
     }
     assert_ne!(events[0].id, events[1].id);
-    assert_eq!(events[0].subject.as_deref(), Some("media/photos/summer 2024/été.jpg"));
+    assert_eq!(
+        events[0].subject.as_deref(),
+        Some("media/photos/summer 2024/été.jpg")
+    );
     assert_eq!(events[1].time.as_deref(), Some("2024-05-01T12:00:01.000Z"));
 }
 
@@ -57,14 +60,26 @@ fn minio_notification() {
 
 #[test]
 fn event_names_are_normalised_to_the_s3_prefix() {
-    assert_eq!(normalise_event_name("ObjectCreated:Put"), "s3:ObjectCreated:Put");
-    assert_eq!(normalise_event_name("s3:ObjectCreated:Put"), "s3:ObjectCreated:Put");
-    assert_eq!(normalise_event_name("ObjectRemoved:DeleteMarkerCreated"), "s3:ObjectRemoved:DeleteMarkerCreated");
+    assert_eq!(
+        normalise_event_name("ObjectCreated:Put"),
+        "s3:ObjectCreated:Put"
+    );
+    assert_eq!(
+        normalise_event_name("s3:ObjectCreated:Put"),
+        "s3:ObjectCreated:Put"
+    );
+    assert_eq!(
+        normalise_event_name("ObjectRemoved:DeleteMarkerCreated"),
+        "s3:ObjectRemoved:DeleteMarkerCreated"
+    );
 }
 
 #[test]
 fn object_keys_are_form_decoded() {
-    assert_eq!(decode_object_key("photos/summer+2024/%C3%A9t%C3%A9.jpg").unwrap(), "photos/summer 2024/été.jpg");
+    assert_eq!(
+        decode_object_key("photos/summer+2024/%C3%A9t%C3%A9.jpg").unwrap(),
+        "photos/summer 2024/été.jpg"
+    );
     assert_eq!(decode_object_key("a%2Bb").unwrap(), "a+b");
     assert!(decode_object_key("100%").is_err());
     assert!(decode_object_key("%zz").is_err());
@@ -75,7 +90,10 @@ fn object_keys_are_form_decoded() {
 fn bad_url_encoding_is_an_s3_error() {
     let body = br#"{"Records":[{"eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"bad%2"}}}]}"#;
     let err = decode_err(&message(&[], Some(body), None), Format::Auto);
-    assert!(matches!(&err, DecodeError::S3 { reason } if reason.contains("record 0") && reason.contains("bad URL-encoding")), "{err:?}");
+    assert!(
+        matches!(&err, DecodeError::S3 { reason } if reason.contains("record 0") && reason.contains("bad URL-encoding")),
+        "{err:?}"
+    );
     assert_eq!(err.kind(), "s3");
 }
 
@@ -83,7 +101,10 @@ fn bad_url_encoding_is_an_s3_error() {
 fn no_records_is_an_error_including_the_test_event() {
     for body in [fixture("s3_test_event.json"), br#"{"Records":[]}"#.to_vec()] {
         let err = decode_err(&message(&[], Some(&body), None), Format::S3);
-        assert!(matches!(&err, DecodeError::S3 { reason } if reason.starts_with("no Records")), "{err:?}");
+        assert!(
+            matches!(&err, DecodeError::S3 { reason } if reason.starts_with("no Records")),
+            "{err:?}"
+        );
     }
     // Auto does not take a test event for a notification: it is a custom event.
     let body = fixture("s3_test_event.json");
@@ -95,7 +116,10 @@ fn no_records_is_an_error_including_the_test_event() {
 fn malformed_record_names_the_record_and_field() {
     let body = br#"{"Records":[{"eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"k"}}},{"eventName":"x","s3":{"object":{"key":"k"}}}]}"#;
     let err = decode_err(&message(&[], Some(body), None), Format::Auto);
-    assert!(err.to_string().contains("record 1: missing field `bucket`"), "{err}");
+    assert!(
+        err.to_string().contains("record 1: missing field `bucket`"),
+        "{err}"
+    );
     let err = decode_err(&message(&[], None, None), Format::S3);
     assert_eq!(err.kind(), "s3");
 }

@@ -1,0 +1,660 @@
+//! JetStream: pull-consumer subscriptions with confirmed settles, confirmed publishing, and
+//! stream set-up.
+//!
+//! A subscription runs one fetch task per trigger. It holds a semaphore of `max_in_flight`
+//! permits; each delivery carries one permit until it is settled or dropped, and a pull
+//! request never asks for more messages than there are free permits, so at most
+//! `max_in_flight` unsettled deliveries exist at any time (the consumer's `max_ack_pending`
+//! bounds it on the server side too). When a pull fails (server restart, leader change, deleted
+//! consumer, lost connection) the task logs it, waits with exponential backoff and re-binds the
+//! consumer (create-or-update) before pulling again: the subscription never ends because of
+//! broker trouble, only on [`Subscription::close`].
+//!
+//! A delivery dropped without settling is redelivered by the server after `ack_wait`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::message::{Acker, AckKind};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self as js, Context};
+use async_trait::async_trait;
+use futures::StreamExt;
+use std::sync::Arc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{
+    DeliverFrom, DiscardKind, JetStreamConsumerOptions, RetentionKind, StorageKind, StreamConfig,
+};
+use super::{events, headers_to_pairs, pairs_to_headers, NatsTransport};
+use crate::{
+    BrokerKind, Delivery, InboundMessage, Origin, OutboundMessage, Publisher, RetryStyle, Settle,
+    Subscription, TransportError,
+};
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long past `PULL_EXPIRES` we wait for the server's end-of-request before assuming the
+/// request was lost (e.g. in a server restart).
+const PULL_GRACE: Duration = Duration::from_secs(2);
+/// Largest single pull request.
+const MAX_BATCH: usize = 256;
+/// Backoff between failed pulls / re-binds.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Ephemeral consumers are removed by the server after this long without pulls.
+const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(300);
+
+impl NatsTransport {
+    /// Creates or updates the trigger's pull consumer on `options.stream` and starts fetching.
+    ///
+    /// `subject_filter` is the trigger's subject (empty: the whole stream); `options.filter_subject`,
+    /// when set, must equal it or replace an empty one. `max_in_flight` bounds unsettled
+    /// deliveries handed out and is the consumer's `max_ack_pending` unless the options set one.
+    /// Consumer settings are Weir's own: a changed `ack_wait` or `max_ack_pending` updates the
+    /// durable; a change the server refuses (e.g. `deliver_policy`) is an error naming it.
+    pub async fn subscribe_jetstream(
+        &self,
+        subject_filter: &str,
+        options: &JetStreamConsumerOptions,
+        max_in_flight: usize,
+    ) -> Result<JetStreamSubscription, TransportError> {
+        let topic = if subject_filter.is_empty() { options.stream.clone() } else { subject_filter.to_owned() };
+        let subscribe_error = |reason: String| TransportError::Subscribe { topic: topic.clone(), reason };
+        let problems = options.validate("jetstream");
+        if !problems.is_empty() {
+            return Err(TransportError::Config(problems.join("; ")));
+        }
+        if max_in_flight == 0 {
+            return Err(TransportError::Config("max_in_flight must be at least 1".into()));
+        }
+        let filter = match (options.filter_subject.as_deref(), subject_filter) {
+            (Some(option), "") => option.to_owned(),
+            (Some(option), trigger) if option != trigger => {
+                return Err(TransportError::Config(format!(
+                    "filter_subject `{option}` conflicts with the trigger's subject `{trigger}`"
+                )))
+            }
+            (_, trigger) => trigger.to_owned(),
+        };
+
+        let stream = self.jetstream.get_stream(&options.stream).await.map_err(|err| {
+            subscribe_error(match err.kind() {
+                GetStreamErrorKind::JetStream(inner)
+                    if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    format!("stream {} does not exist; declare it so Weir creates it", options.stream)
+                }
+                _ => format!("reading stream {}: {err}", options.stream),
+            })
+        })?;
+
+        let name = match &options.durable {
+            Some(durable) => durable.clone(),
+            None => ephemeral_name(&self.client),
+        };
+        let max_ack_pending = options
+            .max_ack_pending
+            .unwrap_or_else(|| i64::try_from(max_in_flight).unwrap_or(i64::MAX));
+        let consumer_config = pull::Config {
+            durable_name: options.durable.clone(),
+            name: Some(name.clone()),
+            deliver_policy: match options.deliver_policy {
+                DeliverFrom::All => DeliverPolicy::All,
+                DeliverFrom::New => DeliverPolicy::New,
+            },
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            max_deliver: options.max_deliver,
+            filter_subject: filter,
+            max_ack_pending,
+            inactive_threshold: if options.durable.is_some() { Duration::ZERO } else { EPHEMERAL_INACTIVE },
+            ..Default::default()
+        };
+        let consumer: PullConsumer = stream
+            .create_consumer(consumer_config.clone())
+            .await
+            .map_err(|err| subscribe_error(format!("creating consumer {name}: {err}")))?;
+
+        let permits = Arc::new(Semaphore::new(max_in_flight));
+        let (sender, receiver) = mpsc::channel(max_in_flight);
+        let cancel = CancellationToken::new();
+        let fetcher = Fetcher {
+            stream: stream.clone(),
+            stream_name: options.stream.clone(),
+            consumer_name: name.clone(),
+            consumer_config,
+            permits,
+            sender,
+            cancel: cancel.clone(),
+        };
+        let task = tokio::spawn(fetcher.run(consumer));
+        Ok(JetStreamSubscription {
+            topic,
+            stream,
+            consumer_name: name,
+            receiver,
+            cancel,
+            fetcher: Some(task),
+            closed: false,
+        })
+    }
+}
+
+/// A server-unique name for an ephemeral consumer, stable across re-binds of this subscription.
+fn ephemeral_name(client: &async_nats::Client) -> String {
+    let inbox = client.new_inbox();
+    let unique = inbox.rsplit('.').next().unwrap_or(inbox.as_str());
+    format!("weir-{unique}")
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    RETRY_MIN.saturating_mul(1 << exponent).min(RETRY_MAX)
+}
+
+enum PullOutcome {
+    Finished,
+    Failed(String),
+    Stopped,
+}
+
+/// The per-subscription task that pulls messages within the in-flight bound.
+struct Fetcher {
+    stream: stream::Stream,
+    stream_name: String,
+    consumer_name: String,
+    consumer_config: pull::Config,
+    permits: Arc<Semaphore>,
+    sender: mpsc::Sender<Delivery>,
+    cancel: CancellationToken,
+}
+
+impl Fetcher {
+    async fn run(self, consumer: PullConsumer) {
+        let mut consumer = Some(consumer);
+        let mut failures: u32 = 0;
+        loop {
+            let bound = match consumer.take() {
+                Some(bound) => bound,
+                None => match self.stream.create_consumer(self.consumer_config.clone()).await {
+                    Ok(bound) => {
+                        events::record_consumer_rebound(&self.stream_name, &self.consumer_name);
+                        bound
+                    }
+                    Err(err) => {
+                        failures = failures.saturating_add(1);
+                        let delay = retry_delay(failures);
+                        events::record_consumer_rebind_failed(
+                            &self.stream_name,
+                            &self.consumer_name,
+                            &err.to_string(),
+                            delay,
+                        );
+                        if self.sleep(delay).await {
+                            continue;
+                        }
+                        return;
+                    }
+                },
+            };
+            let started = Instant::now();
+            match self.pull_once(&bound).await {
+                PullOutcome::Stopped => return,
+                PullOutcome::Finished => {
+                    failures = 0;
+                    consumer = Some(bound);
+                    // A pull that ended at once without error (should not happen with
+                    // `expires`) must not turn into a busy loop.
+                    if started.elapsed() < Duration::from_millis(20) && !self.sleep(Duration::from_millis(50)).await {
+                        return;
+                    }
+                }
+                PullOutcome::Failed(reason) => {
+                    failures = failures.saturating_add(1);
+                    let delay = retry_delay(failures);
+                    events::record_fetch_error(&self.stream_name, &self.consumer_name, &reason, delay);
+                    if !self.sleep(delay).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps unless cancelled; false when cancelled.
+    async fn sleep(&self, delay: Duration) -> bool {
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// One pull request for as many messages as there are free permits.
+    async fn pull_once(&self, consumer: &PullConsumer) -> PullOutcome {
+        let first = tokio::select! {
+            () = self.cancel.cancelled() => return PullOutcome::Stopped,
+            permit = Arc::clone(&self.permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return PullOutcome::Stopped,
+            },
+        };
+        let mut held = vec![first];
+        while held.len() < MAX_BATCH {
+            match Arc::clone(&self.permits).try_acquire_owned() {
+                Ok(permit) => held.push(permit),
+                Err(_) => break,
+            }
+        }
+        let mut batch = match consumer
+            .batch()
+            .max_messages(held.len())
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+        {
+            Ok(batch) => batch,
+            Err(err) => return PullOutcome::Failed(format!("pull request: {err}")),
+        };
+        let deadline = Instant::now() + PULL_EXPIRES + PULL_GRACE;
+        loop {
+            let item = tokio::select! {
+                () = self.cancel.cancelled() => return PullOutcome::Stopped,
+                item = tokio::time::timeout_at(deadline, batch.next()) => item,
+            };
+            let message = match item {
+                Err(_) => {
+                    return PullOutcome::Failed("the server did not end the pull request in time".into())
+                }
+                Ok(None) => return PullOutcome::Finished,
+                Ok(Some(Err(err))) => return PullOutcome::Failed(err.to_string()),
+                Ok(Some(Ok(message))) => message,
+            };
+            // The request asked for `held.len()` messages, so a permit is always there; if the
+            // server ever sent more, the extra message is left unacked for redelivery rather
+            // than breaking the in-flight bound.
+            let Some(permit) = held.pop() else {
+                continue;
+            };
+            let delivery = self.delivery(message, permit);
+            if self.sender.send(delivery).await.is_err() {
+                return PullOutcome::Stopped;
+            }
+        }
+    }
+
+    fn delivery(&self, message: js::Message, permit: OwnedSemaphorePermit) -> Delivery {
+        let (stream_name, sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
+            Err(err) => {
+                events::record_missing_metadata(&self.stream_name, &err.to_string());
+                (self.stream_name.clone(), 0, 1)
+            }
+        };
+        let (message, acker) = message.split();
+        let origin = Origin::JetStream { stream: stream_name, sequence };
+        let settle = JetStreamSettle { acker, origin: origin.to_string(), _permit: permit };
+        let inbound = InboundMessage {
+            topic: message.subject.to_string(),
+            key: None,
+            headers: headers_to_pairs(message.headers.as_ref()),
+            payload: Some(message.payload),
+            origin,
+            delivery_count: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
+        };
+        Delivery::new(inbound, Box::new(settle))
+    }
+}
+
+/// A JetStream pull-consumer subscription ([`RetryStyle::Redeliver`]).
+pub struct JetStreamSubscription {
+    topic: String,
+    stream: stream::Stream,
+    consumer_name: String,
+    receiver: mpsc::Receiver<Delivery>,
+    cancel: CancellationToken,
+    fetcher: Option<JoinHandle<()>>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for JetStreamSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamSubscription")
+            .field("topic", &self.topic)
+            .field("consumer", &self.consumer_name)
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+impl JetStreamSubscription {
+    /// The consumer's name (the durable, or the generated ephemeral name).
+    pub fn consumer_name(&self) -> &str {
+        &self.consumer_name
+    }
+}
+
+impl Drop for JetStreamSubscription {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[async_trait]
+impl Subscription for JetStreamSubscription {
+    async fn next(&mut self) -> Option<Delivery> {
+        if self.closed {
+            return None;
+        }
+        self.receiver.recv().await
+    }
+
+    /// `num_pending + num_ack_pending` of the consumer, read from the server.
+    async fn lag(&self) -> Result<u64, TransportError> {
+        let info = self.stream.consumer_info(&self.consumer_name).await.map_err(|err| {
+            TransportError::Lag { topic: self.topic.clone(), reason: err.to_string() }
+        })?;
+        Ok(info
+            .num_pending
+            .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX)))
+    }
+
+    fn retry_style(&self) -> RetryStyle {
+        RetryStyle::Redeliver
+    }
+
+    fn broker(&self) -> BrokerKind {
+        BrokerKind::JetStream
+    }
+
+    /// Stops pulling; deliveries fetched but not handed out are NAKed without delay so another
+    /// dispatcher can take them at once (the server counts that as a delivery). Deliveries
+    /// already handed out can still be settled.
+    async fn close(&mut self) {
+        self.closed = true;
+        self.cancel.cancel();
+        if let Some(fetcher) = self.fetcher.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), fetcher).await;
+        }
+        self.receiver.close();
+        while let Ok(delivery) = self.receiver.try_recv() {
+            let _ = delivery.retry_after(Duration::ZERO).await;
+        }
+    }
+}
+
+/// Settles one JetStream message; every settle waits for the server's confirmation (the
+/// request timeout of the connection bounds the wait). Holds one in-flight permit until it is
+/// settled or dropped.
+struct JetStreamSettle {
+    acker: Acker,
+    origin: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl JetStreamSettle {
+    async fn confirmed(&self, kind: AckKind, label: &'static str) -> Result<(), TransportError> {
+        self.acker.double_ack_with(kind).await.map_err(|err| {
+            let reason = format!("{label}: {err}");
+            events::record_settle_error(label, &self.origin, &reason);
+            TransportError::Settle { origin: self.origin.clone(), reason }
+        })
+    }
+}
+
+#[async_trait]
+impl Settle for JetStreamSettle {
+    async fn ack(self: Box<Self>) -> Result<(), TransportError> {
+        self.confirmed(AckKind::Ack, "ack").await
+    }
+
+    /// NAK with the delay (never a bare NAK, which redelivers at once and ignores backoff).
+    async fn retry_after(self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
+        self.confirmed(AckKind::Nak(Some(delay)), "nak").await
+    }
+
+    async fn term(self: Box<Self>) -> Result<(), TransportError> {
+        self.confirmed(AckKind::Term, "term").await
+    }
+
+    /// `+WPI`: resets the server's ack timer to another full `ack_wait`.
+    async fn in_progress(&self) -> Result<(), TransportError> {
+        self.confirmed(AckKind::Progress, "in_progress").await
+    }
+}
+
+/// Publishes to JetStream and waits for the stream's ack.
+#[derive(Clone)]
+pub struct JetStreamPublisher {
+    context: Context,
+    ack_timeout: Duration,
+}
+
+impl std::fmt::Debug for JetStreamPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamPublisher").field("ack_timeout", &self.ack_timeout).finish()
+    }
+}
+
+impl JetStreamPublisher {
+    pub(super) fn new(context: Context, ack_timeout: Duration) -> Self {
+        Self { context, ack_timeout }
+    }
+
+    async fn publish_confirmed(&self, message: OutboundMessage) -> Result<(), TransportError> {
+        let topic = message.topic.clone();
+        let mut headers = pairs_to_headers(&topic, &message.headers)?;
+        if let Some(id) = &message.dedup_id {
+            let value = id.parse::<async_nats::HeaderValue>().map_err(|_| TransportError::Publish {
+                topic: topic.clone(),
+                reason: "dedup_id contains CR or LF".into(),
+            })?;
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, value);
+        }
+        let map_error = |err: js::context::PublishError| match err.kind() {
+            PublishErrorKind::StreamNotFound => TransportError::Publish {
+                topic: topic.clone(),
+                reason: "no JetStream stream captures this subject (no responders); declare a \
+                         stream whose subjects include it"
+                    .into(),
+            },
+            PublishErrorKind::TimedOut => {
+                TransportError::PublishTimeout { topic: topic.clone(), timeout: self.ack_timeout }
+            }
+            _ => TransportError::Publish { topic: topic.clone(), reason: err.to_string() },
+        };
+        let ack_future = self
+            .context
+            .publish_with_headers(message.topic, headers, message.payload)
+            .await
+            .map_err(map_error)?;
+        let ack = ack_future.await.map_err(map_error)?;
+        if ack.duplicate {
+            events::record_publish_duplicate(&ack.stream, ack.sequence);
+        } else {
+            events::record_publish(BrokerKind::JetStream, "ok");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Publisher for JetStreamPublisher {
+    /// Sets `Nats-Msg-Id` from `dedup_id`; a duplicate inside the stream's window is success.
+    /// The key is not sent (JetStream has none; the dispatcher keys by `partitionkey` or subject).
+    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
+        let topic = message.topic.clone();
+        let result = match tokio::time::timeout(self.ack_timeout, self.publish_confirmed(message)).await
+        {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::PublishTimeout { topic, timeout: self.ack_timeout }),
+        };
+        match &result {
+            Ok(()) => {}
+            Err(TransportError::PublishTimeout { .. }) => {
+                events::record_publish(BrokerKind::JetStream, "timeout")
+            }
+            Err(_) => events::record_publish(BrokerKind::JetStream, "error"),
+        }
+        result
+    }
+
+    fn broker(&self) -> BrokerKind {
+        BrokerKind::JetStream
+    }
+}
+
+/// What [`ensure_stream`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamReport {
+    pub name: String,
+    /// The stream was missing and has been created.
+    pub created: bool,
+    /// Settings of the existing stream that differ from the configuration (left unchanged).
+    pub differences: Vec<StreamDifference>,
+}
+
+/// One setting of an existing stream that differs from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamDifference {
+    /// The configuration key (`subjects`, `storage`, `max_age`, ...).
+    pub field: &'static str,
+    pub configured: String,
+    pub actual: String,
+}
+
+impl std::fmt::Display for StreamDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: configured {}, server has {}", self.field, self.configured, self.actual)
+    }
+}
+
+/// Creates the stream when it is missing. When it exists, it is **not** changed (changing a
+/// live stream's storage, retention or limits can drop data, so that stays an operator's
+/// decision): the report lists every setting that differs, and a warning is logged.
+pub async fn ensure_stream(
+    transport: &NatsTransport,
+    config: &StreamConfig,
+) -> Result<StreamReport, TransportError> {
+    let problems = config.validate("stream");
+    if !problems.is_empty() {
+        return Err(TransportError::Config(problems.join("; ")));
+    }
+    let stream_error = |reason: String| TransportError::Subscribe {
+        topic: format!("stream {}", config.name),
+        reason,
+    };
+    let wanted = to_stream_config(config);
+    match transport.jetstream.get_stream(&config.name).await {
+        Ok(existing) => {
+            let differences = differences(&wanted, &existing.cached_info().config);
+            if !differences.is_empty() {
+                events::record_stream_drift(&config.name, &differences);
+            }
+            Ok(StreamReport { name: config.name.clone(), created: false, differences })
+        }
+        Err(err) => match err.kind() {
+            GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                transport
+                    .jetstream
+                    .create_stream(wanted)
+                    .await
+                    .map_err(|err| stream_error(format!("creating: {err}")))?;
+                events::record_stream_created(&config.name);
+                Ok(StreamReport { name: config.name.clone(), created: true, differences: Vec::new() })
+            }
+            _ => Err(stream_error(format!("reading: {err}"))),
+        },
+    }
+}
+
+fn to_stream_config(config: &StreamConfig) -> stream::Config {
+    stream::Config {
+        name: config.name.clone(),
+        subjects: config.subjects.clone(),
+        storage: match config.storage {
+            StorageKind::File => StorageType::File,
+            StorageKind::Memory => StorageType::Memory,
+        },
+        retention: match config.retention {
+            RetentionKind::Limits => RetentionPolicy::Limits,
+            RetentionKind::Interest => RetentionPolicy::Interest,
+            RetentionKind::WorkQueue => RetentionPolicy::WorkQueue,
+        },
+        max_messages: config.max_msgs.unwrap_or(-1),
+        max_bytes: config
+            .max_bytes
+            .map_or(-1, |size| i64::try_from(size.as_u64()).unwrap_or(i64::MAX)),
+        max_age: config.max_age.unwrap_or(Duration::ZERO),
+        num_replicas: config.replicas,
+        duplicate_window: config.duplicate_window,
+        discard: match config.discard {
+            DiscardKind::Old => DiscardPolicy::Old,
+            DiscardKind::New => DiscardPolicy::New,
+        },
+        ..Default::default()
+    }
+}
+
+fn differences(wanted: &stream::Config, actual: &stream::Config) -> Vec<StreamDifference> {
+    let mut found = Vec::new();
+    let mut check = |field: &'static str, configured: String, actual: String| {
+        if configured != actual {
+            found.push(StreamDifference { field, configured, actual });
+        }
+    };
+    let sorted = |subjects: &[String]| {
+        let mut subjects = subjects.to_vec();
+        subjects.sort();
+        format!("{subjects:?}")
+    };
+    let limit = |value: i64| if value < 0 { "unlimited".to_owned() } else { value.to_string() };
+    let age = |value: Duration| if value.is_zero() { "unlimited".to_owned() } else { format!("{value:?}") };
+    check("subjects", sorted(&wanted.subjects), sorted(&actual.subjects));
+    check("storage", format!("{:?}", wanted.storage), format!("{:?}", actual.storage));
+    check("retention", format!("{:?}", wanted.retention), format!("{:?}", actual.retention));
+    check("max_msgs", limit(wanted.max_messages), limit(actual.max_messages));
+    check("max_bytes", limit(wanted.max_bytes), limit(actual.max_bytes));
+    check("max_age", age(wanted.max_age), age(actual.max_age));
+    check("replicas", wanted.num_replicas.to_string(), actual.num_replicas.to_string());
+    check(
+        "duplicate_window",
+        format!("{:?}", wanted.duplicate_window),
+        format!("{:?}", actual.duplicate_window),
+    );
+    check("discard", format!("{:?}", wanted.discard), format!("{:?}", actual.discard));
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_is_bounded() {
+        assert_eq!(retry_delay(1), RETRY_MIN);
+        assert_eq!(retry_delay(2), RETRY_MIN * 2);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
+
+    #[test]
+    fn differences_name_each_changed_setting() {
+        let mut config = StreamConfig::new("S", vec!["a.>".into(), "b.>".into()]);
+        let wanted = to_stream_config(&config);
+        let mut same = wanted.clone();
+        same.subjects.reverse();
+        assert!(differences(&wanted, &same).is_empty());
+        config.storage = StorageKind::Memory;
+        config.max_age = Some(Duration::from_secs(3600));
+        let changed = differences(&to_stream_config(&config), &wanted);
+        let fields: Vec<&str> = changed.iter().map(|d| d.field).collect();
+        assert_eq!(fields, vec!["storage", "max_age"]);
+        assert_eq!(changed[1].actual, "unlimited");
+    }
+}

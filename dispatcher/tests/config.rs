@@ -1,0 +1,643 @@
+//! `weir.toml` loading: defaults, env overrides, and that every problem is reported with its
+//! path.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use weir_broker_bridge::{BrokerKind, Ordering};
+use weir_dispatcher::config::{self, ConfigErrors, Isolation};
+use weir_schemas::Format;
+
+/// A directory with a `weir.toml` and the module files it names.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(modules: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for module in modules {
+            let path = dir.path().join(module);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"\0asm").unwrap();
+        }
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write(&self, text: &str) -> PathBuf {
+        let file = self.dir.path().join("weir.toml");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+}
+
+fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn paths(errors: &ConfigErrors) -> Vec<&str> {
+    errors.iter().map(|p| p.path.as_str()).collect()
+}
+
+fn message_at<'a>(errors: &'a ConfigErrors, path: &str) -> &'a str {
+    errors
+        .iter()
+        .find(|p| p.path == path)
+        .map(|p| p.message.as_str())
+        .unwrap_or_else(|| panic!("no problem at {path}; got:\n{errors}"))
+}
+
+fn expect_errors(text: &str, base: &Path) -> ConfigErrors {
+    match config::from_toml_str(text, base) {
+        Ok(config) => panic!("expected errors, got {config:#?}"),
+        Err(errors) => errors,
+    }
+}
+
+const FULL: &str = r#"
+[http]
+listen = "0.0.0.0:8081"
+max_body = "2MiB"
+
+[brokers.memory]
+history = 500
+max_pending = 2000
+
+[brokers.kafka]
+bootstrap = "127.0.0.1:9092"
+
+[defaults]
+timeout = "2s"
+memory = "32MiB"
+config = { region = "eu", level = "info" }
+[defaults.retry]
+max_attempts = 7
+jitter = 0.5
+[defaults.scaling]
+max = 8
+
+[[functions]]
+name = "order-validate"
+module = "modules/validate.wasm"
+isolation = "per-event"
+timeout = "250ms"
+memory = "64MiB"
+max_stack = "512KiB"
+max_outputs = 4
+max_output_bytes = 2048
+outputs = ["orders.validated", "orders.audit.>"]
+hop_limit = 3
+config = { large_threshold = "1000", level = "debug" }
+[functions.trigger]
+broker = "kafka"
+topic = "orders"
+format = "cloudevents"
+ordering = "key"
+group = "validators"
+[functions.retry]
+max_attempts = 3
+initial_delay = "100ms"
+multiplier = 1.5
+max_delay = "10s"
+max_age = "24h"
+[functions.dead_letter]
+topic = "orders.dlq"
+broker = "memory"
+[functions.scaling]
+min = 0
+max = 2
+target_lag = 50
+scale_down_window = "1m"
+idle_timeout = "90s"
+max_invocations = 100
+
+[[functions]]
+name = "thumbnail"
+module = "thumb.wasm"
+[functions.trigger]
+broker = "memory"
+topic = "uploads"
+"#;
+
+#[test]
+fn full_config_loads_with_defaults_applied() {
+    let fixture = Fixture::new(&["modules/validate.wasm", "thumb.wasm"]);
+    let file = fixture.write(FULL);
+    let config = config::load_with_env(&file, Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(config.http.listen.to_string(), "0.0.0.0:8081");
+    assert_eq!(config.http.max_body, ByteSize::mib(2));
+    assert_eq!(config.brokers.memory.history, 500);
+    assert_eq!(config.brokers.memory.max_pending, 2000);
+    assert_eq!(
+        config.brokers.kafka.as_ref().unwrap().bootstrap,
+        "127.0.0.1:9092"
+    );
+    assert_eq!(config.functions.len(), 2);
+
+    // Everything set explicitly wins over [defaults].
+    let f = config.function("order-validate").unwrap();
+    assert_eq!(f.module, fixture.path().join("modules/validate.wasm"));
+    assert_eq!(f.isolation, Isolation::PerEvent);
+    assert_eq!(f.timeout, Duration::from_millis(250));
+    assert_eq!(f.memory, ByteSize::mib(64));
+    assert_eq!(f.max_stack, ByteSize::kib(512));
+    assert_eq!(f.max_outputs, 4);
+    assert_eq!(f.max_output_bytes, ByteSize::b(2048));
+    assert_eq!(f.outputs, ["orders.validated", "orders.audit.>"]);
+    assert!(f.output_allowed("orders.validated"));
+    assert!(f.output_allowed("orders.audit.eu"));
+    assert!(!f.output_allowed("orders.audit"));
+    assert!(!f.output_allowed("payments"));
+    assert_eq!(f.output_broker, BrokerKind::Kafka);
+    assert_eq!(f.hop_limit, 3);
+    // Function config is merged over [defaults].config, the function's values winning.
+    assert_eq!(
+        f.config.get("large_threshold").map(String::as_str),
+        Some("1000")
+    );
+    assert_eq!(f.config.get("level").map(String::as_str), Some("debug"));
+    assert_eq!(f.config.get("region").map(String::as_str), Some("eu"));
+    assert_eq!(f.trigger.broker, BrokerKind::Kafka);
+    assert_eq!(f.trigger.topic, "orders");
+    assert_eq!(f.trigger.format, Format::CloudEvents);
+    assert_eq!(f.trigger.ordering, Ordering::Key);
+    assert_eq!(f.trigger.group, "validators");
+    assert_eq!(f.trigger.jetstream, None);
+    assert_eq!(f.retry.max_attempts, 3);
+    assert_eq!(f.retry.initial_delay, Duration::from_millis(100));
+    assert_eq!(f.retry.multiplier, 1.5);
+    assert_eq!(f.retry.max_delay, Duration::from_secs(10));
+    assert_eq!(f.retry.jitter, 0.5, "jitter comes from [defaults.retry]");
+    assert_eq!(f.retry.max_age, Some(Duration::from_secs(24 * 3600)));
+    assert_eq!(f.dead_letter.topic, "orders.dlq");
+    assert_eq!(f.dead_letter.broker, BrokerKind::Memory);
+    assert_eq!(f.scaling.min, 0);
+    assert_eq!(f.scaling.max, 2);
+    assert_eq!(f.scaling.target_lag, 50);
+    assert_eq!(f.scaling.scale_down_window, Duration::from_secs(60));
+    assert_eq!(f.scaling.idle_timeout, Duration::from_secs(90));
+    assert_eq!(f.scaling.max_invocations, 100);
+
+    // The second function takes [defaults], then the built-in defaults.
+    let t = config.function("thumbnail").unwrap();
+    assert_eq!(t.module, fixture.path().join("thumb.wasm"));
+    assert_eq!(t.isolation, Isolation::Warm);
+    assert_eq!(t.timeout, Duration::from_secs(2));
+    assert_eq!(t.memory, ByteSize::mib(32));
+    assert_eq!(t.max_stack, ByteSize::kib(512));
+    assert_eq!(t.max_outputs, 64);
+    assert_eq!(t.max_output_bytes, ByteSize::mib(1));
+    assert!(t.outputs.is_empty());
+    assert!(!t.output_allowed("uploads.done"));
+    assert_eq!(t.output_broker, BrokerKind::Memory);
+    assert_eq!(t.hop_limit, 16);
+    assert_eq!(t.config.len(), 2);
+    assert_eq!(t.trigger.format, Format::Auto);
+    assert_eq!(t.trigger.ordering, Ordering::Partition);
+    assert_eq!(t.trigger.group, "weir-thumbnail");
+    assert_eq!(t.retry.max_attempts, 7);
+    assert_eq!(t.retry.initial_delay, Duration::from_millis(200));
+    assert_eq!(t.retry.multiplier, 2.0);
+    assert_eq!(t.retry.max_delay, Duration::from_secs(30));
+    assert_eq!(t.retry.max_age, None);
+    assert_eq!(t.dead_letter.topic, "weir.dlq.thumbnail");
+    assert_eq!(t.dead_letter.broker, BrokerKind::Memory);
+    assert_eq!(t.scaling.min, 1);
+    assert_eq!(t.scaling.max, 8);
+    assert_eq!(t.scaling.target_lag, 10);
+    assert_eq!(t.scaling.max_invocations, 10_000);
+}
+
+#[test]
+fn a_minimal_config_needs_only_a_function() {
+    let fixture = Fixture::new(&["f.wasm"]);
+    let config = config::from_toml_str(
+        "[[functions]]\nname = \"f\"\nmodule = \"f.wasm\"\ntrigger = { broker = \"memory\", topic = \"in\" }\n",
+        fixture.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.http.max_body, ByteSize::mib(1));
+    assert!(config.brokers.nats.is_none() && config.brokers.kafka.is_none());
+    assert_eq!(config.functions[0].timeout, Duration::from_secs(5));
+    assert_eq!(config.functions[0].memory, ByteSize::mib(64));
+}
+
+#[test]
+fn unknown_keys_are_reported_with_their_path() {
+    let fixture = Fixture::new(&["a.wasm", "b.wasm"]);
+    let errors = expect_errors(
+        r#"
+        listen_port = 1
+        [http]
+        listn = "127.0.0.1:1"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        [functions.trigger]
+        broker = "memory"
+        topc = "x"
+        [[functions]]
+        name = "b"
+        module = "b.wasm"
+        trigger = { broker = "memory", topic = "in" }
+        [functions.retry]
+        max_attmpts = 3
+        "#,
+        fixture.path(),
+    );
+    let mut got = paths(&errors);
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            "functions[0].trigger.topc",
+            "functions[1].retry.max_attmpts",
+            "http.listn",
+            "listen_port"
+        ],
+        "{errors}"
+    );
+    assert!(message_at(&errors, "functions[1].retry.max_attmpts")
+        .contains("unknown field `max_attmpts`"));
+    assert!(message_at(&errors, "listen_port").contains("unknown key `listen_port`"));
+}
+
+#[test]
+fn a_bad_duration_is_reported_with_its_path() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let errors = expect_errors(
+        r#"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        timeout = "5 parsecs"
+        trigger = { broker = "memory", topic = "in" }
+        "#,
+        fixture.path(),
+    );
+    assert_eq!(paths(&errors), ["functions[0].timeout"], "{errors}");
+    let message = message_at(&errors, "functions[0].timeout");
+    assert!(
+        message.contains("invalid duration \"5 parsecs\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn sizes_parse_from_human_units_and_bytes() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let config = config::from_toml_str(
+        r#"
+        [http]
+        max_body = 65536
+        [defaults]
+        max_output_bytes = "1.5MiB"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        memory = "64MiB"
+        max_stack = "512KiB"
+        trigger = { broker = "memory", topic = "in" }
+        "#,
+        fixture.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let f = &config.functions[0];
+    assert_eq!(f.memory.as_u64(), 64 * 1024 * 1024);
+    assert_eq!(f.max_stack.as_u64(), 512 * 1024);
+    assert_eq!(f.max_output_bytes.as_u64(), 1024 * 1024 * 3 / 2);
+    assert_eq!(config.http.max_body.as_u64(), 65536);
+
+    let errors = expect_errors(
+        r#"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        memory = "lots"
+        trigger = { broker = "memory", topic = "in" }
+        "#,
+        fixture.path(),
+    );
+    assert_eq!(paths(&errors), ["functions[0].memory"]);
+    assert!(message_at(&errors, "functions[0].memory").contains("invalid size \"lots\""));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let fixture = Fixture::new(&["ok.wasm"]);
+    let errors = expect_errors(
+        r#"
+        [http]
+        listen = "localhost"
+
+        [defaults.retry]
+        multiplier = 0.5
+
+        [[functions]]
+        name = "Bad_Name"
+        module = "missing.wasm"
+        timeout = "1ms"
+        outputs = ["orders"]
+        [functions.trigger]
+        broker = "memory"
+        topic = "orders"
+        [functions.retry]
+        initial_delay = "5s"
+        max_delay = "1s"
+        jitter = 1.5
+        [functions.scaling]
+        min = 5
+        max = 2
+
+        [[functions]]
+        name = "ok"
+        module = "ok.wasm"
+        [functions.trigger]
+        broker = "jetstream"
+        topic = "orders.*"
+        [functions.dead_letter]
+        topic = "orders.dlq"
+
+        [[functions]]
+        name = "ok"
+        module = "ok.wasm"
+        output_broker = "kafka"
+        [functions.trigger]
+        broker = "memory"
+        topic = "x"
+        [functions.dead_letter]
+        topic = "x"
+        "#,
+        fixture.path(),
+    );
+    let expected = [
+        "http.listen",
+        "defaults.retry.multiplier",
+        "functions[0].timeout",
+        "functions[0].retry.jitter",
+        "functions[0].name",
+        "functions[0].module",
+        "functions[0].outputs[0]",
+        "functions[0].retry.max_delay",
+        "functions[0].scaling.max",
+        "functions[1].trigger.stream",
+        "functions[1].dead_letter.topic",
+        "functions[1].trigger.broker",
+        "functions[1].output_broker",
+        "functions[1].dead_letter.broker",
+        "functions[2].name",
+        "functions[2].dead_letter.topic",
+        "functions[2].output_broker",
+    ];
+    assert_eq!(paths(&errors), expected, "{errors}");
+    assert_eq!(errors.len(), 17);
+
+    assert!(message_at(&errors, "http.listen").contains("not a socket address"));
+    assert!(message_at(&errors, "functions[0].outputs[0]")
+        .contains("would consume its own outputs and loop"));
+    assert!(
+        message_at(&errors, "functions[0].retry.max_delay").contains("must be >= initial_delay")
+    );
+    assert!(message_at(&errors, "functions[0].scaling.max").contains("max (2) must be >= min (5)"));
+    assert!(message_at(&errors, "functions[1].trigger.stream")
+        .contains("jetstream trigger must name its stream"));
+    // `orders.dlq` on NATS is matched by the trigger subject `orders.*`.
+    assert!(message_at(&errors, "functions[1].dead_letter.topic")
+        .contains("dead letters would be consumed again"));
+    assert_eq!(
+        message_at(&errors, "functions[1].trigger.broker"),
+        "trigger.broker = jetstream but [brokers.nats] is not configured"
+    );
+    assert!(message_at(&errors, "functions[2].name")
+        .contains("duplicate function name \"ok\" (also functions[1])"));
+    assert_eq!(
+        message_at(&errors, "functions[2].output_broker"),
+        "output_broker = kafka but [brokers.kafka] is not configured"
+    );
+
+    // Display lists one problem per line, path first.
+    let text = errors.to_string();
+    assert_eq!(text.lines().count(), 17);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("functions[0].retry.jitter: must be between 0 and 1")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_module_names_the_resolved_path() {
+    let fixture = Fixture::new(&[]);
+    let file = fixture.write(
+        "[[functions]]\nname = \"a\"\nmodule = \"wasm/a.wasm\"\ntrigger = { broker = \"memory\", topic = \"in\" }\n",
+    );
+    let errors = config::load_with_env(&file, Vec::new()).unwrap_err();
+    assert_eq!(paths(&errors), ["functions[0].module"]);
+    let resolved = fixture.path().join("wasm/a.wasm");
+    assert!(
+        message_at(&errors, "functions[0].module").contains(&resolved.display().to_string()),
+        "{errors}"
+    );
+}
+
+#[test]
+fn deserialization_errors_in_several_functions_are_all_reported() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let errors = expect_errors(
+        r#"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        max_outputs = "many"
+        trigger = { broker = "memory", topic = "in" }
+        [[functions]]
+        name = "b"
+        module = "a.wasm"
+        trigger = { broker = "rabbitmq", topic = "in" }
+        [[functions]]
+        name = "c"
+        module = "a.wasm"
+        "#,
+        fixture.path(),
+    );
+    assert_eq!(
+        paths(&errors),
+        [
+            "functions[0].max_outputs",
+            "functions[1].trigger.broker",
+            "functions[2]"
+        ],
+        "{errors}"
+    );
+    assert_eq!(
+        message_at(&errors, "functions[2]"),
+        "missing field `trigger`"
+    );
+    assert_eq!(
+        message_at(&errors, "functions[1].trigger.broker"),
+        "unknown variant `rabbitmq`, expected one of `memory`, `nats`, `jetstream`, `kafka`"
+    );
+}
+
+#[test]
+fn env_overrides_reach_sections_and_functions() {
+    let fixture = Fixture::new(&["modules/validate.wasm", "thumb.wasm"]);
+    let file = fixture.write(FULL);
+    let config = config::load_with_env(
+        &file,
+        env(&[
+            ("WEIR__HTTP__LISTEN", "127.0.0.1:9000"),
+            ("WEIR__BROKERS__MEMORY__HISTORY", "7"),
+            ("WEIR__FUNCTIONS__0__RETRY__MAX_ATTEMPTS", "9"),
+            ("WEIR__FUNCTIONS__THUMBNAIL__TIMEOUT", "750ms"),
+            (
+                "WEIR__FUNCTIONS__ORDER_VALIDATE__CONFIG__LARGE_THRESHOLD",
+                "5",
+            ),
+            ("WEIR__DEFAULTS__SCALING__TARGET_LAG", "99"),
+            ("UNRELATED", "x"),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.http.listen.to_string(), "127.0.0.1:9000");
+    assert_eq!(config.brokers.memory.history, 7);
+    let f = config.function("order-validate").unwrap();
+    assert_eq!(f.retry.max_attempts, 9);
+    assert_eq!(f.retry.multiplier, 1.5, "values not overridden stay");
+    assert_eq!(
+        f.config.get("large_threshold").map(String::as_str),
+        Some("5")
+    );
+    assert_eq!(
+        f.scaling.target_lag, 50,
+        "the function's own value beats an overridden default"
+    );
+    let t = config.function("thumbnail").unwrap();
+    assert_eq!(t.timeout, Duration::from_millis(750));
+    assert_eq!(t.scaling.target_lag, 99);
+}
+
+#[test]
+fn env_override_problems_name_the_variable() {
+    let fixture = Fixture::new(&["modules/validate.wasm", "thumb.wasm"]);
+    let file = fixture.write(FULL);
+    let errors = config::load_with_env(
+        &file,
+        env(&[
+            ("WEIR__HTTP__LISTEN", "nowhere"),
+            ("WEIR__FUNCTIONS__1__RETRY__MAX_ATTEMPTS", "lots"),
+            ("WEIR__FUNCTIONS__5__TIMEOUT", "1s"),
+            ("WEIR__FUNCTIONS__NO_SUCH__TIMEOUT", "1s"),
+        ]),
+    )
+    .unwrap_err();
+    let mut got = paths(&errors);
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            "WEIR__FUNCTIONS__5__TIMEOUT",
+            "WEIR__FUNCTIONS__NO_SUCH__TIMEOUT",
+            "functions[1].retry.max_attempts",
+            "http.listen"
+        ],
+        "{errors}"
+    );
+    assert!(message_at(&errors, "http.listen")
+        .contains("(set by environment variable WEIR__HTTP__LISTEN)"));
+    assert!(message_at(&errors, "WEIR__FUNCTIONS__5__TIMEOUT").contains("out of range"));
+}
+
+/// The only test that reads the real process environment (the others pass it explicitly, so
+/// they cannot see this variable).
+#[test]
+fn load_reads_the_process_environment() {
+    let fixture = Fixture::new(&["modules/validate.wasm", "thumb.wasm"]);
+    let file = fixture.write(FULL);
+    std::env::set_var("WEIR__HTTP__LISTEN", "127.0.0.1:9555");
+    let loaded = config::load(&file);
+    std::env::remove_var("WEIR__HTTP__LISTEN");
+    assert_eq!(
+        loaded
+            .unwrap_or_else(|e| panic!("{e}"))
+            .http
+            .listen
+            .to_string(),
+        "127.0.0.1:9555"
+    );
+}
+
+#[test]
+fn jetstream_and_wildcard_rules() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let errors = expect_errors(
+        r#"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        outputs = ["orders.*", "payments.>"]
+        [functions.trigger]
+        broker = "kafka"
+        topic = "orders"
+        stream = "ORDERS"
+        ack_wait = "10s"
+        [functions.dead_letter]
+        topic = "dlq.>"
+        "#,
+        fixture.path(),
+    );
+    assert_eq!(
+        paths(&errors),
+        [
+            "functions[0].trigger.stream",
+            "functions[0].trigger.ack_wait",
+            "functions[0].outputs[0]",
+            "functions[0].dead_letter.topic",
+            "functions[0].trigger.broker",
+            "functions[0].output_broker",
+            "functions[0].dead_letter.broker",
+        ],
+        "{errors}"
+    );
+    assert!(message_at(&errors, "functions[0].trigger.stream")
+        .contains("only jetstream triggers have a stream"));
+    assert!(message_at(&errors, "functions[0].outputs[0]").contains("only a trailing `>` wildcard"));
+}
+
+#[test]
+fn merged_engine_problems_display_with_the_rest() {
+    let mut errors = ConfigErrors::new();
+    assert!(errors.is_empty());
+    errors.push(
+        "functions[0].module",
+        "not a component of world weir:function/function",
+    );
+    assert!(!errors.is_empty());
+    assert_eq!(
+        errors.to_string(),
+        "functions[0].module: not a component of world weir:function/function"
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_one_problem() {
+    let fixture = Fixture::new(&[]);
+    let missing = fixture.path().join("nope.toml");
+    let errors = config::load(&missing).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors.to_string().contains("nope.toml"));
+
+    let file = fixture.write("[[functions]]\nname = ");
+    let errors = config::load_with_env(&file, Vec::new()).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors.to_string().contains("weir.toml"), "{errors}");
+}

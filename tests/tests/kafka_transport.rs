@@ -1,0 +1,413 @@
+//! The Kafka transport against a real Kafka-protocol broker (Tansu): round trips, commits at
+//! the watermark, ordering lanes, redelivery of dropped deliveries, lag, and resuming after a
+//! consumer restart. Each test starts its own broker; every wait is bounded.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use weir_broker_bridge::kafka::{KafkaPublisher, KafkaSubscription, KafkaTransport};
+use weir_broker_bridge::{
+    BrokerKind, Delivery, Ordering, Origin, OutboundMessage, Publisher, RetryStyle, Subscription,
+};
+use weir_tests::kafka_broker::KafkaBroker;
+
+/// The first delivery of a fresh group waits for the group join.
+const FIRST_DELIVERY: Duration = Duration::from_secs(30);
+const NEXT_DELIVERY: Duration = Duration::from_secs(10);
+const COMMIT_WAIT: Duration = Duration::from_secs(15);
+
+struct Setup {
+    broker: KafkaBroker,
+    transport: KafkaTransport,
+    publisher: KafkaPublisher,
+    topic: String,
+}
+
+async fn setup(topic: &str, partitions: i32) -> Setup {
+    let broker = KafkaBroker::start().await.expect("tansu starts");
+    let transport = KafkaTransport::connect(&broker.config())
+        .await
+        .expect("connect");
+    transport
+        .ensure_topic(topic, partitions, 1)
+        .await
+        .expect("create topic");
+    // Creating it twice is fine.
+    transport
+        .ensure_topic(topic, partitions, 1)
+        .await
+        .expect("topic already exists is ok");
+    let publisher = transport.publisher().expect("publisher");
+    Setup {
+        broker,
+        transport,
+        publisher,
+        topic: topic.to_owned(),
+    }
+}
+
+impl Setup {
+    async fn produce(&self, key: Option<&str>, payload: &str) {
+        self.publisher
+            .publish(OutboundMessage {
+                topic: self.topic.clone(),
+                key: key.map(|k| k.as_bytes().to_vec().into()),
+                headers: Vec::new(),
+                payload: payload.as_bytes().to_vec().into(),
+                dedup_id: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("publish failed: {e}; broker log:\n{}", self.broker.log()));
+    }
+
+    fn subscribe(
+        &self,
+        group: &str,
+        ordering: Ordering,
+        max_in_flight: usize,
+    ) -> KafkaSubscription {
+        self.transport
+            .subscribe(&self.topic, group, ordering, max_in_flight)
+            .expect("subscribe")
+    }
+
+    /// Wait until the group's committed offset of partition 0 equals `expected`.
+    async fn wait_committed(&self, group: &str, expected: i64) {
+        let deadline = Instant::now() + COMMIT_WAIT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            let offsets = self
+                .transport
+                .committed_offsets(&self.topic, group)
+                .await
+                .expect("read");
+            last = offsets.get(&0).copied().flatten();
+            if last == Some(expected) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("committed offset of partition 0 is {last:?}, expected {expected}");
+    }
+
+    async fn committed(&self, group: &str) -> Option<i64> {
+        let offsets = self
+            .transport
+            .committed_offsets(&self.topic, group)
+            .await
+            .expect("read");
+        offsets.get(&0).copied().flatten()
+    }
+}
+
+async fn next_within(sub: &mut KafkaSubscription, within: Duration) -> Option<Delivery> {
+    tokio::time::timeout(within, sub.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+fn offset_of(delivery: &Delivery) -> i64 {
+    match delivery.message.origin {
+        Origin::Kafka { offset, .. } => offset,
+        ref other => panic!("not a kafka origin: {other}"),
+    }
+}
+
+fn payload_of(delivery: &Delivery) -> String {
+    String::from_utf8(delivery.message.payload.clone().expect("payload").to_vec()).expect("utf-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_key_and_null_payload_survive_the_round_trip() {
+    let setup = setup("roundtrip", 1).await;
+    let headers = vec![
+        ("ce_id".to_owned(), "evt-1".to_owned()),
+        ("ce_type".to_owned(), "com.example.created".to_owned()),
+        ("content-type".to_owned(), "application/json".to_owned()),
+    ];
+    setup
+        .publisher
+        .publish(OutboundMessage {
+            topic: setup.topic.clone(),
+            key: Some(b"order-7".to_vec().into()),
+            headers: headers.clone(),
+            payload: br#"{"n":1}"#.to_vec().into(),
+            dedup_id: None,
+        })
+        .await
+        .expect("publish");
+    setup
+        .publisher
+        .publish_record(&setup.topic, Some(b"order-7"), &[], None)
+        .await
+        .expect("publish tombstone");
+    assert_eq!(setup.publisher.broker(), BrokerKind::Kafka);
+
+    let mut sub = setup.subscribe("g-roundtrip", Ordering::Partition, 8);
+    assert_eq!(sub.retry_style(), RetryStyle::InPlace);
+    assert_eq!(sub.broker(), BrokerKind::Kafka);
+    let first = next_within(&mut sub, FIRST_DELIVERY)
+        .await
+        .expect("first message");
+    assert_eq!(first.message.topic, "roundtrip");
+    assert_eq!(first.message.key.as_deref(), Some(b"order-7".as_slice()));
+    assert_eq!(first.message.headers, headers);
+    assert_eq!(
+        first.message.payload.as_deref(),
+        Some(br#"{"n":1}"#.as_slice())
+    );
+    assert_eq!(first.message.delivery_count, 1);
+    assert_eq!(
+        first.message.origin,
+        Origin::Kafka {
+            topic: "roundtrip".into(),
+            partition: 0,
+            offset: 0
+        }
+    );
+    first.ack().await.expect("ack");
+
+    let tombstone = next_within(&mut sub, NEXT_DELIVERY)
+        .await
+        .expect("tombstone");
+    assert_eq!(
+        tombstone.message.payload, None,
+        "a null value is a None payload"
+    );
+    assert_eq!(
+        tombstone.message.key.as_deref(),
+        Some(b"order-7".as_slice())
+    );
+    assert!(tombstone.message.headers.is_empty());
+    tombstone.ack().await.expect("ack");
+    sub.close().await;
+    assert!(
+        sub.next().await.is_none(),
+        "a closed subscription yields nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_advances_the_committed_offset() {
+    let setup = setup("acks", 1).await;
+    for n in 0..3 {
+        setup.produce(None, &format!("m{n}")).await;
+    }
+    let mut sub = setup.subscribe("g-acks", Ordering::Partition, 8);
+    for n in 0..3 {
+        let within = if n == 0 {
+            FIRST_DELIVERY
+        } else {
+            NEXT_DELIVERY
+        };
+        let delivery = next_within(&mut sub, within).await.expect("delivery");
+        assert_eq!(offset_of(&delivery), n);
+        delivery.ack().await.expect("ack");
+    }
+    setup.wait_committed("g-acks", 3).await;
+    sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offset_waits_for_the_lowest_unfinished_offset() {
+    let setup = setup("watermark", 1).await;
+    for n in 0..4 {
+        setup.produce(None, &format!("m{n}")).await;
+    }
+    let mut sub = setup.subscribe("g-watermark", Ordering::None, 16);
+    let mut deliveries = Vec::new();
+    for n in 0..4 {
+        let within = if n == 0 {
+            FIRST_DELIVERY
+        } else {
+            NEXT_DELIVERY
+        };
+        deliveries.push(next_within(&mut sub, within).await.expect("delivery"));
+    }
+    let offsets: Vec<i64> = deliveries.iter().map(offset_of).collect();
+    assert_eq!(
+        offsets,
+        vec![0, 1, 2, 3],
+        "ordering none hands out all at once"
+    );
+    let mut by_offset: Vec<Option<Delivery>> = deliveries.into_iter().map(Some).collect();
+
+    by_offset[0].take().unwrap().ack().await.unwrap();
+    setup.wait_committed("g-watermark", 1).await;
+    by_offset[2].take().unwrap().ack().await.unwrap();
+    by_offset[3].take().unwrap().ack().await.unwrap();
+    // Several commit rounds (200 ms each) pass: offset 1 still holds the watermark.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(setup.committed("g-watermark").await, Some(1));
+    by_offset[1].take().unwrap().ack().await.unwrap();
+    setup.wait_committed("g-watermark", 4).await;
+    sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_ordering_holds_the_next_message_until_the_first_settles() {
+    let setup = setup("partition-order", 1).await;
+    setup.produce(Some("a"), "first").await;
+    setup.produce(Some("b"), "second").await;
+    let mut sub = setup.subscribe("g-partition", Ordering::Partition, 8);
+    let first = next_within(&mut sub, FIRST_DELIVERY).await.expect("first");
+    assert_eq!(payload_of(&first), "first");
+    assert!(
+        next_within(&mut sub, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "the second message of the partition must wait for the first"
+    );
+    first.ack().await.unwrap();
+    let second = next_within(&mut sub, NEXT_DELIVERY).await.expect("second");
+    assert_eq!(payload_of(&second), "second");
+    second.ack().await.unwrap();
+    sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_ordering_blocks_only_the_held_key() {
+    let setup = setup("key-order", 1).await;
+    for round in 1..=2 {
+        for key in ["a", "b", "c", "d"] {
+            setup.produce(Some(key), &format!("{key}{round}")).await;
+        }
+    }
+    let mut sub = setup.subscribe("g-key", Ordering::Key, 16);
+    let held = next_within(&mut sub, FIRST_DELIVERY).await.expect("first");
+    assert_eq!(payload_of(&held), "a1", "offset order: a1 comes first");
+    let mut seen = BTreeSet::new();
+    while let Some(delivery) = next_within(&mut sub, Duration::from_secs(2)).await {
+        seen.insert(payload_of(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    let expected: BTreeSet<String> = ["b1", "c1", "d1", "b2", "c2", "d2"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        seen, expected,
+        "other keys continue, a2 waits behind the held a1"
+    );
+    held.ack().await.unwrap();
+    let a2 = next_within(&mut sub, NEXT_DELIVERY)
+        .await
+        .expect("a2 after a1 settled");
+    assert_eq!(payload_of(&a2), "a2");
+    a2.ack().await.unwrap();
+    sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_delivery_comes_back_with_count_two_at_the_same_offset() {
+    let setup = setup("dropped", 1).await;
+    setup.produce(None, "only").await;
+    setup.produce(None, "next").await;
+    let mut sub = setup.subscribe("g-dropped", Ordering::Partition, 8);
+    let first = next_within(&mut sub, FIRST_DELIVERY).await.expect("first");
+    assert_eq!((offset_of(&first), first.message.delivery_count), (0, 1));
+    drop(first);
+    let again = next_within(&mut sub, NEXT_DELIVERY)
+        .await
+        .expect("redelivered");
+    assert_eq!(
+        offset_of(&again),
+        0,
+        "the dropped message, not the next one"
+    );
+    assert_eq!(again.message.delivery_count, 2);
+    // retry_after also hands it back at the head of its lane, after the delay.
+    let started = Instant::now();
+    again.retry_after(Duration::from_millis(300)).await.unwrap();
+    let third = next_within(&mut sub, NEXT_DELIVERY).await.expect("retried");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!((offset_of(&third), third.message.delivery_count), (0, 3));
+    third.ack().await.unwrap();
+    let next = next_within(&mut sub, NEXT_DELIVERY).await.expect("next");
+    assert_eq!(offset_of(&next), 1);
+    next.ack().await.unwrap();
+    setup.wait_committed("g-dropped", 2).await;
+    sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_produced_minus_committed() {
+    let setup = setup("lag", 1).await;
+    for n in 0..5 {
+        setup.produce(None, &format!("m{n}")).await;
+    }
+    let mut sub = setup.subscribe("g-lag", Ordering::Partition, 8);
+    for _ in 0..2 {
+        let delivery = next_within(&mut sub, FIRST_DELIVERY)
+            .await
+            .expect("delivery");
+        delivery.ack().await.unwrap();
+    }
+    let deadline = Instant::now() + COMMIT_WAIT;
+    let mut lag = sub.lag().await.expect("lag");
+    while lag != 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lag = sub.lag().await.expect("lag");
+    }
+    assert_eq!(lag, 3, "5 produced, 2 committed");
+    let per_partition = sub.partition_lag().await.expect("partition lag");
+    assert_eq!(per_partition.len(), 1);
+    assert_eq!(per_partition[0].high_watermark, 5);
+    assert_eq!(per_partition[0].committed, 2);
+    assert_eq!(per_partition[0].lag, 3);
+    sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_resumes_after_the_committed_offset() {
+    let setup = setup("resume", 1).await;
+    for n in 0..6 {
+        setup.produce(None, &format!("m{n}")).await;
+    }
+    let mut first = setup.subscribe("g-resume", Ordering::Partition, 8);
+    for n in 0..3 {
+        let within = if n == 0 {
+            FIRST_DELIVERY
+        } else {
+            NEXT_DELIVERY
+        };
+        let delivery = next_within(&mut first, within).await.expect("delivery");
+        assert_eq!(offset_of(&delivery), n);
+        delivery.ack().await.unwrap();
+    }
+    // Handed out but never settled: it must come again to the next member.
+    let unsettled = next_within(&mut first, NEXT_DELIVERY)
+        .await
+        .expect("offset 3");
+    assert_eq!(offset_of(&unsettled), 3);
+    drop(unsettled);
+    first.close().await;
+    setup.wait_committed("g-resume", 3).await;
+
+    let mut second = setup.subscribe("g-resume", Ordering::Partition, 8);
+    let mut offsets = Vec::new();
+    for n in 0..3 {
+        let within = if n == 0 {
+            FIRST_DELIVERY
+        } else {
+            NEXT_DELIVERY
+        };
+        let delivery = next_within(&mut second, within)
+            .await
+            .expect("resumed delivery");
+        assert_eq!(
+            delivery.message.delivery_count, 1,
+            "a new member counts afresh"
+        );
+        offsets.push(offset_of(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        offsets,
+        vec![3, 4, 5],
+        "no loss, no replay of committed offsets"
+    );
+    setup.wait_committed("g-resume", 6).await;
+    second.close().await;
+}
