@@ -66,12 +66,20 @@ impl NatsTransport {
             return Err(TransportError::Config(problems.join("; ")));
         }
         let options = connect_options(config).await?;
-        let client = options.connect(config.servers.as_slice()).await.map_err(|err| {
-            TransportError::Connect { broker: BrokerKind::Nats, reason: err.to_string() }
-        })?;
+        let client = options
+            .connect(config.servers.as_slice())
+            .await
+            .map_err(|err| TransportError::Connect {
+                broker: BrokerKind::Nats,
+                reason: err.to_string(),
+            })?;
         let mut jetstream = async_nats::jetstream::new(client.clone());
         jetstream.set_timeout(config.request_timeout);
-        Ok(Self { client, jetstream, request_timeout: config.request_timeout })
+        Ok(Self {
+            client,
+            jetstream,
+            request_timeout: config.request_timeout,
+        })
     }
 
     /// The underlying async-nats client (for the relay and benchmarks; the dispatcher should not
@@ -97,25 +105,35 @@ impl NatsTransport {
     }
 
     /// Creates `config`'s stream when missing, else reports how it differs (see [`ensure_stream`]).
-    pub async fn ensure_stream(&self, config: &StreamConfig) -> Result<StreamReport, TransportError> {
+    pub async fn ensure_stream(
+        &self,
+        config: &StreamConfig,
+    ) -> Result<StreamReport, TransportError> {
         ensure_stream(self, config).await
     }
 
     /// Number of messages currently stored in `stream` (read from the server).
     pub async fn stream_messages(&self, stream: &str) -> Result<u64, TransportError> {
-        let stream_handle = self.jetstream.get_stream(stream).await.map_err(|err| TransportError::Lag {
-            topic: stream.to_owned(),
-            reason: err.to_string(),
-        })?;
+        let stream_handle =
+            self.jetstream
+                .get_stream(stream)
+                .await
+                .map_err(|err| TransportError::Lag {
+                    topic: stream.to_owned(),
+                    reason: err.to_string(),
+                })?;
         Ok(stream_handle.cached_info().state.messages)
     }
 
     /// Flushes buffered core messages and closes the connection.
     pub async fn close(&self) -> Result<(), TransportError> {
-        self.client.drain().await.map_err(|err| TransportError::Connect {
-            broker: BrokerKind::Nats,
-            reason: format!("closing: {err}"),
-        })
+        self.client
+            .drain()
+            .await
+            .map_err(|err| TransportError::Connect {
+                broker: BrokerKind::Nats,
+                reason: format!("closing: {err}"),
+            })
     }
 }
 
@@ -170,7 +188,10 @@ fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
 }
 
 fn secret_error(key: &str, reason: &str) -> TransportError {
-    TransportError::Connect { broker: BrokerKind::Nats, reason: format!("{key}: {reason}") }
+    TransportError::Connect {
+        broker: BrokerKind::Nats,
+        reason: format!("{key}: {reason}"),
+    }
 }
 
 /// Reads a secret file; the content never appears in errors, only the path.
@@ -188,7 +209,10 @@ async fn read_secret_file(key: &str, path: &std::path::Path) -> Result<String, T
 fn read_secret_env(key: &str, var: &str) -> Result<String, TransportError> {
     match std::env::var(var) {
         Ok(value) if !value.is_empty() => Ok(value),
-        _ => Err(secret_error(key, &format!("environment variable {var} is not set or empty"))),
+        _ => Err(secret_error(
+            key,
+            &format!("environment variable {var} is not set or empty"),
+        )),
     }
 }
 
@@ -202,7 +226,9 @@ fn headers_to_pairs(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
         .iter()
         .flat_map(|(name, values)| {
             let name: &str = name.as_ref();
-            values.iter().map(move |value| (name.to_owned(), value.as_str().to_owned()))
+            values
+                .iter()
+                .map(move |value| (name.to_owned(), value.as_str().to_owned()))
         })
         .collect();
     pairs.sort_by(|a, b| a.0.cmp(&b.0));

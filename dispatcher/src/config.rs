@@ -31,43 +31,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use nats_stub::{NatsConfig, StreamConfig};
 use serde::Deserialize;
 use weir_broker_bridge::kafka::KafkaConfig;
 use weir_broker_bridge::memory::MemoryBusConfig;
-// TEMP-STUB-BEGIN
-mod nats_stub {
-    #[derive(Debug, Clone, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct NatsConfig {
-        pub url: String,
-    }
-    impl NatsConfig {
-        pub fn validate(&self, path: &str) -> Vec<String> {
-            if self.url.is_empty() {
-                vec![format!("{path}.url: must not be empty")]
-            } else {
-                vec![]
-            }
-        }
-    }
-    #[derive(Debug, Clone, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct StreamConfig {
-        pub name: String,
-        pub subjects: Vec<String>,
-    }
-    impl StreamConfig {
-        pub fn validate(&self, path: &str) -> Vec<String> {
-            if self.name.is_empty() {
-                vec![format!("{path}.name: must not be empty")]
-            } else {
-                vec![]
-            }
-        }
-    }
-}
-// TEMP-STUB-END
+use weir_broker_bridge::nats::{NatsConfig, StreamConfig};
 use weir_broker_bridge::{BrokerKind, Ordering};
 use weir_schemas::Format;
 

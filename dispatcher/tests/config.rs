@@ -1,6 +1,9 @@
 //! `weir.toml` loading: defaults, env overrides, and that every problem is reported with its
 //! path.
 
+// Helpers outside `#[test]` functions are test code too: a failed unwrap is a failed assertion.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -640,4 +643,73 @@ fn an_unreadable_file_is_one_problem() {
     let errors = config::load_with_env(&file, Vec::new()).unwrap_err();
     assert_eq!(errors.len(), 1);
     assert!(errors.to_string().contains("weir.toml"), "{errors}");
+}
+
+#[test]
+fn broker_sections_are_validated_by_their_own_rules() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let config = config::from_toml_str(
+        r#"
+        [brokers.nats]
+        servers = ["nats://127.0.0.1:4333"]
+        [[brokers.nats_streams]]
+        name = "ORDERS"
+        subjects = ["orders.>"]
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        timeout = "1s"
+        outputs = ["audit.orders"]
+        [functions.trigger]
+        broker = "jetstream"
+        topic = "orders.*"
+        stream = "ORDERS"
+        ack_wait = "5s"
+        "#,
+        fixture.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let f = &config.functions[0];
+    let js = f.trigger.jetstream.as_ref().unwrap();
+    assert_eq!(
+        (js.stream.as_str(), js.ack_wait),
+        ("ORDERS", Duration::from_secs(5))
+    );
+    assert_eq!(f.output_broker, BrokerKind::JetStream);
+    assert_eq!(f.dead_letter.topic, "weir.dlq.a");
+    assert_eq!(config.brokers.nats_streams[0].name, "ORDERS");
+
+    let errors = expect_errors(
+        r#"
+        [brokers.nats]
+        servers = []
+        [brokers.kafka]
+        bootstrap = "no-port"
+        [[brokers.nats_streams]]
+        name = "ORDERS"
+        subjects = []
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        timeout = "10s"
+        [functions.trigger]
+        broker = "jetstream"
+        topic = "orders"
+        stream = "ORDERS"
+        ack_wait = "5s"
+        "#,
+        fixture.path(),
+    );
+    assert_eq!(
+        paths(&errors),
+        [
+            "brokers.nats.servers",
+            "brokers.kafka.bootstrap",
+            "brokers.nats_streams[0].subjects",
+            "functions[0].trigger.ack_wait",
+        ],
+        "{errors}"
+    );
+    assert!(message_at(&errors, "functions[0].trigger.ack_wait")
+        .contains("must exceed the function timeout"));
 }

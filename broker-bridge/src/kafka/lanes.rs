@@ -176,7 +176,7 @@ impl<T> LaneScheduler<T> {
             lane.queue.push_back(item);
         }
         lanes.buffered += 1;
-        if !(exclusive && lane.busy) && !lane.listed {
+        if (!exclusive || !lane.busy) && !lane.listed {
             lane.listed = true;
             self.ready.push_back((partition, lane_id));
         }

@@ -165,10 +165,14 @@ impl NatsConfig {
             problems.push(format!("{path}.user: must not be empty when set"));
         }
         if self.user.is_some() && !has_password {
-            problems.push(format!("{path}.user: set without password_file or password_env"));
+            problems.push(format!(
+                "{path}.user: set without password_file or password_env"
+            ));
         }
         if has_password && self.user.is_none() {
-            problems.push(format!("{path}.password_file/password_env: set without user"));
+            problems.push(format!(
+                "{path}.password_file/password_env: set without user"
+            ));
         }
         if self.password_file.is_some() && self.password_env.is_some() {
             problems.push(format!(
@@ -176,7 +180,9 @@ impl NatsConfig {
             ));
         }
         if self.token_file.is_some() && self.token_env.is_some() {
-            problems.push(format!("{path}.token_file: set together with token_env; choose one"));
+            problems.push(format!(
+                "{path}.token_file: set together with token_env; choose one"
+            ));
         }
         let methods = [
             self.user.is_some() || has_password,
@@ -204,7 +210,10 @@ impl NatsConfig {
                 check_file(&mut problems, &format!("{path}.{key}"), file);
             }
         }
-        for (key, var) in [("password_env", &self.password_env), ("token_env", &self.token_env)] {
+        for (key, var) in [
+            ("password_env", &self.password_env),
+            ("token_env", &self.token_env),
+        ] {
             if let Some(var) = var {
                 check_env(&mut problems, &format!("{path}.{key}"), var);
             }
@@ -235,7 +244,10 @@ impl NatsConfig {
 
 fn check_file(problems: &mut Vec<String>, key: &str, file: &Path) {
     if !file.is_file() {
-        problems.push(format!("{key}: {} does not exist or is not a file", file.display()));
+        problems.push(format!(
+            "{key}: {} does not exist or is not a file",
+            file.display()
+        ));
     }
 }
 
@@ -243,7 +255,9 @@ fn check_env(problems: &mut Vec<String>, key: &str, var: &str) {
     if var.is_empty() {
         problems.push(format!("{key}: the variable name must not be empty"));
     } else if std::env::var_os(var).is_none_or(|value| value.is_empty()) {
-        problems.push(format!("{key}: environment variable {var} is not set or empty"));
+        problems.push(format!(
+            "{key}: environment variable {var} is not set or empty"
+        ));
     }
 }
 
@@ -313,7 +327,10 @@ where
     D: serde::Deserializer<'de>,
 {
     let wrapped: Vec<humantime_serde::Serde<Duration>> = Vec::deserialize(deserializer)?;
-    Ok(wrapped.into_iter().map(humantime_serde::Serde::into_inner).collect())
+    Ok(wrapped
+        .into_iter()
+        .map(humantime_serde::Serde::into_inner)
+        .collect())
 }
 
 impl JetStreamConsumerOptions {
@@ -460,23 +477,31 @@ impl StreamConfig {
         }
         if let Some(max) = self.max_msgs {
             if max < 1 {
-                problems.push(format!("{path}.max_msgs: must be at least 1 (leave out for unlimited)"));
+                problems.push(format!(
+                    "{path}.max_msgs: must be at least 1 (leave out for unlimited)"
+                ));
             }
         }
         if let Some(max) = self.max_bytes {
             if max.as_u64() == 0 || i64::try_from(max.as_u64()).is_err() {
-                problems.push(format!("{path}.max_bytes: must be between 1 byte and 8 EiB"));
+                problems.push(format!(
+                    "{path}.max_bytes: must be between 1 byte and 8 EiB"
+                ));
             }
         }
         if !(1..=5).contains(&self.replicas) {
             problems.push(format!("{path}.replicas: must be between 1 and 5"));
         }
         if self.duplicate_window.is_zero() {
-            problems.push(format!("{path}.duplicate_window: must be greater than zero"));
+            problems.push(format!(
+                "{path}.duplicate_window: must be greater than zero"
+            ));
         }
         if let Some(max_age) = self.max_age {
             if max_age.is_zero() {
-                problems.push(format!("{path}.max_age: must be greater than zero (leave out for unlimited)"));
+                problems.push(format!(
+                    "{path}.max_age: must be greater than zero (leave out for unlimited)"
+                ));
             } else if self.duplicate_window > max_age {
                 problems.push(format!(
                     "{path}.duplicate_window: must not exceed max_age ({max_age:?})"
@@ -495,7 +520,9 @@ fn check_name(problems: &mut Vec<String>, key: &str, name: &str) {
         .chars()
         .any(|c| c.is_whitespace() || c == '.' || c == '*' || c == '>' || c.is_control())
     {
-        problems.push(format!("{key}: `{name}` must not contain whitespace, '.', '*' or '>'"));
+        problems.push(format!(
+            "{key}: `{name}` must not contain whitespace, '.', '*' or '>'"
+        ));
     }
 }
 
@@ -516,11 +543,15 @@ fn check_subject(problems: &mut Vec<String>, key: &str, subject: &str) {
             return;
         }
         if *token == ">" && index + 1 != tokens.len() {
-            problems.push(format!("{key}: `{subject}`: '>' may only be the last token"));
+            problems.push(format!(
+                "{key}: `{subject}`: '>' may only be the last token"
+            ));
             return;
         }
         if token.len() > 1 && (token.contains('*') || token.contains('>')) {
-            problems.push(format!("{key}: `{subject}`: wildcards must be whole tokens"));
+            problems.push(format!(
+                "{key}: `{subject}`: wildcards must be whole tokens"
+            ));
             return;
         }
     }
@@ -600,7 +631,10 @@ mod tests {
             "functions.f.trigger.max_ack_pending:",
             "functions.f.trigger.filter_subject:",
         ] {
-            assert!(problems.iter().any(|p| p.starts_with(expected)), "{expected}: {problems:#?}");
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected}: {problems:#?}"
+            );
         }
     }
 
@@ -620,7 +654,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(options.ack_wait, Duration::from_millis(1500));
-        assert_eq!(options.backoff, vec![Duration::from_secs(1), Duration::from_secs(2)]);
+        assert_eq!(
+            options.backoff,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
         assert_eq!(options.deliver_policy, DeliverFrom::New);
         let stream: StreamConfig = serde_json::from_str(
             r#"{"name":"S","subjects":["s.>"],"max_bytes":"64MiB","storage":"memory","retention":"workqueue"}"#,

@@ -46,12 +46,20 @@ impl NatsTransport {
         }
         .map_err(|err| subscribe_error(err.to_string()))?;
         // Make sure the server registered the interest before the caller starts publishing.
-        self.client.flush().await.map_err(|err| subscribe_error(err.to_string()))?;
+        self.client
+            .flush()
+            .await
+            .map_err(|err| subscribe_error(err.to_string()))?;
 
         let (sender, receiver) = mpsc::channel(CORE_BUFFER);
         let cancel = CancellationToken::new();
         let pump = tokio::spawn(pump(subscriber, sender, cancel.clone(), subject.to_owned()));
-        Ok(NatsCoreSubscription { receiver, cancel, pump: Some(pump), closed: false })
+        Ok(NatsCoreSubscription {
+            receiver,
+            cancel,
+            pump: Some(pump),
+            closed: false,
+        })
     }
 }
 
@@ -95,7 +103,9 @@ pub struct NatsCoreSubscription {
 
 impl std::fmt::Debug for NatsCoreSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsCoreSubscription").field("closed", &self.closed).finish()
+        f.debug_struct("NatsCoreSubscription")
+            .field("closed", &self.closed)
+            .finish()
     }
 }
 
@@ -180,13 +190,18 @@ pub struct NatsPublisher {
 
 impl std::fmt::Debug for NatsPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsPublisher").field("flush_timeout", &self.flush_timeout).finish()
+        f.debug_struct("NatsPublisher")
+            .field("flush_timeout", &self.flush_timeout)
+            .finish()
     }
 }
 
 impl NatsPublisher {
     pub(super) fn new(client: Client, flush_timeout: Duration) -> Self {
-        Self { client, flush_timeout }
+        Self {
+            client,
+            flush_timeout,
+        }
     }
 }
 
@@ -201,11 +216,17 @@ impl Publisher for NatsPublisher {
             self.client
                 .publish_with_headers(message.topic, headers, message.payload)
                 .await
-                .map_err(|err| TransportError::Publish { topic: topic.clone(), reason: err.to_string() })?;
+                .map_err(|err| TransportError::Publish {
+                    topic: topic.clone(),
+                    reason: err.to_string(),
+                })?;
             self.client
                 .flush()
                 .await
-                .map_err(|err| TransportError::Publish { topic: topic.clone(), reason: err.to_string() })
+                .map_err(|err| TransportError::Publish {
+                    topic: topic.clone(),
+                    reason: err.to_string(),
+                })
         };
         let result = match tokio::time::timeout(self.flush_timeout, publish).await {
             Ok(result) => result,

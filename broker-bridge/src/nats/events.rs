@@ -18,11 +18,17 @@ pub(super) fn connection_event(event: &async_nats::Event) {
             "connected"
         }
         Event::Disconnected => {
-            warn!(messaging.system = "nats", "NATS connection lost; reconnecting");
+            warn!(
+                messaging.system = "nats",
+                "NATS connection lost; reconnecting"
+            );
             "disconnected"
         }
         Event::LameDuckMode => {
-            warn!(messaging.system = "nats", "NATS server entered lame duck mode");
+            warn!(
+                messaging.system = "nats",
+                "NATS server entered lame duck mode"
+            );
             "lame_duck"
         }
         Event::Draining => {
@@ -30,7 +36,10 @@ pub(super) fn connection_event(event: &async_nats::Event) {
             "draining"
         }
         Event::Closed => {
-            warn!(messaging.system = "nats", "NATS connection closed; no more reconnects");
+            warn!(
+                messaging.system = "nats",
+                "NATS connection closed; no more reconnects"
+            );
             "closed"
         }
         Event::SlowConsumer(sid) => {
@@ -86,7 +95,10 @@ pub(super) fn record_consumer_rebind_failed(
 
 /// A pull consumer was re-bound after an error (server restart, leader change, deleted consumer).
 pub(super) fn record_consumer_rebound(stream: &str, consumer: &str) {
-    info!(messaging.system = "jetstream", stream, consumer, "JetStream consumer re-bound");
+    info!(
+        messaging.system = "jetstream",
+        stream, consumer, "JetStream consumer re-bound"
+    );
     counter!("weir_nats_consumer_rebinds_total", "outcome" => "ok").increment(1);
 }
 
@@ -108,7 +120,13 @@ pub(super) fn record_publish_duplicate(stream: &str, sequence: u64) {
 
 /// Settling a delivery (ack, nak, term, in-progress) failed.
 pub(super) fn record_settle_error(kind: &'static str, origin: &str, reason: &str) {
-    warn!(messaging.system = "jetstream", origin, kind, error = reason, "settling a delivery failed");
+    warn!(
+        messaging.system = "jetstream",
+        origin,
+        kind,
+        error = reason,
+        "settling a delivery failed"
+    );
     counter!("weir_nats_settle_errors_total", "kind" => kind).increment(1);
 }
 
@@ -137,11 +155,17 @@ pub(super) fn record_stream_drift(stream: &str, differences: &[super::StreamDiff
 
 /// A stream was created because it was missing.
 pub(super) fn record_stream_created(stream: &str) {
-    info!(messaging.system = "jetstream", stream, "JetStream stream created");
+    info!(
+        messaging.system = "jetstream",
+        stream, "JetStream stream created"
+    );
 }
 
 /// Core messages are buffered between async-nats and the dispatcher; the core subscription
 /// ended because the connection closed.
 pub(super) fn record_core_subscription_ended(subject: &str) {
-    warn!(messaging.system = "nats", subject, "core NATS subscription ended");
+    warn!(
+        messaging.system = "nats",
+        subject, "core NATS subscription ended"
+    );
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
-use async_nats::jetstream::message::{Acker, AckKind};
+use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self as js, Context};
 use async_trait::async_trait;
@@ -63,14 +63,23 @@ impl NatsTransport {
         options: &JetStreamConsumerOptions,
         max_in_flight: usize,
     ) -> Result<JetStreamSubscription, TransportError> {
-        let topic = if subject_filter.is_empty() { options.stream.clone() } else { subject_filter.to_owned() };
-        let subscribe_error = |reason: String| TransportError::Subscribe { topic: topic.clone(), reason };
+        let topic = if subject_filter.is_empty() {
+            options.stream.clone()
+        } else {
+            subject_filter.to_owned()
+        };
+        let subscribe_error = |reason: String| TransportError::Subscribe {
+            topic: topic.clone(),
+            reason,
+        };
         let problems = options.validate("jetstream");
         if !problems.is_empty() {
             return Err(TransportError::Config(problems.join("; ")));
         }
         if max_in_flight == 0 {
-            return Err(TransportError::Config("max_in_flight must be at least 1".into()));
+            return Err(TransportError::Config(
+                "max_in_flight must be at least 1".into(),
+            ));
         }
         let filter = match (options.filter_subject.as_deref(), subject_filter) {
             (Some(option), "") => option.to_owned(),
@@ -82,16 +91,23 @@ impl NatsTransport {
             (_, trigger) => trigger.to_owned(),
         };
 
-        let stream = self.jetstream.get_stream(&options.stream).await.map_err(|err| {
-            subscribe_error(match err.kind() {
-                GetStreamErrorKind::JetStream(inner)
-                    if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    format!("stream {} does not exist; declare it so Weir creates it", options.stream)
-                }
-                _ => format!("reading stream {}: {err}", options.stream),
-            })
-        })?;
+        let stream = self
+            .jetstream
+            .get_stream(&options.stream)
+            .await
+            .map_err(|err| {
+                subscribe_error(match err.kind() {
+                    GetStreamErrorKind::JetStream(inner)
+                        if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        format!(
+                            "stream {} does not exist; declare it so Weir creates it",
+                            options.stream
+                        )
+                    }
+                    _ => format!("reading stream {}: {err}", options.stream),
+                })
+            })?;
 
         let name = match &options.durable {
             Some(durable) => durable.clone(),
@@ -112,7 +128,11 @@ impl NatsTransport {
             max_deliver: options.max_deliver,
             filter_subject: filter,
             max_ack_pending,
-            inactive_threshold: if options.durable.is_some() { Duration::ZERO } else { EPHEMERAL_INACTIVE },
+            inactive_threshold: if options.durable.is_some() {
+                Duration::ZERO
+            } else {
+                EPHEMERAL_INACTIVE
+            },
             ..Default::default()
         };
         let consumer: PullConsumer = stream
@@ -181,7 +201,11 @@ impl Fetcher {
         loop {
             let bound = match consumer.take() {
                 Some(bound) => bound,
-                None => match self.stream.create_consumer(self.consumer_config.clone()).await {
+                None => match self
+                    .stream
+                    .create_consumer(self.consumer_config.clone())
+                    .await
+                {
                     Ok(bound) => {
                         events::record_consumer_rebound(&self.stream_name, &self.consumer_name);
                         bound
@@ -210,14 +234,24 @@ impl Fetcher {
                     consumer = Some(bound);
                     // A pull that ended at once without error (should not happen with
                     // `expires`) must not turn into a busy loop.
-                    if started.elapsed() < Duration::from_millis(20) && !self.sleep(Duration::from_millis(50)).await {
+                    if started.elapsed() < Duration::from_millis(20)
+                        && !self.sleep(Duration::from_millis(50)).await
+                    {
                         return;
                     }
                 }
                 PullOutcome::Failed(reason) => {
+                    eprintln!("MUTANT pull failed: {reason}");
+                    return;
+                    #[allow(unreachable_code)]
                     failures = failures.saturating_add(1);
                     let delay = retry_delay(failures);
-                    events::record_fetch_error(&self.stream_name, &self.consumer_name, &reason, delay);
+                    events::record_fetch_error(
+                        &self.stream_name,
+                        &self.consumer_name,
+                        &reason,
+                        delay,
+                    );
                     if !self.sleep(delay).await {
                         return;
                     }
@@ -268,7 +302,9 @@ impl Fetcher {
             };
             let message = match item {
                 Err(_) => {
-                    return PullOutcome::Failed("the server did not end the pull request in time".into())
+                    return PullOutcome::Failed(
+                        "the server did not end the pull request in time".into(),
+                    )
                 }
                 Ok(None) => return PullOutcome::Finished,
                 Ok(Some(Err(err))) => return PullOutcome::Failed(err.to_string()),
@@ -296,8 +332,15 @@ impl Fetcher {
             }
         };
         let (message, acker) = message.split();
-        let origin = Origin::JetStream { stream: stream_name, sequence };
-        let settle = JetStreamSettle { acker, origin: origin.to_string(), _permit: permit };
+        let origin = Origin::JetStream {
+            stream: stream_name,
+            sequence,
+        };
+        let settle = JetStreamSettle {
+            acker,
+            origin: origin.to_string(),
+            _permit: permit,
+        };
         let inbound = InboundMessage {
             topic: message.subject.to_string(),
             key: None,
@@ -355,9 +398,14 @@ impl Subscription for JetStreamSubscription {
 
     /// `num_pending + num_ack_pending` of the consumer, read from the server.
     async fn lag(&self) -> Result<u64, TransportError> {
-        let info = self.stream.consumer_info(&self.consumer_name).await.map_err(|err| {
-            TransportError::Lag { topic: self.topic.clone(), reason: err.to_string() }
-        })?;
+        let info = self
+            .stream
+            .consumer_info(&self.consumer_name)
+            .await
+            .map_err(|err| TransportError::Lag {
+                topic: self.topic.clone(),
+                reason: err.to_string(),
+            })?;
         Ok(info
             .num_pending
             .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX)))
@@ -401,7 +449,10 @@ impl JetStreamSettle {
         self.acker.double_ack_with(kind).await.map_err(|err| {
             let reason = format!("{label}: {err}");
             events::record_settle_error(label, &self.origin, &reason);
-            TransportError::Settle { origin: self.origin.clone(), reason }
+            TransportError::Settle {
+                origin: self.origin.clone(),
+                reason,
+            }
         })
     }
 }
@@ -436,23 +487,30 @@ pub struct JetStreamPublisher {
 
 impl std::fmt::Debug for JetStreamPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JetStreamPublisher").field("ack_timeout", &self.ack_timeout).finish()
+        f.debug_struct("JetStreamPublisher")
+            .field("ack_timeout", &self.ack_timeout)
+            .finish()
     }
 }
 
 impl JetStreamPublisher {
     pub(super) fn new(context: Context, ack_timeout: Duration) -> Self {
-        Self { context, ack_timeout }
+        Self {
+            context,
+            ack_timeout,
+        }
     }
 
     async fn publish_confirmed(&self, message: OutboundMessage) -> Result<(), TransportError> {
         let topic = message.topic.clone();
         let mut headers = pairs_to_headers(&topic, &message.headers)?;
         if let Some(id) = &message.dedup_id {
-            let value = id.parse::<async_nats::HeaderValue>().map_err(|_| TransportError::Publish {
-                topic: topic.clone(),
-                reason: "dedup_id contains CR or LF".into(),
-            })?;
+            let value =
+                id.parse::<async_nats::HeaderValue>()
+                    .map_err(|_| TransportError::Publish {
+                        topic: topic.clone(),
+                        reason: "dedup_id contains CR or LF".into(),
+                    })?;
             headers.insert(async_nats::header::NATS_MESSAGE_ID, value);
         }
         let map_error = |err: js::context::PublishError| match err.kind() {
@@ -462,10 +520,14 @@ impl JetStreamPublisher {
                          stream whose subjects include it"
                     .into(),
             },
-            PublishErrorKind::TimedOut => {
-                TransportError::PublishTimeout { topic: topic.clone(), timeout: self.ack_timeout }
-            }
-            _ => TransportError::Publish { topic: topic.clone(), reason: err.to_string() },
+            PublishErrorKind::TimedOut => TransportError::PublishTimeout {
+                topic: topic.clone(),
+                timeout: self.ack_timeout,
+            },
+            _ => TransportError::Publish {
+                topic: topic.clone(),
+                reason: err.to_string(),
+            },
         };
         let ack_future = self
             .context
@@ -488,11 +550,14 @@ impl Publisher for JetStreamPublisher {
     /// The key is not sent (JetStream has none; the dispatcher keys by `partitionkey` or subject).
     async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
         let topic = message.topic.clone();
-        let result = match tokio::time::timeout(self.ack_timeout, self.publish_confirmed(message)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(TransportError::PublishTimeout { topic, timeout: self.ack_timeout }),
-        };
+        let result =
+            match tokio::time::timeout(self.ack_timeout, self.publish_confirmed(message)).await {
+                Ok(result) => result,
+                Err(_) => Err(TransportError::PublishTimeout {
+                    topic,
+                    timeout: self.ack_timeout,
+                }),
+            };
         match &result {
             Ok(()) => {}
             Err(TransportError::PublishTimeout { .. }) => {
@@ -529,7 +594,11 @@ pub struct StreamDifference {
 
 impl std::fmt::Display for StreamDifference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: configured {}, server has {}", self.field, self.configured, self.actual)
+        write!(
+            f,
+            "{}: configured {}, server has {}",
+            self.field, self.configured, self.actual
+        )
     }
 }
 
@@ -555,7 +624,11 @@ pub async fn ensure_stream(
             if !differences.is_empty() {
                 events::record_stream_drift(&config.name, &differences);
             }
-            Ok(StreamReport { name: config.name.clone(), created: false, differences })
+            Ok(StreamReport {
+                name: config.name.clone(),
+                created: false,
+                differences,
+            })
         }
         Err(err) => match err.kind() {
             GetStreamErrorKind::JetStream(inner)
@@ -567,7 +640,11 @@ pub async fn ensure_stream(
                     .await
                     .map_err(|err| stream_error(format!("creating: {err}")))?;
                 events::record_stream_created(&config.name);
-                Ok(StreamReport { name: config.name.clone(), created: true, differences: Vec::new() })
+                Ok(StreamReport {
+                    name: config.name.clone(),
+                    created: true,
+                    differences: Vec::new(),
+                })
             }
             _ => Err(stream_error(format!("reading: {err}"))),
         },
@@ -606,7 +683,11 @@ fn differences(wanted: &stream::Config, actual: &stream::Config) -> Vec<StreamDi
     let mut found = Vec::new();
     let mut check = |field: &'static str, configured: String, actual: String| {
         if configured != actual {
-            found.push(StreamDifference { field, configured, actual });
+            found.push(StreamDifference {
+                field,
+                configured,
+                actual,
+            });
         }
     };
     let sorted = |subjects: &[String]| {
@@ -614,21 +695,61 @@ fn differences(wanted: &stream::Config, actual: &stream::Config) -> Vec<StreamDi
         subjects.sort();
         format!("{subjects:?}")
     };
-    let limit = |value: i64| if value < 0 { "unlimited".to_owned() } else { value.to_string() };
-    let age = |value: Duration| if value.is_zero() { "unlimited".to_owned() } else { format!("{value:?}") };
-    check("subjects", sorted(&wanted.subjects), sorted(&actual.subjects));
-    check("storage", format!("{:?}", wanted.storage), format!("{:?}", actual.storage));
-    check("retention", format!("{:?}", wanted.retention), format!("{:?}", actual.retention));
-    check("max_msgs", limit(wanted.max_messages), limit(actual.max_messages));
-    check("max_bytes", limit(wanted.max_bytes), limit(actual.max_bytes));
+    let limit = |value: i64| {
+        if value < 0 {
+            "unlimited".to_owned()
+        } else {
+            value.to_string()
+        }
+    };
+    let age = |value: Duration| {
+        if value.is_zero() {
+            "unlimited".to_owned()
+        } else {
+            format!("{value:?}")
+        }
+    };
+    check(
+        "subjects",
+        sorted(&wanted.subjects),
+        sorted(&actual.subjects),
+    );
+    check(
+        "storage",
+        format!("{:?}", wanted.storage),
+        format!("{:?}", actual.storage),
+    );
+    check(
+        "retention",
+        format!("{:?}", wanted.retention),
+        format!("{:?}", actual.retention),
+    );
+    check(
+        "max_msgs",
+        limit(wanted.max_messages),
+        limit(actual.max_messages),
+    );
+    check(
+        "max_bytes",
+        limit(wanted.max_bytes),
+        limit(actual.max_bytes),
+    );
     check("max_age", age(wanted.max_age), age(actual.max_age));
-    check("replicas", wanted.num_replicas.to_string(), actual.num_replicas.to_string());
+    check(
+        "replicas",
+        wanted.num_replicas.to_string(),
+        actual.num_replicas.to_string(),
+    );
     check(
         "duplicate_window",
         format!("{:?}", wanted.duplicate_window),
         format!("{:?}", actual.duplicate_window),
     );
-    check("discard", format!("{:?}", wanted.discard), format!("{:?}", actual.discard));
+    check(
+        "discard",
+        format!("{:?}", wanted.discard),
+        format!("{:?}", actual.discard),
+    );
     found
 }
 

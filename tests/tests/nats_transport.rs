@@ -1,0 +1,554 @@
+//! The NATS transport against a real `nats-server -js` (one per test, on free loopback ports):
+//! confirmed JetStream publish and settle semantics, in-flight bound, lag, stream set-up,
+//! de-duplication, core queue groups, and surviving a server restart.
+//!
+//! Every wait is bounded; a test that hangs is a failure, not a stuck CI job.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use weir_broker_bridge::nats::{
+    JetStreamConsumerOptions, NatsConfig, NatsTransport, StorageKind, StreamConfig,
+};
+use weir_broker_bridge::{
+    BrokerKind, Delivery, Origin, OutboundMessage, Publisher, RetryStyle, Subscription,
+    TransportError,
+};
+use weir_tests::nats_server::NatsServer;
+
+const STREAM: &str = "EVENTS";
+const SUBJECT: &str = "events.created";
+
+fn config_for(server: &NatsServer) -> NatsConfig {
+    NatsConfig {
+        servers: vec![server.url()],
+        name: Some("weir-nats-transport-test".into()),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        reconnect_delay_max: Duration::from_millis(500),
+        ..NatsConfig::default()
+    }
+}
+
+/// A server, a connection and the `EVENTS` stream (`events.>`), with `storage`.
+async fn setup(storage: StorageKind) -> anyhow::Result<(NatsServer, NatsTransport)> {
+    let server = NatsServer::start()?;
+    let transport = NatsTransport::connect(&config_for(&server)).await?;
+    let mut stream = StreamConfig::new(STREAM, vec!["events.>".into()]);
+    stream.storage = storage;
+    let report = transport.ensure_stream(&stream).await?;
+    ensure!(
+        report.created,
+        "a fresh server has no stream yet: {report:?}"
+    );
+    Ok((server, transport))
+}
+
+fn options(ack_wait: Duration) -> JetStreamConsumerOptions {
+    let mut options = JetStreamConsumerOptions::new(STREAM);
+    options.durable = Some("worker".into());
+    options.ack_wait = ack_wait;
+    options
+}
+
+fn message(payload: &'static str, dedup_id: Option<&str>) -> OutboundMessage {
+    OutboundMessage {
+        topic: SUBJECT.into(),
+        key: None,
+        headers: vec![
+            ("ce-id".into(), payload.into()),
+            ("x-multi".into(), "one".into()),
+            ("x-multi".into(), "two".into()),
+        ],
+        payload: payload.into(),
+        dedup_id: dedup_id.map(str::to_owned),
+    }
+}
+
+async fn next_within(subscription: &mut dyn Subscription, wait: Duration) -> Option<Delivery> {
+    tokio::time::timeout(wait, subscription.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn expect_next(
+    subscription: &mut dyn Subscription,
+    wait: Duration,
+) -> anyhow::Result<Delivery> {
+    match next_within(subscription, wait).await {
+        Some(delivery) => Ok(delivery),
+        None => bail!("no delivery within {wait:?}"),
+    }
+}
+
+fn sequence_of(delivery: &Delivery) -> anyhow::Result<u64> {
+    match &delivery.message.origin {
+        Origin::JetStream { stream, sequence } => {
+            ensure!(stream == STREAM, "origin stream {stream}");
+            Ok(*sequence)
+        }
+        other => bail!("not a JetStream origin: {other:?}"),
+    }
+}
+
+/// Polls `lag()` until it equals `expected` (bounded).
+async fn wait_for_lag(subscription: &dyn Subscription, expected: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lag = subscription.lag().await?;
+        if lag == expected {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("lag stayed {lag}, expected {expected}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn confirmed_publish_consume_and_ack_leaves_nothing_pending() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    assert_eq!(publisher.broker(), BrokerKind::JetStream);
+    publisher.publish(message("hello", Some("id-1"))).await?;
+
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(1)), 4)
+        .await?;
+    assert_eq!(subscription.retry_style(), RetryStyle::Redeliver);
+    assert_eq!(subscription.broker(), BrokerKind::JetStream);
+    let delivery = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    let inbound = &delivery.message;
+    assert_eq!(inbound.topic, SUBJECT);
+    assert_eq!(inbound.payload.as_deref(), Some(&b"hello"[..]));
+    assert_eq!(inbound.delivery_count, 1);
+    assert_eq!(inbound.key, None);
+    assert_eq!(sequence_of(&delivery)?, 1);
+    assert!(inbound.headers.contains(&("ce-id".into(), "hello".into())));
+    assert!(inbound.headers.contains(&("x-multi".into(), "one".into())));
+    assert!(inbound.headers.contains(&("x-multi".into(), "two".into())));
+    assert!(inbound
+        .headers
+        .contains(&("Nats-Msg-Id".into(), "id-1".into())));
+    delivery.ack().await?;
+
+    // The ack was confirmed by the server, so the consumer has nothing pending at once.
+    assert_eq!(subscription.lag().await?, 0);
+    // And nothing comes back after ack_wait.
+    assert!(next_within(&mut subscription, Duration::from_millis(2500))
+        .await
+        .is_none());
+    subscription.close().await;
+    assert!(
+        subscription.next().await.is_none(),
+        "closed subscriptions end"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_after_redelivers_no_sooner_than_the_delay() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    transport
+        .jetstream_publisher()
+        .publish(message("retry", None))
+        .await?;
+    // A long ack_wait, so only the NAK delay can explain the redelivery.
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(30)), 4)
+        .await?;
+    let first = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    let sequence = sequence_of(&first)?;
+    let nacked_at = Instant::now();
+    first.retry_after(Duration::from_millis(300)).await?;
+
+    let second = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    let waited = nacked_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "redelivered after {waited:?}"
+    );
+    assert_eq!(second.message.delivery_count, 2);
+    assert_eq!(sequence_of(&second)?, sequence);
+    second.ack().await?;
+    assert_eq!(subscription.lag().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn term_stops_redelivery() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    transport
+        .jetstream_publisher()
+        .publish(message("poison", None))
+        .await?;
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(1)), 4)
+        .await?;
+    let delivery = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    delivery.term().await?;
+    assert!(
+        next_within(&mut subscription, Duration::from_millis(2500))
+            .await
+            .is_none(),
+        "a terminated message came back"
+    );
+    assert_eq!(subscription.lag().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsettled_drop_is_redelivered_after_ack_wait() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    transport
+        .jetstream_publisher()
+        .publish(message("dropped", None))
+        .await?;
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(1)), 4)
+        .await?;
+    let first = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    let sequence = sequence_of(&first)?;
+    let dropped_at = Instant::now();
+    drop(first);
+
+    let second = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    let waited = dropped_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800),
+        "redelivered after only {waited:?}"
+    );
+    assert_eq!(sequence_of(&second)?, sequence);
+    assert_eq!(second.message.delivery_count, 2);
+    second.ack().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn in_progress_keeps_a_message_past_ack_wait() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    transport
+        .jetstream_publisher()
+        .publish(message("slow", None))
+        .await?;
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(1)), 4)
+        .await?;
+    let delivery = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+
+    // Work for 3 × ack_wait, heartbeating every 300 ms; a redelivery would show up here
+    // because the subscription has free in-flight slots.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        delivery.in_progress().await?;
+        if let Some(redelivered) = next_within(&mut subscription, Duration::from_millis(300)).await
+        {
+            bail!(
+                "redelivered while in progress: {:?}",
+                redelivered.message.origin
+            );
+        }
+    }
+    assert_eq!(delivery.message.delivery_count, 1);
+    delivery.ack().await?;
+    assert!(next_within(&mut subscription, Duration::from_millis(1500))
+        .await
+        .is_none());
+    assert_eq!(subscription.lag().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_msg_id_deduplicates_publishes() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    publisher.publish(message("once", Some("output-1"))).await?;
+    // A redelivered input republishes its output with the same id: success, not stored twice.
+    publisher.publish(message("once", Some("output-1"))).await?;
+    assert_eq!(transport.stream_messages(STREAM).await?, 1);
+    publisher
+        .publish(message("other", Some("output-2")))
+        .await?;
+    assert_eq!(transport.stream_messages(STREAM).await?, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ensure_stream_creates_then_reports_differences_without_changing() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let transport = NatsTransport::connect(&config_for(&server)).await?;
+    let original = StreamConfig::new("ORDERS", vec!["orders.>".into()]);
+
+    let created = transport.ensure_stream(&original).await?;
+    assert!(created.created);
+    assert!(created.differences.is_empty());
+
+    let again = transport.ensure_stream(&original).await?;
+    assert!(!again.created);
+    assert!(again.differences.is_empty(), "{:?}", again.differences);
+
+    let mut changed = original.clone();
+    changed.subjects.push("refunds.>".into());
+    changed.storage = StorageKind::Memory;
+    changed.max_age = Some(Duration::from_secs(3600));
+    changed.max_msgs = Some(1000);
+    let report = transport.ensure_stream(&changed).await?;
+    assert!(!report.created);
+    let fields: Vec<&str> = report.differences.iter().map(|d| d.field).collect();
+    assert_eq!(fields, vec!["subjects", "storage", "max_msgs", "max_age"]);
+    let max_msgs = &report.differences[2];
+    assert_eq!(
+        (max_msgs.configured.as_str(), max_msgs.actual.as_str()),
+        ("1000", "unlimited")
+    );
+
+    // The stream was left as it was.
+    let unchanged = transport.ensure_stream(&original).await?;
+    assert!(
+        unchanged.differences.is_empty(),
+        "{:?}",
+        unchanged.differences
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn lag_counts_pending_and_unacknowledged_messages() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    for _ in 0..5 {
+        publisher.publish(message("lag", None)).await?;
+    }
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(30)), 1)
+        .await?;
+    assert_eq!(subscription.lag().await?, 5);
+    let first = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    // One handed out (ack pending) plus four waiting: still 5 until it is acked.
+    assert_eq!(subscription.lag().await?, 5);
+    first.ack().await?;
+    wait_for_lag(&subscription, 4).await?;
+    for _ in 0..4 {
+        expect_next(&mut subscription, Duration::from_secs(5))
+            .await?
+            .ack()
+            .await?;
+    }
+    assert_eq!(subscription.lag().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn max_in_flight_bounds_unsettled_deliveries() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    for _ in 0..20 {
+        publisher.publish(message("bounded", None)).await?;
+    }
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(30)), 3)
+        .await?;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(expect_next(&mut subscription, Duration::from_secs(5)).await?);
+    }
+    assert!(
+        next_within(&mut subscription, Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "a fourth delivery while three are unsettled"
+    );
+
+    let mut seen = HashSet::new();
+    let mut settled = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while settled < 20 {
+        ensure!(
+            Instant::now() < deadline,
+            "only {settled} of 20 settled in time"
+        );
+        let delivery = held.remove(0);
+        ensure!(
+            seen.insert(sequence_of(&delivery)?),
+            "sequence delivered twice"
+        );
+        delivery.ack().await?;
+        settled += 1;
+        if settled + held.len() < 20 {
+            held.push(expect_next(&mut subscription, Duration::from_secs(5)).await?);
+        }
+        ensure!(held.len() <= 3, "more than 3 in flight");
+        if held.len() == 3 {
+            ensure!(
+                next_within(&mut subscription, Duration::from_millis(20))
+                    .await
+                    .is_none(),
+                "a delivery beyond max_in_flight"
+            );
+        }
+    }
+    assert_eq!(seen.len(), 20);
+    assert_eq!(subscription.lag().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn core_queue_group_shares_messages_without_duplicates() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let transport = NatsTransport::connect(&config_for(&server)).await?;
+    let mut first = transport
+        .subscribe_core("jobs.*", Some("workers".into()))
+        .await?;
+    let mut second = transport
+        .subscribe_core("jobs.*", Some("workers".into()))
+        .await?;
+    assert_eq!(first.retry_style(), RetryStyle::InPlace);
+    assert_eq!(first.broker(), BrokerKind::Nats);
+
+    let publisher = transport.core_publisher();
+    assert_eq!(publisher.broker(), BrokerKind::Nats);
+    for index in 0..1000 {
+        publisher
+            .publish(OutboundMessage {
+                topic: "jobs.new".into(),
+                key: None,
+                headers: vec![("n".into(), index.to_string())],
+                payload: index.to_string().into(),
+                dedup_id: None,
+            })
+            .await?;
+    }
+
+    async fn drain(subscription: &mut dyn Subscription) -> anyhow::Result<Vec<String>> {
+        let mut received = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let Some(delivery) = next_within(subscription, Duration::from_millis(500)).await else {
+                break;
+            };
+            ensure!(delivery.message.delivery_count == 1);
+            ensure!(
+                delivery.message.origin
+                    == Origin::Nats {
+                        subject: "jobs.new".into()
+                    },
+                "{:?}",
+                delivery.message.origin
+            );
+            let payload = delivery.message.payload.clone().context("core payload")?;
+            received.push(String::from_utf8(payload.to_vec())?);
+            delivery.ack().await?;
+        }
+        Ok(received)
+    }
+    let (from_first, from_second) = tokio::join!(drain(&mut first), drain(&mut second));
+    let (from_first, from_second) = (from_first?, from_second?);
+    assert!(
+        !from_first.is_empty() && !from_second.is_empty(),
+        "both members get work"
+    );
+    let total = from_first.len() + from_second.len();
+    let unique: HashSet<&String> = from_first.iter().chain(&from_second).collect();
+    assert_eq!(total, 1000, "every message delivered once");
+    assert_eq!(unique.len(), 1000, "no duplicates");
+    assert_eq!(first.lag().await?, 0);
+    first.close().await;
+    assert!(first.next().await.is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_survives_a_server_restart() -> anyhow::Result<()> {
+    let (mut server, transport) = setup(StorageKind::File).await?;
+    let publisher = transport.jetstream_publisher();
+    publisher.publish(message("before", Some("before"))).await?;
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(5)), 4)
+        .await?;
+    let before = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    assert_eq!(before.message.payload.as_deref(), Some(&b"before"[..]));
+    before.ack().await?;
+
+    tokio::task::block_in_place(|| server.restart())?;
+
+    // The client reconnects by itself; publishing works again once it has.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match publisher.publish(message("after", Some("after"))).await {
+            Ok(()) => break,
+            Err(err) if Instant::now() < deadline => {
+                tracing::info!(error = %err, "publish after restart not yet possible");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => return Err(err).context("publishing after the restart"),
+        }
+    }
+    let after = expect_next(&mut subscription, Duration::from_secs(20)).await?;
+    assert_eq!(after.message.payload.as_deref(), Some(&b"after"[..]));
+    assert_eq!(
+        sequence_of(&after)?,
+        2,
+        "the file store kept the first message's sequence"
+    );
+    after.ack().await?;
+    wait_for_lag(&subscription, 0).await?;
+    assert_eq!(transport.stream_messages(STREAM).await?, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn publish_to_a_subject_without_stream_is_a_clear_error() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let mut outbound = message("lost", None);
+    outbound.topic = "nowhere.at.all".into();
+    match transport.jetstream_publisher().publish(outbound).await {
+        Err(TransportError::Publish { topic, reason }) => {
+            assert_eq!(topic, "nowhere.at.all");
+            assert!(
+                reason.contains("no JetStream stream captures this subject"),
+                "{reason}"
+            );
+            Ok(())
+        }
+        other => bail!("expected a publish error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn subscribing_to_a_missing_stream_names_it() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let transport = NatsTransport::connect(&config_for(&server)).await?;
+    match transport
+        .subscribe_jetstream("x.y", &JetStreamConsumerOptions::new("MISSING"), 1)
+        .await
+    {
+        Err(TransportError::Subscribe { reason, .. }) => {
+            assert!(reason.contains("stream MISSING does not exist"), "{reason}");
+            Ok(())
+        }
+        other => bail!("expected a subscribe error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connecting_to_a_closed_port_fails() -> anyhow::Result<()> {
+    let port = weir_tests::ports::free_port()?;
+    let config = NatsConfig {
+        servers: vec![format!("nats://127.0.0.1:{port}")],
+        connect_timeout: Duration::from_secs(1),
+        ..NatsConfig::default()
+    };
+    let started = Instant::now();
+    match NatsTransport::connect(&config).await {
+        Err(TransportError::Connect {
+            broker: BrokerKind::Nats,
+            ..
+        }) => {}
+        other => bail!("expected a connect error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
