@@ -2,6 +2,9 @@
 //! the watermark, ordering lanes, redelivery of dropped deliveries, lag, and resuming after a
 //! consumer restart. Each test starts its own broker; every wait is bounded.
 
+// Test helpers outside `#[test]` functions: a failed expect is a failed assertion here too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 

@@ -158,23 +158,19 @@ impl<T> LaneScheduler<T> {
         self.partitions.keys().copied()
     }
 
-    /// Queue a received message at the tail of its lane. Returns false (and drops nothing of
-    /// the caller's: the item comes back) when the partition is not owned.
+    /// Queue a received message at the tail of its lane. The item comes back as the error when
+    /// the partition is not owned or is being revoked.
     pub fn push(&mut self, partition: i32, lane: LaneId, item: T) -> Result<(), T> {
-        self.enqueue(partition, lane, item, false)
+        self.enqueue(partition, lane, item)
     }
 
-    fn enqueue(&mut self, partition: i32, lane_id: LaneId, item: T, front: bool) -> Result<(), T> {
+    fn enqueue(&mut self, partition: i32, lane_id: LaneId, item: T) -> Result<(), T> {
         let exclusive = self.exclusive();
         let Some(lanes) = self.partitions.get_mut(&partition).filter(|l| !l.stopped) else {
             return Err(item);
         };
         let lane = lanes.lanes.entry(lane_id.clone()).or_default();
-        if front {
-            lane.queue.push_front(item);
-        } else {
-            lane.queue.push_back(item);
-        }
+        lane.queue.push_back(item);
         lanes.buffered += 1;
         if (!exclusive || !lane.busy) && !lane.listed {
             lane.listed = true;

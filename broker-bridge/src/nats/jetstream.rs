@@ -242,8 +242,7 @@ impl Fetcher {
                 }
                 PullOutcome::Failed(reason) => {
                     eprintln!("MUTANT pull failed: {reason}");
-                    return;
-                    #[allow(unreachable_code)]
+                    if !reason.is_empty() { return; }
                     failures = failures.saturating_add(1);
                     let delay = retry_delay(failures);
                     events::record_fetch_error(

