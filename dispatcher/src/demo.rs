@@ -16,13 +16,60 @@ pub const MODULES: [&str; 4] =
 /// Where `make functions` puts the components, relative to the repository root.
 pub const BUILD_DIR: &str = "functions/target/wasm32-wasip2/release";
 
-/// The demo configuration for `broker`, with modules resolved against `functions_dir`.
-pub fn config(broker: BrokerKind, functions_dir: &Path, listen: std::net::SocketAddr) -> Result<Config, ConfigErrors> {
+/// Where the demo pipeline runs.
+#[derive(Debug, Clone)]
+pub enum DemoBroker {
+    /// The embedded memory bus.
+    Memory,
+    /// JetStream on this NATS server URL; streams are created when missing.
+    JetStream(String),
+    /// Kafka at this bootstrap address; topics are created when missing.
+    Kafka(String),
+}
+
+impl DemoBroker {
+    fn kind(&self) -> BrokerKind {
+        match self {
+            DemoBroker::Memory => BrokerKind::Memory,
+            DemoBroker::JetStream(_) => BrokerKind::JetStream,
+            DemoBroker::Kafka(_) => BrokerKind::Kafka,
+        }
+    }
+}
+
+/// The demo configuration, with modules resolved against `functions_dir`.
+pub fn config(broker: &DemoBroker, functions_dir: &Path, listen: std::net::SocketAddr) -> Result<Config, ConfigErrors> {
     config::from_toml_str(&toml(broker, &listen.to_string()), functions_dir)
 }
 
+/// The demo's JetStream streams: every demo subject, outputs and dead letters included, is
+/// captured by one (JetStream publishes need a stream to confirm them).
+pub const STREAMS: [(&str, &str); 4] = [
+    ("WEIR_DEMO_DB", r#"["db.changes", "db.audit"]"#),
+    ("WEIR_DEMO_UPLOADS", r#"["uploads", "uploads.indexed"]"#),
+    ("WEIR_DEMO_ORDERS", r#"["orders", "orders.>"]"#),
+    ("WEIR_DEMO_DLQ", r#"["weir.dlq.>"]"#),
+];
+
+fn broker_sections(broker: &DemoBroker) -> String {
+    match broker {
+        DemoBroker::Memory => String::new(),
+        DemoBroker::JetStream(url) => {
+            let mut text = format!("\n[brokers.nats]\nservers = [\"{url}\"]\nname = \"weir-demo\"\n");
+            for (name, subjects) in STREAMS {
+                text.push_str(&format!("\n[[brokers.nats_streams]]\nname = \"{name}\"\nsubjects = {subjects}\n"));
+            }
+            text
+        }
+        DemoBroker::Kafka(bootstrap) => format!(
+            "\n[brokers.kafka]\nbootstrap = \"{bootstrap}\"\ncreate_topics = true\n"
+        ),
+    }
+}
+
 /// The demo configuration as TOML (also what `weir up --print-config` shows).
-pub fn toml(broker: BrokerKind, listen: &str) -> String {
+pub fn toml(demo: &DemoBroker, listen: &str) -> String {
+    let broker = demo.kind();
     let broker_name = broker.as_str();
     let trigger_extra = match broker {
         BrokerKind::JetStream => |stream: &str| format!("stream = \"{stream}\"\n"),
@@ -61,14 +108,15 @@ min = 1
 max = 4
 "#
     );
-    text.push_str(&function("db-audit", MODULES[0], "db.changes", "DB", "db.audit", ""));
-    text.push_str(&function("upload-indexer", MODULES[1], "uploads", "UPLOADS", "uploads.indexed", ""));
-    text.push_str(&function("order-validate", MODULES[2], "orders", "ORDERS", "orders.validated", ""));
+    text.push_str(&broker_sections(demo));
+    text.push_str(&function("db-audit", MODULES[0], "db.changes", "WEIR_DEMO_DB", "db.audit", ""));
+    text.push_str(&function("upload-indexer", MODULES[1], "uploads", "WEIR_DEMO_UPLOADS", "uploads.indexed", ""));
+    text.push_str(&function("order-validate", MODULES[2], "orders", "WEIR_DEMO_ORDERS", "orders.validated", ""));
     text.push_str(&function(
         "order-enrich",
         MODULES[3],
         "orders.validated",
-        "ORDERS",
+        "WEIR_DEMO_ORDERS",
         "orders.enriched",
         "config = { large_threshold = \"1000\", currency = \"EUR\" }\n",
     ));

@@ -20,11 +20,9 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use weir_broker_bridge::OutboundMessage;
-use weir_schemas::{ext, Event, Format, WireMessage};
+use weir_schemas::{Event, Format, WireMessage};
 
-use crate::chain;
-use crate::runner::header_style;
+use crate::ingress;
 use crate::runtime::Shared;
 use crate::telemetry;
 
@@ -105,41 +103,19 @@ async fn publish(
         })?;
         wire_headers.push((name.as_str().to_owned(), value.to_owned()));
     }
-    // Each request is its own origin, so events without an id of their own get a fresh one.
-    let origin = format!("http://{}", uuid::Uuid::new_v4());
-    let default_source = weir_schemas::wire::default_source("http", &topic);
-    let wire = WireMessage {
-        headers: &wire_headers,
-        payload: Some(&body),
-        key: None,
-        origin: &origin,
-        default_source: &default_source,
-    };
-    let events = weir_schemas::decode(&wire, Format::Auto).map_err(|e| Problem {
+    let events = ingress::decode_request(&topic, &wire_headers, &body).map_err(|e| Problem {
         status: StatusCode::BAD_REQUEST,
         kind: e.kind(),
         message: e.to_string(),
     })?;
-    let traceparent = header_value(&wire_headers, "traceparent");
     let (broker, publisher) = state.shared.ingress(&topic).map_err(|e| Problem {
         status: StatusCode::SERVICE_UNAVAILABLE,
         kind: "broker",
         message: format!("{e:#}"),
     })?;
-    let style = header_style(broker);
     let mut ids = Vec::with_capacity(events.len());
-    for mut event in events {
-        stamp_trace(&mut event, traceparent);
-        let (headers, payload) = weir_schemas::encode_binary(&event, style);
-        let key = event.extension(ext::PARTITION_KEY).map(|k| Bytes::from(k.to_owned()));
-        let message = OutboundMessage {
-            topic: topic.clone(),
-            key,
-            headers,
-            payload: Bytes::from(payload),
-            dedup_id: Some(event.id.clone()),
-        };
-        publisher.publish(message).await.map_err(|e| Problem {
+    for event in events {
+        publisher.publish(ingress::outbound(&event, &topic, broker)).await.map_err(|e| Problem {
             status: StatusCode::SERVICE_UNAVAILABLE,
             kind: "publish",
             message: e.to_string(),
@@ -148,20 +124,6 @@ async fn publish(
     }
     telemetry::http_ingress(StatusCode::ACCEPTED.as_u16());
     Ok((StatusCode::ACCEPTED, Json(Accepted { topic, broker: broker.as_str(), ids })))
-}
-
-/// Every event enters Weir with a trace: the caller's `traceparent` header (or extension), or
-/// one derived from the event id.
-fn stamp_trace(event: &mut Event, header: Option<&str>) {
-    if event.extension(ext::TRACEPARENT).is_some() {
-        return;
-    }
-    let traceparent = header.map_or_else(|| chain::traceparent_for(&event.id), str::to_owned);
-    event.extensions.insert(ext::TRACEPARENT.to_owned(), traceparent);
-}
-
-fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 fn check_topic(topic: &str) -> Result<(), Problem> {

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod deadletter;
 pub mod engine;
 pub mod http;
+pub mod ingress;
 pub mod pool;
 pub mod retry;
 pub mod runner;

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use weir_broker_bridge::BrokerKind;
 use weir_dispatcher::config::{self, Config};
 use weir_dispatcher::runtime::{self, Runtime};
-use weir_dispatcher::{demo, engine, http, telemetry};
+use weir_dispatcher::{demo, engine, http, ingress, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "weir", version, about = "Weir: WebAssembly functions on NATS, JetStream, Kafka and an embedded bus")]
@@ -54,9 +54,25 @@ struct UpArgs {
     /// Directory with the example components (default: the `make functions` output).
     #[arg(long, value_name = "DIR")]
     functions: Option<PathBuf>,
+    /// Run the demo on JetStream at this NATS URL instead (streams are created when missing).
+    #[arg(long, value_name = "URL", conflicts_with = "kafka")]
+    nats: Option<String>,
+    /// Run the demo on Kafka at this bootstrap address instead (topics are created when missing).
+    #[arg(long, value_name = "BOOTSTRAP")]
+    kafka: Option<String>,
     /// Print the demo configuration and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+impl UpArgs {
+    fn demo_broker(&self) -> demo::DemoBroker {
+        match (&self.nats, &self.kafka) {
+            (Some(url), _) => demo::DemoBroker::JetStream(url.clone()),
+            (None, Some(bootstrap)) => demo::DemoBroker::Kafka(bootstrap.clone()),
+            (None, None) => demo::DemoBroker::Memory,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +101,12 @@ struct PublishArgs {
     rate: Option<f64>,
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     http: String,
+    /// Publish straight to NATS at this URL (JetStream, confirmed), not through a running weir.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// With --nats: a core NATS publish (unconfirmed) instead of JetStream.
+    #[arg(long, requires = "nats")]
+    core: bool,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +117,9 @@ struct TailArgs {
     limit: Option<u64>,
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     http: String,
+    /// Follow the subject on NATS at this URL (new messages only) instead of a weir's history.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -145,14 +170,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.print_config {
-        print!("{}", demo::toml(BrokerKind::Memory, &args.http.to_string()));
+        print!("{}", demo::toml(&args.demo_broker(), &args.http.to_string()));
         return Ok(ExitCode::SUCCESS);
     }
     let dir = demo::find_functions_dir(args.functions.as_deref()).map_err(anyhow::Error::msg)?;
-    let config = demo::config(BrokerKind::Memory, &dir, args.http).map_err(|e| anyhow::anyhow!("demo configuration:\n{e}"))?;
+    let broker = args.demo_broker();
+    let config = demo::config(&broker, &dir, args.http).map_err(|e| anyhow::anyhow!("demo configuration:\n{e}"))?;
+    let on = match &broker {
+        demo::DemoBroker::Memory => "the embedded memory bus".to_owned(),
+        demo::DemoBroker::JetStream(url) => format!("JetStream at {url}"),
+        demo::DemoBroker::Kafka(bootstrap) => format!("Kafka at {bootstrap}"),
+    };
     let banner = format!(
         r#"
-Weir is up: the demo pipeline on the embedded memory bus, HTTP on http://{addr}
+Weir is up: the demo pipeline on {on}, HTTP on http://{addr}
 
 Try, in another terminal:
   weir publish orders --type com.example.order --data '{{"id":"o-1","amount":42}}'
@@ -265,38 +296,21 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of events per second");
     }
-    let url = format!("{}/v1/topics/{}", base_url(&args.http), args.topic);
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let mut sink = match &args.nats {
+        Some(url) => Sink::nats(url, args.core).await?,
+        None => Sink::http(&args.http, &args.topic)?,
+    };
     let mut ticker = args.rate.map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
     let mut accepted = 0u64;
     for _ in 0..args.count {
         if let Some(ticker) = ticker.as_mut() {
             ticker.tick().await;
         }
-        let mut request = client.post(&url).body(body.clone());
-        if let Some(ty) = &args.ty {
-            request = request
-                .header("ce-specversion", "1.0")
-                .header("ce-id", uuid::Uuid::new_v4().to_string())
-                .header("ce-source", &args.source)
-                .header("ce-type", ty)
-                .header("content-type", "application/json");
-            if let Some(key) = &args.key {
-                request = request.header("ce-partitionkey", key);
-            }
-        } else if looks_like_json(&body) {
-            request = request.header("content-type", "application/json");
-        }
-        let response = request.send().await.with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            eprintln!("{status}: {text}");
-            return Ok(ExitCode::FAILURE);
-        }
+        let headers = request_headers(&args, &body);
+        let answer = sink.send(&args.topic, headers, &body).await?;
         accepted += 1;
         if args.count == 1 {
-            println!("{text}");
+            println!("{answer}");
         }
     }
     if args.count != 1 {
@@ -305,11 +319,90 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The headers `weir publish` sends: a binary-mode CloudEvent with `--type`, else only the
+/// content type, so that Weir recognises Debezium, S3 and structured CloudEvents by shape.
+fn request_headers(args: &PublishArgs, body: &[u8]) -> Vec<(String, String)> {
+    let mut headers = Vec::new();
+    if let Some(ty) = &args.ty {
+        headers.push(("ce-specversion".to_owned(), "1.0".to_owned()));
+        headers.push(("ce-id".to_owned(), uuid::Uuid::new_v4().to_string()));
+        headers.push(("ce-source".to_owned(), args.source.clone()));
+        headers.push(("ce-type".to_owned(), ty.clone()));
+        headers.push(("content-type".to_owned(), "application/json".to_owned()));
+        if let Some(key) = &args.key {
+            headers.push(("ce-partitionkey".to_owned(), key.clone()));
+        }
+    } else if looks_like_json(body) {
+        headers.push(("content-type".to_owned(), "application/json".to_owned()));
+    }
+    headers
+}
+
+/// Where `weir publish` sends events.
+enum Sink {
+    Http { client: reqwest::Client, url: String },
+    Nats { publisher: Box<dyn weir_broker_bridge::Publisher>, broker: BrokerKind },
+}
+
+impl Sink {
+    fn http(addr: &str, topic: &str) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(Sink::Http { client, url: format!("{}/v1/topics/{topic}", base_url(addr)) })
+    }
+
+    async fn nats(url: &str, core: bool) -> anyhow::Result<Self> {
+        let config = weir_broker_bridge::nats::NatsConfig { servers: vec![url.to_owned()], ..Default::default() };
+        let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        Ok(if core {
+            Sink::Nats { publisher: Box::new(transport.core_publisher()), broker: BrokerKind::Nats }
+        } else {
+            Sink::Nats { publisher: Box::new(transport.jetstream_publisher()), broker: BrokerKind::JetStream }
+        })
+    }
+
+    /// Send one event; returns the answer to print.
+    async fn send(&mut self, topic: &str, headers: Vec<(String, String)>, body: &[u8]) -> anyhow::Result<String> {
+        match self {
+            Sink::Http { client, url } => {
+                let mut request = client.post(url.as_str()).body(body.to_vec());
+                for (name, value) in &headers {
+                    request = request.header(name, value);
+                }
+                let response = request.send().await.with_context(|| format!("POST {url}"))?;
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                if !status.is_success() {
+                    bail!("{status}: {text}");
+                }
+                Ok(text)
+            }
+            Sink::Nats { publisher, broker } => {
+                let events = ingress::decode_request(topic, &headers, body)
+                    .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
+                let mut ids = Vec::new();
+                for event in events {
+                    publisher
+                        .publish(ingress::outbound(&event, topic, *broker))
+                        .await
+                        .with_context(|| format!("publishing to {topic}"))?;
+                    ids.push(event.id);
+                }
+                Ok(serde_json::json!({ "topic": topic, "broker": broker.as_str(), "ids": ids }).to_string())
+            }
+        }
+    }
+}
+
 fn looks_like_json(body: &[u8]) -> bool {
     serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.nats {
+        return tail_nats(url, &args).await;
+    }
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let base = base_url(&args.http);
     let mut after: Option<u64> = None;
@@ -337,4 +430,40 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
         }
         after = page["next"].as_u64().or(after);
     }
+}
+
+/// Follow a NATS subject (core subscription: new messages only).
+async fn tail_nats(url: &str, args: &TailArgs) -> anyhow::Result<ExitCode> {
+    use weir_broker_bridge::Subscription as _;
+    let config = weir_broker_bridge::nats::NatsConfig { servers: vec![url.to_owned()], ..Default::default() };
+    let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))?;
+    let mut subscription = transport.subscribe_core(&args.topic, None).await?;
+    let mut printed = 0u64;
+    while let Some(delivery) = subscription.next().await {
+        let message = &delivery.message;
+        let origin = message.origin.to_string();
+        let source = weir_schemas::wire::default_source("nats", &message.topic);
+        let wire = weir_schemas::WireMessage {
+            headers: &message.headers,
+            payload: message.payload.as_deref(),
+            key: message.key.as_deref(),
+            origin: &origin,
+            default_source: &source,
+        };
+        match weir_schemas::decode(&wire, weir_schemas::Format::Auto) {
+            Ok(events) => {
+                for event in events {
+                    println!("{}", http::event_json(&event));
+                    printed += 1;
+                }
+            }
+            Err(e) => println!("{}", serde_json::json!({ "subject": message.topic, "undecodable": e.to_string() })),
+        }
+        if args.limit.is_some_and(|limit| printed >= limit) {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

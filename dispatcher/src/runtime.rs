@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use weir_broker_bridge::memory::{MemoryBus, SubscribeOptions};
+use weir_broker_bridge::nats::{JetStreamConsumerOptions, NatsTransport};
 use weir_broker_bridge::{BrokerKind, Publisher, Subscription};
 
 use crate::chain::OutputRules;
@@ -210,40 +211,96 @@ fn spec(function: &FunctionConfig, name: Arc<str>) -> FunctionSpec {
 /// The brokers this configuration uses.
 struct Transports {
     memory: MemoryBus,
+    nats: Option<NatsTransport>,
 }
 
 impl Transports {
     async fn connect(config: &Config, memory: &MemoryBus) -> anyhow::Result<Self> {
-        let _ = config;
-        Ok(Self { memory: memory.clone() })
+        let nats = match &config.brokers.nats {
+            None => None,
+            Some(nats_config) => {
+                let transport = NatsTransport::connect(nats_config)
+                    .await
+                    .with_context(|| format!("connecting to NATS at {}", nats_config.servers.join(", ")))?;
+                for stream in &config.brokers.nats_streams {
+                    let report = transport
+                        .ensure_stream(stream)
+                        .await
+                        .with_context(|| format!("declaring JetStream stream {}", stream.name))?;
+                    if report.created {
+                        tracing::info!(stream = %report.name, "JetStream stream created");
+                    }
+                    for difference in &report.differences {
+                        // An existing stream is never changed behind its operator's back.
+                        tracing::warn!(
+                            stream = %report.name,
+                            field = difference.field,
+                            configured = %difference.configured,
+                            actual = %difference.actual,
+                            "JetStream stream differs from the configuration; leaving it unchanged"
+                        );
+                    }
+                }
+                Some(transport)
+            }
+        };
+        Ok(Self { memory: memory.clone(), nats })
+    }
+
+    fn nats(&self, broker: BrokerKind) -> anyhow::Result<&NatsTransport> {
+        self.nats
+            .as_ref()
+            .with_context(|| format!("the {broker} broker is used but [brokers.nats] is not configured"))
     }
 
     fn publisher(&self, broker: BrokerKind) -> anyhow::Result<Arc<dyn Publisher>> {
         match broker {
             BrokerKind::Memory => Ok(Arc::new(self.memory.publisher())),
-            other => anyhow::bail!("the {other} transport is not available in this build"),
+            BrokerKind::Nats => Ok(Arc::new(self.nats(broker)?.core_publisher())),
+            BrokerKind::JetStream => Ok(Arc::new(self.nats(broker)?.jetstream_publisher())),
+            BrokerKind::Kafka => anyhow::bail!("the kafka transport is not available in this build"),
         }
     }
 
     async fn subscribe(&self, function: &FunctionConfig) -> anyhow::Result<Box<dyn Subscription>> {
         let trigger = &function.trigger;
+        let max_in_flight = function.scaling.max.max(1) as usize;
+        let context = || format!("function {}: subscribing to {} on {}", function.name, trigger.topic, trigger.broker);
         match trigger.broker {
             BrokerKind::Memory => {
-                let subscription = self
-                    .memory
-                    .subscribe(
-                        &trigger.topic,
-                        &trigger.group,
-                        SubscribeOptions {
-                            ordering: trigger.ordering,
-                            max_in_flight: function.scaling.max.max(1) as usize,
-                            ..SubscribeOptions::default()
-                        },
-                    )
-                    .with_context(|| format!("function {}: subscribing", function.name))?;
+                let options = SubscribeOptions {
+                    ordering: trigger.ordering,
+                    max_in_flight,
+                    ..SubscribeOptions::default()
+                };
+                let subscription =
+                    self.memory.subscribe(&trigger.topic, &trigger.group, options).with_context(context)?;
                 Ok(Box::new(subscription))
             }
-            other => anyhow::bail!("function {}: the {other} transport is not available in this build", function.name),
+            BrokerKind::Nats => {
+                let subscription = self
+                    .nats(trigger.broker)?
+                    .subscribe_core(&trigger.topic, Some(trigger.group.clone()))
+                    .await
+                    .with_context(context)?;
+                Ok(Box::new(subscription))
+            }
+            BrokerKind::JetStream => {
+                let jetstream = trigger
+                    .jetstream
+                    .as_ref()
+                    .with_context(|| format!("function {}: a jetstream trigger needs a stream", function.name))?;
+                let mut options = JetStreamConsumerOptions::new(jetstream.stream.clone());
+                options.durable = Some(trigger.group.clone());
+                options.ack_wait = jetstream.ack_wait;
+                let subscription = self
+                    .nats(trigger.broker)?
+                    .subscribe_jetstream(&trigger.topic, &options, max_in_flight)
+                    .await
+                    .with_context(context)?;
+                Ok(Box::new(subscription))
+            }
+            BrokerKind::Kafka => anyhow::bail!("function {}: the kafka transport is not available in this build", function.name),
         }
     }
 }

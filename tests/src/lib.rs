@@ -7,3 +7,4 @@
 pub mod kafka_broker;
 pub mod nats_server;
 pub mod ports;
+pub mod weir;

@@ -79,6 +79,7 @@ pub fn weir_bin() -> anyhow::Result<PathBuf> {
 /// A Weir runtime and its HTTP server inside the test process.
 pub struct InProcess {
     runtime: Option<Runtime>,
+    shared: Arc<Shared>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     server_stop: CancellationToken,
     addr: SocketAddr,
@@ -113,6 +114,7 @@ impl InProcess {
             .build()
             .context("building the HTTP client")?;
         Ok(InProcess {
+            shared: runtime.shared(),
             runtime: Some(runtime),
             server: Some(server),
             server_stop,
@@ -132,11 +134,7 @@ impl InProcess {
 
     /// The memory bus and the function runners (counters, pools, recent failures).
     pub fn shared(&self) -> Arc<Shared> {
-        match &self.runtime {
-            Some(runtime) => runtime.shared(),
-            // Unreachable in practice: the runtime is only taken by `shutdown(self)`.
-            None => unreachable_shared(),
-        }
+        self.shared.clone()
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -189,33 +187,76 @@ impl InProcess {
                     serde_json::to_string_pretty(&seen).unwrap_or_default()
                 );
             }
-            // Long-poll in short slices so the deadline is kept to within a few tens of ms.
-            let wait = left.min(Duration::from_secs(2)).max(Duration::from_millis(1));
-            let mut url = format!(
-                "{}/v1/topics/{topic}/events?wait={}ms&limit=1000",
-                self.base_url(),
-                wait.as_millis()
-            );
-            if let Some(after) = after {
-                url.push_str(&format!("&after={after}"));
-            }
-            let page: Value = self
-                .client
-                .get(&url)
-                .send()
-                .await
-                .with_context(|| format!("GET {url}"))?
-                .error_for_status()
-                .with_context(|| format!("GET {url}"))?
-                .json()
-                .await
-                .with_context(|| format!("reading GET {url}"))?;
+            let page = self.events_page(topic, after, left).await?;
             for message in page["messages"].as_array().into_iter().flatten() {
                 seen.extend(message["events"].as_array().into_iter().flatten().cloned());
             }
             after = page["next"].as_u64().or(after);
         }
         Ok(seen)
+    }
+
+    /// The first event on `topic` (oldest first) for which `matches` holds; fails after
+    /// `timeout` with everything the topic held.
+    pub async fn wait_for_match(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut seen: Vec<Value> = Vec::new();
+        let mut after: Option<u64> = None;
+        loop {
+            if let Some(found) = seen.iter().find(|e| matches(e)) {
+                return Ok(found.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "timed out after {timeout:?} waiting for a matching event on {topic}; saw {}: {}",
+                    seen.len(),
+                    serde_json::to_string_pretty(&seen).unwrap_or_default()
+                );
+            }
+            let page = self.events_page(topic, after, left).await?;
+            for message in page["messages"].as_array().into_iter().flatten() {
+                seen.extend(message["events"].as_array().into_iter().flatten().cloned());
+            }
+            after = page["next"].as_u64().or(after);
+        }
+    }
+
+    /// One long-poll of `GET /v1/topics/{topic}/events`, waiting at most `left` (in slices of
+    /// at most 2 s so that deadlines hold to within a few tens of ms).
+    async fn events_page(&self, topic: &str, after: Option<u64>, left: Duration) -> anyhow::Result<Value> {
+        let wait = left.min(Duration::from_secs(2)).max(Duration::from_millis(1));
+        let mut url =
+            format!("{}/v1/topics/{topic}/events?wait={}ms&limit=1000", self.base_url(), wait.as_millis());
+        if let Some(after) = after {
+            url.push_str(&format!("&after={after}"));
+        }
+        self.client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .error_for_status()
+            .with_context(|| format!("GET {url}"))?
+            .json()
+            .await
+            .with_context(|| format!("reading GET {url}"))
+    }
+
+    /// The topic's retained messages with their sequences: `(seq, decoded events)`.
+    pub async fn messages(&self, topic: &str) -> anyhow::Result<Vec<(u64, Vec<Value>)>> {
+        let page = self.get_json(&format!("/v1/topics/{topic}/events?limit=10000")).await?;
+        Ok(page["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| (m["seq"].as_u64().unwrap_or(0), m["events"].as_array().cloned().unwrap_or_default()))
+            .collect())
     }
 
     /// The whole retained history of `topic` right now (no waiting).
@@ -252,11 +293,6 @@ impl Drop for InProcess {
         // with the test's tokio runtime.
         self.server_stop.cancel();
     }
-}
-
-#[allow(clippy::panic)]
-fn unreachable_shared() -> Arc<Shared> {
-    panic!("InProcess::shared called after shutdown")
 }
 
 /// `weir up --http 127.0.0.1:<free port>` as a child process; killed on drop.
@@ -342,4 +378,43 @@ fn healthz(addr: SocketAddr) -> bool {
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     answer.starts_with("HTTP/1.1 200")
+}
+
+/// What a finished `weir` command printed.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    /// The exit code (`None` when a signal ended it).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run the `weir` binary with `args` and wait at most `timeout` for it to exit; a command
+/// still running then is killed and the call fails with what it printed so far.
+pub async fn run_weir<I, S>(args: I, timeout: Duration) -> anyhow::Result<CommandOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let bin = weir_bin()?;
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let shown = args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+    let child = tokio::process::Command::new(&bin)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A timed-out command must not outlive the test.
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting weir {shown}"))?;
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| anyhow::anyhow!("weir {shown} did not finish within {timeout:?}"))?
+        .with_context(|| format!("waiting for weir {shown}"))?;
+    Ok(CommandOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
 }

@@ -241,8 +241,6 @@ impl Fetcher {
                     }
                 }
                 PullOutcome::Failed(reason) => {
-                    eprintln!("MUTANT pull failed: {reason}");
-                    if !reason.is_empty() { return; }
                     failures = failures.saturating_add(1);
                     let delay = retry_delay(failures);
                     events::record_fetch_error(
