@@ -43,7 +43,7 @@ use rdkafka::util::Timeout;
 use rdkafka::Offset;
 use serde::Deserialize;
 
-pub use self::consumer::{KafkaSubscription, PartitionLag};
+pub use self::consumer::{KafkaLagProbe, KafkaSubscription, PartitionLag};
 pub use self::lanes::{LaneId, LaneScheduler, Popped};
 pub use self::watermark::WatermarkTracker;
 use crate::{BrokerKind, Ordering, OutboundMessage, Publisher, TransportError};

@@ -219,8 +219,20 @@ pub trait Subscription: Send {
         None
     }
 
+    /// A handle that reads this subscription's lag while the subscription itself is busy
+    /// handing out deliveries (the autoscaler and the lag gauge sample it on their own clock).
+    fn lag_probe(&self) -> Option<std::sync::Arc<dyn LagProbe>> {
+        None
+    }
+
     /// Stop fetching; deliveries already handed out may still be settled.
     async fn close(&mut self);
+}
+
+/// Reads a subscription's lag, detached from the subscription.
+#[async_trait]
+pub trait LagProbe: Send + Sync {
+    async fn lag(&self) -> Result<u64, TransportError>;
 }
 
 /// Confirmed publishing.

@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, Notify};
 use tokio::time::Instant;
 
 use crate::{
-    BrokerKind, Delivery, InboundMessage, Ordering, Origin, OutboundMessage, Publisher, RetryStyle,
+    BrokerKind, Delivery, InboundMessage, LagProbe, Ordering, Origin, OutboundMessage, Publisher, RetryStyle,
     Settle, Subscription, TransportError,
 };
 
@@ -453,6 +453,25 @@ impl MemorySubscription {
     }
 }
 
+/// A group's outstanding messages: queued, in flight or waiting for a retry.
+fn group_depth(topic: &Topic, group: usize) -> u64 {
+    let state = topic.lock();
+    state.groups[group].outstanding as u64
+}
+
+/// A group's depth, readable while its subscription is busy.
+struct MemoryLag {
+    topic: Arc<Topic>,
+    group: usize,
+}
+
+#[async_trait]
+impl LagProbe for MemoryLag {
+    async fn lag(&self) -> Result<u64, TransportError> {
+        Ok(group_depth(&self.topic, self.group))
+    }
+}
+
 #[async_trait]
 impl Subscription for MemorySubscription {
     /// Cancel-safe: a delivery is taken from the queue and returned without an await in
@@ -501,8 +520,11 @@ impl Subscription for MemorySubscription {
     }
 
     async fn lag(&self) -> Result<u64, TransportError> {
-        let state = self.topic.lock();
-        Ok(state.groups[self.group].outstanding as u64)
+        Ok(group_depth(&self.topic, self.group))
+    }
+
+    fn lag_probe(&self) -> Option<Arc<dyn LagProbe>> {
+        Some(Arc::new(MemoryLag { topic: Arc::clone(&self.topic), group: self.group }))
     }
 
     fn retry_style(&self) -> RetryStyle {

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use weir_broker_bridge::memory::{MemoryBus, SubscribeOptions};
 use weir_broker_bridge::nats::{JetStreamConsumerOptions, NatsTransport};
-use weir_broker_bridge::{BrokerKind, Publisher, Subscription};
+use weir_broker_bridge::{BrokerKind, LagProbe, Publisher, Subscription};
 
 use crate::chain::OutputRules;
 use crate::config::{Config, ConfigErrors, FunctionConfig};
@@ -142,6 +142,9 @@ impl Runtime {
                 transports.publisher(function.dead_letter.broker)?,
             ));
             let subscription = transports.subscribe(function).await?;
+            if let Some(probe) = subscription.lag_probe() {
+                chores.spawn(sample_lag(probe, name.clone(), function.trigger.broker, shutdown.child_token()));
+            }
             tracing::info!(
                 function = %function.name,
                 broker = %function.trigger.broker,
@@ -151,13 +154,6 @@ impl Runtime {
             );
             runners.spawn(runner.clone().run(subscription, shutdown.child_token()));
             chores.spawn(reap_idle(pool, shutdown.child_token()));
-            if function.trigger.broker == BrokerKind::Memory {
-                chores.spawn(sample_memory_lag(
-                    memory.clone(),
-                    function.clone(),
-                    shutdown.child_token(),
-                ));
-            }
             functions.push(runner);
         }
         let shared = Arc::new(Shared { config, memory, functions, transports });
@@ -316,15 +312,26 @@ async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {
     }
 }
 
-async fn sample_memory_lag(bus: MemoryBus, function: FunctionConfig, shutdown: CancellationToken) {
+/// Samples lag on its own clock, so a busy or blocked subscription still reports it.
+async fn sample_lag(probe: Arc<dyn LagProbe>, function: Arc<str>, broker: BrokerKind, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(LAG_TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
-                let lag = bus.depth(&function.trigger.topic, &function.trigger.group);
-                telemetry::consumer_lag(&function.name, BrokerKind::Memory.as_str(), lag);
-            }
+            _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
+        }
+        match probe.lag().await {
+            Ok(lag) => {
+                failing = false;
+                telemetry::consumer_lag(&function, broker.as_str(), lag);
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(function = %function, error = %e, "cannot read consumer lag");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -35,8 +35,8 @@ use super::lanes::{LaneId, LaneScheduler};
 use super::watermark::WatermarkTracker;
 use super::{forward_log, metrics_events};
 use crate::{
-    BrokerKind, Delivery, InboundMessage, Ordering, Origin, RetryStyle, Settle, Subscription,
-    TransportError,
+    BrokerKind, Delivery, InboundMessage, LagProbe, Ordering, Origin, RetryStyle, Settle,
+    Subscription, TransportError,
 };
 
 /// How long one poll of the consumer thread may block; bounds how late a stop request or a
@@ -512,10 +512,79 @@ fn shutdown_consumer(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Shared
     tracing::info!(%topic, group = %shared.settings.group_id, "kafka subscription closed");
 }
 
+/// Reads the lag of a subscription's partitions, detached from the subscription. It keeps the
+/// consumer handle alive: after close it reads no partitions (lag 0).
+pub struct KafkaLagProbe {
+    shared: Arc<Shared>,
+    consumer: Arc<BaseConsumer<ConsumerCallbacks>>,
+}
+
+impl std::fmt::Debug for KafkaLagProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLagProbe")
+            .field("topic", &self.shared.settings.topic)
+            .finish()
+    }
+}
+
+impl KafkaLagProbe {
+    /// The lag of every partition this member owns: high watermark minus committed offset
+    /// (the low watermark where the group committed nothing).
+    pub async fn partition_lag(&self) -> Result<Vec<PartitionLag>, TransportError> {
+        let partitions: Vec<i32> = self.shared.lock().scheduler.partitions().collect();
+        let topic = self.shared.settings.topic.clone();
+        let lag_error = |reason: String| TransportError::Lag {
+            topic: topic.clone(),
+            reason,
+        };
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let consumer = self.consumer.clone();
+        let query_topic = topic.clone();
+        let result = tokio::task::spawn_blocking(move || -> KafkaResult<Vec<PartitionLag>> {
+            let committed = consumer
+                .committed_offsets(partition_list(&query_topic, &partitions), LAG_TIMEOUT)?;
+            let committed: BTreeMap<i32, Offset> = committed
+                .elements()
+                .iter()
+                .map(|e| (e.partition(), e.offset()))
+                .collect();
+            let mut lags = Vec::with_capacity(partitions.len());
+            for partition in partitions {
+                let (low, high) =
+                    consumer.fetch_watermarks(&query_topic, partition, LAG_TIMEOUT)?;
+                let committed = match committed.get(&partition) {
+                    Some(Offset::Offset(offset)) if *offset >= 0 => *offset,
+                    _ => low,
+                };
+                let lag = u64::try_from(high.saturating_sub(committed)).unwrap_or(0);
+                lags.push(PartitionLag {
+                    partition,
+                    high_watermark: high,
+                    committed,
+                    lag,
+                });
+            }
+            Ok(lags)
+        })
+        .await
+        .map_err(|e| lag_error(e.to_string()))?;
+        result.map_err(|e| lag_error(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl LagProbe for KafkaLagProbe {
+    async fn lag(&self) -> Result<u64, TransportError> {
+        Ok(self.partition_lag().await?.iter().map(|p| p.lag).sum())
+    }
+}
+
 /// A trigger's stream of Kafka deliveries. See the module docs.
 pub struct KafkaSubscription {
     shared: Arc<Shared>,
-    consumer: Arc<BaseConsumer<ConsumerCallbacks>>,
+    lag_probe: Arc<KafkaLagProbe>,
     finished: Option<oneshot::Receiver<()>>,
 }
 
@@ -582,55 +651,20 @@ impl KafkaSubscription {
             ordering = ?settings.ordering,
             "kafka subscription started"
         );
+        let lag_probe = Arc::new(KafkaLagProbe {
+            shared: shared.clone(),
+            consumer,
+        });
         Ok(Self {
             shared,
-            consumer,
+            lag_probe,
             finished: Some(done_rx),
         })
     }
 
     /// The lag of every partition this member owns: high watermark minus committed offset.
     pub async fn partition_lag(&self) -> Result<Vec<PartitionLag>, TransportError> {
-        let partitions: Vec<i32> = self.shared.lock().scheduler.partitions().collect();
-        let consumer = self.consumer.clone();
-        let topic = self.shared.settings.topic.clone();
-        let lag_error = |reason: String| TransportError::Lag {
-            topic: topic.clone(),
-            reason,
-        };
-        if partitions.is_empty() {
-            return Ok(Vec::new());
-        }
-        let query_topic = topic.clone();
-        let result = tokio::task::spawn_blocking(move || -> KafkaResult<Vec<PartitionLag>> {
-            let committed = consumer
-                .committed_offsets(partition_list(&query_topic, &partitions), LAG_TIMEOUT)?;
-            let committed: BTreeMap<i32, Offset> = committed
-                .elements()
-                .iter()
-                .map(|e| (e.partition(), e.offset()))
-                .collect();
-            let mut lags = Vec::with_capacity(partitions.len());
-            for partition in partitions {
-                let (low, high) =
-                    consumer.fetch_watermarks(&query_topic, partition, LAG_TIMEOUT)?;
-                let committed = match committed.get(&partition) {
-                    Some(Offset::Offset(offset)) if *offset >= 0 => *offset,
-                    _ => low,
-                };
-                let lag = u64::try_from(high.saturating_sub(committed)).unwrap_or(0);
-                lags.push(PartitionLag {
-                    partition,
-                    high_watermark: high,
-                    committed,
-                    lag,
-                });
-            }
-            Ok(lags)
-        })
-        .await
-        .map_err(|e| lag_error(e.to_string()))?;
-        result.map_err(|e| lag_error(e.to_string()))
+        self.lag_probe.partition_lag().await
     }
 
     /// The partitions this member owns right now.
@@ -678,7 +712,11 @@ impl Subscription for KafkaSubscription {
     }
 
     async fn lag(&self) -> Result<u64, TransportError> {
-        Ok(self.partition_lag().await?.iter().map(|p| p.lag).sum())
+        self.lag_probe.lag().await
+    }
+
+    fn lag_probe(&self) -> Option<Arc<dyn LagProbe>> {
+        Some(self.lag_probe.clone())
     }
 
     fn retry_style(&self) -> RetryStyle {

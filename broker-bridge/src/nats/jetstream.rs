@@ -32,8 +32,8 @@ use super::config::{
 };
 use super::{events, headers_to_pairs, pairs_to_headers, NatsTransport};
 use crate::{
-    BrokerKind, Delivery, InboundMessage, Origin, OutboundMessage, Publisher, RetryStyle, Settle,
-    Subscription, TransportError,
+    BrokerKind, Delivery, InboundMessage, LagProbe, Origin, OutboundMessage, Publisher, RetryStyle,
+    Settle, Subscription, TransportError,
 };
 
 /// How long one pull request waits on the server for messages.
@@ -155,6 +155,7 @@ impl NatsTransport {
         let task = tokio::spawn(fetcher.run(consumer));
         Ok(JetStreamSubscription {
             topic,
+            ack_wait: options.ack_wait,
             stream,
             consumer_name: name,
             receiver,
@@ -353,6 +354,7 @@ impl Fetcher {
 /// A JetStream pull-consumer subscription ([`RetryStyle::Redeliver`]).
 pub struct JetStreamSubscription {
     topic: String,
+    ack_wait: Duration,
     stream: stream::Stream,
     consumer_name: String,
     receiver: mpsc::Receiver<Delivery>,
@@ -395,17 +397,16 @@ impl Subscription for JetStreamSubscription {
 
     /// `num_pending + num_ack_pending` of the consumer, read from the server.
     async fn lag(&self) -> Result<u64, TransportError> {
-        let info = self
-            .stream
-            .consumer_info(&self.consumer_name)
-            .await
-            .map_err(|err| TransportError::Lag {
-                topic: self.topic.clone(),
-                reason: err.to_string(),
-            })?;
-        Ok(info
-            .num_pending
-            .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX)))
+        self.probe().lag().await
+    }
+
+    fn lag_probe(&self) -> Option<std::sync::Arc<dyn LagProbe>> {
+        Some(std::sync::Arc::new(self.probe()))
+    }
+
+    /// A third of the ack wait: two heartbeats may be lost before the server redelivers.
+    fn progress_interval(&self) -> Option<Duration> {
+        Some(self.ack_wait / 3)
     }
 
     fn retry_style(&self) -> RetryStyle {
@@ -774,5 +775,40 @@ mod tests {
         let fields: Vec<&str> = changed.iter().map(|d| d.field).collect();
         assert_eq!(fields, vec!["storage", "max_age"]);
         assert_eq!(changed[1].actual, "unlimited");
+    }
+}
+
+/// The consumer's lag, read from the server.
+#[derive(Clone)]
+struct JetStreamLag {
+    topic: String,
+    stream: stream::Stream,
+    consumer_name: String,
+}
+
+#[async_trait]
+impl LagProbe for JetStreamLag {
+    async fn lag(&self) -> Result<u64, TransportError> {
+        let info = self
+            .stream
+            .consumer_info(&self.consumer_name)
+            .await
+            .map_err(|err| TransportError::Lag {
+                topic: self.topic.clone(),
+                reason: err.to_string(),
+            })?;
+        Ok(info
+            .num_pending
+            .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX)))
+    }
+}
+
+impl JetStreamSubscription {
+    fn probe(&self) -> JetStreamLag {
+        JetStreamLag {
+            topic: self.topic.clone(),
+            stream: self.stream.clone(),
+            consumer_name: self.consumer_name.clone(),
+        }
     }
 }
