@@ -43,6 +43,7 @@ impl std::fmt::Debug for AppState {
 pub fn router(state: AppState) -> Router {
     let max_body = state.shared.config.http.max_body.as_u64() as usize;
     Router::new()
+        .route("/", get(crate::status::page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/functions", get(functions))

@@ -14,4 +14,5 @@ pub mod pool;
 pub mod retry;
 pub mod runner;
 pub mod runtime;
+pub mod status;
 pub mod telemetry;

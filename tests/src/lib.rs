@@ -7,4 +7,5 @@
 pub mod kafka_broker;
 pub mod nats_server;
 pub mod ports;
+pub mod process;
 pub mod weir;

@@ -359,6 +359,8 @@ async fn lag_is_produced_minus_committed() {
     assert_eq!(per_partition[0].high_watermark, 5);
     assert_eq!(per_partition[0].committed, 2);
     assert_eq!(per_partition[0].lag, 3);
+    let probe = sub.lag_probe().expect("kafka offers a detached lag probe");
+    assert_eq!(probe.lag().await.expect("probe lag"), 3);
     sub.close().await;
 }
 
@@ -413,4 +415,105 @@ async fn a_new_member_resumes_after_the_committed_offset() {
     );
     setup.wait_committed("g-resume", 6).await;
     second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_member_takes_over_a_partition_without_loss() {
+    let setup = setup("rebalance", 2).await;
+    for n in 0..20 {
+        setup
+            .produce(Some(&format!("k{n}")), &format!("m{n}"))
+            .await;
+    }
+    let mut first = setup.subscribe("g-rebalance", Ordering::Partition, 8);
+    // Held across the rebalance: if its partition is revoked, the revoke waits for it.
+    let held = next_within(&mut first, FIRST_DELIVERY)
+        .await
+        .expect("first delivery");
+    let mut seen = BTreeSet::new();
+    seen.insert((held.message.origin.to_string(), 0));
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        held.ack().await.unwrap();
+    });
+    let mut second = setup.subscribe("g-rebalance", Ordering::Partition, 8);
+
+    async fn drain(sub: &mut KafkaSubscription) -> Vec<String> {
+        let mut origins = Vec::new();
+        while let Some(delivery) = next_within(sub, Duration::from_secs(6)).await {
+            origins.push(delivery.message.origin.to_string());
+            delivery.ack().await.unwrap();
+        }
+        origins
+    }
+    let (from_first, from_second) = tokio::join!(drain(&mut first), drain(&mut second));
+    release.await.unwrap();
+    let mut all: BTreeSet<String> = seen.into_iter().map(|(origin, _)| origin).collect();
+    all.extend(from_first.iter().cloned());
+    all.extend(from_second.iter().cloned());
+    assert_eq!(
+        all.len(),
+        20,
+        "every message delivered at least once: {all:?}"
+    );
+    assert_eq!(
+        first.assigned_partitions().len(),
+        1,
+        "cooperative rebalance split the partitions"
+    );
+    assert_eq!(second.assigned_partitions().len(), 1);
+
+    let deadline = Instant::now() + COMMIT_WAIT;
+    let mut total = 0;
+    while Instant::now() < deadline {
+        let offsets = setup
+            .transport
+            .committed_offsets("rebalance", "g-rebalance")
+            .await
+            .unwrap();
+        total = offsets.values().map(|o| o.unwrap_or(0)).sum::<i64>();
+        if total == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(total, 20, "both partitions committed to their end");
+    first.close().await;
+    second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_restart_keeps_the_port_and_loses_memory_storage() {
+    let mut setup = setup("restart", 1).await;
+    setup.produce(None, "before").await;
+    let bootstrap = setup.broker.bootstrap();
+    setup.broker.restart().await.expect("restart");
+    assert_eq!(setup.broker.bootstrap(), bootstrap);
+    let transport = KafkaTransport::connect(&setup.broker.config())
+        .await
+        .expect("reconnect");
+    // memory:// storage: the topic is gone after the restart, so it can be created again.
+    transport
+        .ensure_topic("restart", 1, 1)
+        .await
+        .expect("create again");
+    let offsets = transport
+        .committed_offsets("restart", "g-restart")
+        .await
+        .expect("offsets");
+    assert_eq!(offsets.get(&0).copied().flatten(), None);
+    setup.transport = transport;
+    setup.publisher = setup.transport.publisher().expect("publisher");
+    setup.produce(None, "after").await;
+    let mut sub = setup.subscribe("g-restart", Ordering::Partition, 4);
+    let first = next_within(&mut sub, FIRST_DELIVERY)
+        .await
+        .expect("delivery");
+    assert_eq!(
+        payload_of(&first),
+        "after",
+        "memory storage lost the earlier message"
+    );
+    first.ack().await.unwrap();
+    sub.close().await;
 }
