@@ -14,5 +14,6 @@ pub mod pool;
 pub mod retry;
 pub mod runner;
 pub mod runtime;
+pub mod scaling;
 pub mod status;
 pub mod telemetry;

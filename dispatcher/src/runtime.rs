@@ -20,6 +20,7 @@ use crate::engine::{EngineSettings, FunctionModule, SandboxLimits, WasmEngine};
 use crate::pool::{InstancePool, PoolSettings};
 use crate::retry::RetryPolicy;
 use crate::runner::{FunctionRunner, FunctionSpec};
+use crate::scaling;
 use crate::telemetry;
 
 /// How long shutdown waits for in-flight invocations before handing them back.
@@ -142,9 +143,18 @@ impl Runtime {
                 transports.publisher(function.dead_letter.broker)?,
             ));
             let subscription = transports.subscribe(function).await?;
-            if let Some(probe) = subscription.lag_probe() {
+            let probe = subscription.lag_probe();
+            if let Some(probe) = probe.clone() {
                 chores.spawn(sample_lag(probe, name.clone(), function.trigger.broker, shutdown.child_token()));
             }
+            chores.spawn(scaling::control_loop(
+                name.clone(),
+                function.trigger.broker,
+                pool.clone(),
+                probe,
+                function.scaling.clone(),
+                shutdown.child_token(),
+            ));
             tracing::info!(
                 function = %function.name,
                 broker = %function.trigger.broker,
