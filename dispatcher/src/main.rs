@@ -107,6 +107,9 @@ struct PublishArgs {
     /// With --nats: a core NATS publish (unconfirmed) instead of JetStream.
     #[arg(long, requires = "nats")]
     core: bool,
+    /// Publish straight to Kafka at this bootstrap address (acks=all), not through a running weir.
+    #[arg(long, value_name = "BOOTSTRAP", conflicts_with = "nats")]
+    kafka: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +123,9 @@ struct TailArgs {
     /// Follow the subject on NATS at this URL (new messages only) instead of a weir's history.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
+    /// Read the topic on Kafka at this bootstrap address, from its earliest retained offset on.
+    #[arg(long, value_name = "BOOTSTRAP", conflicts_with = "nats")]
+    kafka: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -301,9 +307,10 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of events per second");
     }
-    let mut sink = match &args.nats {
-        Some(url) => Sink::nats(url, args.core).await?,
-        None => Sink::http(&args.http, &args.topic)?,
+    let mut sink = match (&args.nats, &args.kafka) {
+        (Some(url), _) => Sink::nats(url, args.core).await?,
+        (None, Some(bootstrap)) => Sink::kafka(bootstrap, args.key.clone()).await?,
+        (None, None) => Sink::http(&args.http, &args.topic)?,
     };
     let mut ticker = args.rate.map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
     let mut accepted = 0u64;
@@ -346,7 +353,7 @@ fn request_headers(args: &PublishArgs, body: &[u8]) -> Vec<(String, String)> {
 /// Where `weir publish` sends events.
 enum Sink {
     Http { client: reqwest::Client, url: String },
-    Nats { publisher: Box<dyn weir_broker_bridge::Publisher>, broker: BrokerKind },
+    Broker { publisher: Box<dyn weir_broker_bridge::Publisher>, broker: BrokerKind, key: Option<String> },
 }
 
 impl Sink {
@@ -361,10 +368,16 @@ impl Sink {
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
         Ok(if core {
-            Sink::Nats { publisher: Box::new(transport.core_publisher()), broker: BrokerKind::Nats }
+            Sink::Broker { publisher: Box::new(transport.core_publisher()), broker: BrokerKind::Nats, key: None }
         } else {
-            Sink::Nats { publisher: Box::new(transport.jetstream_publisher()), broker: BrokerKind::JetStream }
+            Sink::Broker { publisher: Box::new(transport.jetstream_publisher()), broker: BrokerKind::JetStream, key: None }
         })
+    }
+
+    async fn kafka(bootstrap: &str, key: Option<String>) -> anyhow::Result<Self> {
+        let transport = connect_kafka(bootstrap).await?;
+        let publisher = transport.publisher()?;
+        Ok(Sink::Broker { publisher: Box::new(publisher), broker: BrokerKind::Kafka, key })
     }
 
     /// Send one event; returns the answer to print.
@@ -383,13 +396,17 @@ impl Sink {
                 }
                 Ok(text)
             }
-            Sink::Nats { publisher, broker } => {
+            Sink::Broker { publisher, broker, key } => {
                 let events = ingress::decode_request(topic, &headers, body)
                     .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
                 let mut ids = Vec::new();
                 for event in events {
+                    let mut message = ingress::outbound(&event, topic, *broker);
+                    if let Some(key) = key {
+                        message.key = Some(key.clone().into_bytes().into());
+                    }
                     publisher
-                        .publish(ingress::outbound(&event, topic, *broker))
+                        .publish(message)
                         .await
                         .with_context(|| format!("publishing to {topic}"))?;
                     ids.push(event.id);
@@ -406,7 +423,20 @@ fn looks_like_json(body: &[u8]) -> bool {
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.nats {
-        return tail_nats(url, &args).await;
+        let config = weir_broker_bridge::nats::NatsConfig { servers: vec![url.to_owned()], ..Default::default() };
+        let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let subscription = transport.subscribe_core(&args.topic, None).await?;
+        return tail_broker(Box::new(subscription), "nats", args.limit).await;
+    }
+    if let Some(bootstrap) = &args.kafka {
+        let transport = connect_kafka(bootstrap).await?;
+        // A throw-away group that starts at the earliest offset: the topic's retained history.
+        let group = format!("weir-tail-{}", uuid::Uuid::new_v4());
+        let subscription =
+            transport.subscribe(&args.topic, &group, weir_broker_bridge::Ordering::Partition, 64)?;
+        return tail_broker(Box::new(subscription), "kafka", args.limit).await;
     }
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let base = base_url(&args.http);
@@ -437,19 +467,24 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Follow a NATS subject (core subscription: new messages only).
-async fn tail_nats(url: &str, args: &TailArgs) -> anyhow::Result<ExitCode> {
-    use weir_broker_bridge::Subscription as _;
-    let config = weir_broker_bridge::nats::NatsConfig { servers: vec![url.to_owned()], ..Default::default() };
-    let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
+async fn connect_kafka(bootstrap: &str) -> anyhow::Result<weir_broker_bridge::kafka::KafkaTransport> {
+    let config = weir_broker_bridge::kafka::KafkaConfig { bootstrap: bootstrap.to_owned(), ..Default::default() };
+    weir_broker_bridge::kafka::KafkaTransport::connect(&config)
         .await
-        .with_context(|| format!("connecting to NATS at {url}"))?;
-    let mut subscription = transport.subscribe_core(&args.topic, None).await?;
+        .with_context(|| format!("connecting to Kafka at {bootstrap}"))
+}
+
+/// Print what a broker subscription delivers, as JSON lines, acknowledging as it goes.
+async fn tail_broker(
+    mut subscription: Box<dyn weir_broker_bridge::Subscription>,
+    transport: &str,
+    limit: Option<u64>,
+) -> anyhow::Result<ExitCode> {
     let mut printed = 0u64;
     while let Some(delivery) = subscription.next().await {
         let message = &delivery.message;
         let origin = message.origin.to_string();
-        let source = weir_schemas::wire::default_source("nats", &message.topic);
+        let source = weir_schemas::wire::default_source(transport, &message.topic);
         let wire = weir_schemas::WireMessage {
             headers: &message.headers,
             payload: message.payload.as_deref(),
@@ -464,11 +499,15 @@ async fn tail_nats(url: &str, args: &TailArgs) -> anyhow::Result<ExitCode> {
                     printed += 1;
                 }
             }
-            Err(e) => println!("{}", serde_json::json!({ "subject": message.topic, "undecodable": e.to_string() })),
+            Err(e) => println!("{}", serde_json::json!({ "topic": message.topic, "origin": origin, "undecodable": e.to_string() })),
         }
-        if args.limit.is_some_and(|limit| printed >= limit) {
+        if let Err(e) = delivery.ack().await {
+            tracing::debug!(error = %e, "tail: ack failed");
+        }
+        if limit.is_some_and(|limit| printed >= limit) {
             break;
         }
     }
+    subscription.close().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use weir_broker_bridge::memory::{MemoryBus, SubscribeOptions};
+use weir_broker_bridge::kafka::{KafkaPublisher, KafkaTransport};
 use weir_broker_bridge::nats::{JetStreamConsumerOptions, NatsTransport};
 use weir_broker_bridge::{BrokerKind, LagProbe, Publisher, Subscription};
 
@@ -218,6 +219,7 @@ fn spec(function: &FunctionConfig, name: Arc<str>) -> FunctionSpec {
 struct Transports {
     memory: MemoryBus,
     nats: Option<NatsTransport>,
+    kafka: Option<(KafkaTransport, Arc<KafkaPublisher>)>,
 }
 
 impl Transports {
@@ -250,7 +252,26 @@ impl Transports {
                 Some(transport)
             }
         };
-        Ok(Self { memory: memory.clone(), nats })
+        let kafka = match &config.brokers.kafka {
+            None => None,
+            Some(kafka_config) => {
+                let transport = KafkaTransport::connect(kafka_config)
+                    .await
+                    .with_context(|| format!("connecting to Kafka at {}", kafka_config.bootstrap))?;
+                if kafka_config.create_topics {
+                    for topic in kafka_topics(config) {
+                        transport.ensure_topic_if_configured(&topic).await.with_context(|| format!("creating Kafka topic {topic}"))?;
+                    }
+                }
+                let publisher = Arc::new(transport.publisher().context("creating the Kafka producer")?);
+                Some((transport, publisher))
+            }
+        };
+        Ok(Self { memory: memory.clone(), nats, kafka })
+    }
+
+    fn kafka(&self) -> anyhow::Result<&(KafkaTransport, Arc<KafkaPublisher>)> {
+        self.kafka.as_ref().context("the kafka broker is used but [brokers.kafka] is not configured")
     }
 
     fn nats(&self, broker: BrokerKind) -> anyhow::Result<&NatsTransport> {
@@ -264,7 +285,7 @@ impl Transports {
             BrokerKind::Memory => Ok(Arc::new(self.memory.publisher())),
             BrokerKind::Nats => Ok(Arc::new(self.nats(broker)?.core_publisher())),
             BrokerKind::JetStream => Ok(Arc::new(self.nats(broker)?.jetstream_publisher())),
-            BrokerKind::Kafka => anyhow::bail!("the kafka transport is not available in this build"),
+            BrokerKind::Kafka => Ok(self.kafka()?.1.clone()),
         }
     }
 
@@ -306,9 +327,34 @@ impl Transports {
                     .with_context(context)?;
                 Ok(Box::new(subscription))
             }
-            BrokerKind::Kafka => anyhow::bail!("function {}: the kafka transport is not available in this build", function.name),
+            BrokerKind::Kafka => {
+                let subscription = self
+                    .kafka()?
+                    .0
+                    .subscribe(&trigger.topic, &trigger.group, trigger.ordering, max_in_flight)
+                    .with_context(context)?;
+                Ok(Box::new(subscription))
+            }
         }
     }
+}
+
+/// Every exact Kafka topic the configuration names: triggers, outputs and dead-letter topics
+/// (output patterns like `orders.>` cannot be created ahead of time).
+fn kafka_topics(config: &Config) -> std::collections::BTreeSet<String> {
+    let mut topics = std::collections::BTreeSet::new();
+    for function in &config.functions {
+        if function.trigger.broker == BrokerKind::Kafka {
+            topics.insert(function.trigger.topic.clone());
+        }
+        if function.output_broker == BrokerKind::Kafka {
+            topics.extend(function.outputs.iter().filter(|t| !t.ends_with('>')).cloned());
+        }
+        if function.dead_letter.broker == BrokerKind::Kafka {
+            topics.insert(function.dead_letter.topic.clone());
+        }
+    }
+    topics
 }
 
 async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {

@@ -1,0 +1,1329 @@
+//! Weir end to end on NATS: the foundation scenarios on JetStream and core NATS, and the fault
+//! plan's NATS cases (reference A.5: dispatcher crash and graceful stop under load, broker
+//! restart, DLQ unavailable or full, a function slower than ack-wait, two dispatchers on one
+//! durable consumer).
+//!
+//! Every test starts its own `nats-server -js` on free loopback ports. Weir runs either in
+//! process (the real [`Runtime`], so counters and pools can be read) or as the real `weir run`
+//! binary ([`WeirProcess`]) where the test must kill it. What Weir did is read back from the
+//! server with async-nats: stream contents (outputs and DLQ records, decoded the way
+//! `weir tail` shows them) and consumer state (`num_pending`, `num_ack_pending`, delivery
+//! sequences), which is the broker's truth rather than Weir's account of itself.
+//!
+//! Tests of this file run one at a time ([`SERIAL`]): timing assertions (retry delays, the
+//! timeout) and load tests must not compete for the 2 cores. Every wait is bounded.
+//! Needs `make functions` and `cargo build -p weir-dispatcher --bin weir` first.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context as _};
+use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream::{self, DiscardPolicy};
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use base64::prelude::{Engine as _, BASE64_STANDARD};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde_json::{json, Value};
+use weir_broker_bridge::nats::{NatsConfig, NatsTransport, StreamConfig};
+use weir_dispatcher::retry::RetryPolicy;
+use weir_dispatcher::runtime::Runtime;
+use weir_tests::nats_server::NatsServer;
+use weir_tests::process::{metric_value, WeirProcess};
+use weir_tests::weir::{functions_dir, InProcess};
+
+/// Tests of this file run one at a time (see the module docs).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Generous bound for anything that should take milliseconds: the machine is shared.
+const WAIT: Duration = Duration::from_secs(20);
+/// Bound for a load test's 10,000 events to be processed.
+const LOAD_WAIT: Duration = Duration::from_secs(180);
+const LOAD_EVENTS: usize = 10_000;
+
+/// Slack over a retry policy's upper bound for a JetStream redelivery: the NAK is confirmed,
+/// the server's redelivery timer fires, the message goes to a waiting pull request, and the
+/// runner needs a slot and a task; on a loaded 2-core machine that takes up to ~100 ms.
+const REDELIVERY_SLACK: Duration = Duration::from_millis(250);
+/// Slack over the upper bound for an in-place retry (a tokio timer and a task wake-up).
+const IN_PLACE_SLACK: Duration = Duration::from_millis(100);
+
+const SPIN_TIMEOUT: Duration = Duration::from_millis(300);
+/// Beyond the timeout: epoch tick (10 ms), unwind, the DLQ publish confirmed by the server, and
+/// the test's polling of the DLQ stream (every 50 ms), on a shared machine.
+const TIMEOUT_BOUND_SLACK: Duration = Duration::from_millis(700);
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+// -------------------------------------------------------------------------------------------
+// Test-side NATS helpers
+// -------------------------------------------------------------------------------------------
+
+/// A server and a test-side connection to it.
+struct Nats {
+    server: NatsServer,
+    client: async_nats::Client,
+    js: Context,
+}
+
+impl Nats {
+    async fn start() -> anyhow::Result<Nats> {
+        let server = NatsServer::start()?;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(server.url())
+            .await
+            .context("connecting the test client")?;
+        let js = async_nats::jetstream::new(client.clone());
+        Ok(Nats { server, client, js })
+    }
+
+    /// Creates the streams the way Weir would (the bridge's `ensure_stream`), so that a Weir
+    /// started later finds them identical.
+    async fn ensure_streams(&self, streams: &[(&str, &[&str])]) -> anyhow::Result<()> {
+        let transport = NatsTransport::connect(&NatsConfig {
+            servers: vec![self.server.url()],
+            ..NatsConfig::default()
+        })
+        .await?;
+        for (name, subjects) in streams {
+            let config = StreamConfig::new(*name, subjects.iter().map(|s| s.to_string()).collect());
+            transport.ensure_stream(&config).await?;
+        }
+        transport.close().await?;
+        Ok(())
+    }
+
+    async fn stream_count(&self, stream: &str) -> anyhow::Result<u64> {
+        let stream = self.js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
+        Ok(stream.cached_info().state.messages)
+    }
+
+    async fn consumer(&self, stream: &str, durable: &str) -> anyhow::Result<consumer::Info> {
+        let handle = self.js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
+        handle.consumer_info(durable).await.with_context(|| format!("consumer {durable} on {stream}"))
+    }
+
+    /// Publishes a binary-mode CloudEvent (JSON data) to JetStream; returns its stream sequence.
+    async fn publish_event(
+        &self,
+        subject: &str,
+        id: &str,
+        ty: &str,
+        data: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<u64> {
+        let headers = ce_headers(id, ty, extra);
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, Bytes::from(data.to_owned()))
+            .await
+            .with_context(|| format!("publishing {id} to {subject}"))?
+            .await
+            .with_context(|| format!("publish ack of {id} on {subject}"))?;
+        Ok(ack.sequence)
+    }
+
+    /// Publishes raw bytes with raw headers to JetStream; returns the stream sequence.
+    async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes) -> anyhow::Result<u64> {
+        let ack = self.js.publish_with_headers(subject.to_owned(), headers, payload).await?.await?;
+        Ok(ack.sequence)
+    }
+
+    /// Publishes `ids` as small JSON events, pipelining the publish acks (1,000 outstanding).
+    async fn publish_many(&self, subject: &str, ids: &[String]) -> anyhow::Result<()> {
+        for chunk in ids.chunks(1000) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                let data = format!("{{\"id\":\"{id}\"}}");
+                let ack = self
+                    .js
+                    .publish_with_headers(subject.to_owned(), ce_headers(id, "com.example.load", &[]), Bytes::from(data))
+                    .await
+                    .with_context(|| format!("publishing {id}"))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.context("publish ack")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A core NATS publish of a binary-mode CloudEvent, flushed.
+    async fn publish_core(&self, subject: &str, id: &str, ty: &str, data: &str) -> anyhow::Result<()> {
+        self.client
+            .publish_with_headers(subject.to_owned(), ce_headers(id, ty, &[]), Bytes::from(data.to_owned()))
+            .await?;
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// Every message of `stream` (optionally only `filter`), oldest first.
+    async fn read_stream(&self, stream: &str, filter: Option<&str>) -> anyhow::Result<Vec<Stored>> {
+        let handle = self.js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
+        let mut reader: PullConsumer = handle
+            .create_consumer(pull::Config {
+                filter_subject: filter.unwrap_or_default().to_owned(),
+                ack_policy: AckPolicy::None,
+                deliver_policy: DeliverPolicy::All,
+                inactive_threshold: Duration::from_secs(10),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating a reader on {stream}"))?;
+        let expected = reader.info().await?.num_pending;
+        let mut stored = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while (stored.len() as u64) < expected {
+            ensure!(Instant::now() < deadline, "reading {stream}: {} of {expected} after {WAIT:?}", stored.len());
+            let mut batch = reader
+                .batch()
+                .max_messages(1000)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .context("fetching")?;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("reading {stream}: {e}"))?;
+                let sequence = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+                stored.push(Stored {
+                    sequence,
+                    subject: message.subject.to_string(),
+                    headers: header_pairs(message.headers.as_ref()),
+                    payload: message.payload.clone(),
+                });
+                if stored.len() as u64 >= expected {
+                    break;
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    /// The events of `stream` on `subject`, decoded and shown as `weir tail` shows them.
+    async fn events(&self, stream: &str, subject: &str) -> anyhow::Result<Vec<Value>> {
+        Ok(self.read_stream(stream, Some(subject)).await?.iter().map(|m| m.event(stream)).collect())
+    }
+
+    /// The first event on `subject` of `stream` for which `matches` holds; fails after
+    /// `timeout` with what the subject held.
+    async fn wait_event(
+        &self,
+        stream: &str,
+        subject: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events(stream, subject).await?;
+            if let Some(found) = events.iter().find(|e| matches(e)) {
+                return Ok(found.clone());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for an event on {subject} ({stream}); saw {}: {}",
+                    events.len(),
+                    serde_json::to_string_pretty(&events).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `stream` holds at least `n` messages; returns the count.
+    async fn wait_count(&self, stream: &str, n: u64, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.stream_count(stream).await?;
+            if count >= n {
+                return Ok(count);
+            }
+            if Instant::now() >= deadline {
+                bail!("{stream} holds {count} messages after {timeout:?}, expected {n}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the consumer has nothing pending or unacknowledged.
+    async fn wait_drained(&self, stream: &str, durable: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.consumer(stream, durable).await?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "consumer {durable} not drained after {timeout:?}: pending {}, ack pending {}",
+                    info.num_pending,
+                    info.num_ack_pending
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A message as stored in a stream.
+struct Stored {
+    sequence: u64,
+    subject: String,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+}
+
+impl Stored {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Decoded with Weir's own codec and shown as `weir tail` / the admin API show events.
+    fn event(&self, stream: &str) -> Value {
+        let origin = format!("jetstream://{stream}/{}", self.sequence);
+        let source = weir_schemas::wire::default_source("jetstream", &self.subject);
+        let wire = weir_schemas::WireMessage {
+            headers: &self.headers,
+            payload: Some(&self.payload),
+            key: None,
+            origin: &origin,
+            default_source: &source,
+        };
+        match weir_schemas::decode(&wire, weir_schemas::Format::Auto) {
+            Ok(events) if events.len() == 1 => weir_dispatcher::http::event_json(&events[0]),
+            Ok(events) => json!({ "subject": self.subject, "events": events.len() }),
+            Err(e) => json!({ "subject": self.subject, "undecodable": e.to_string() }),
+        }
+    }
+}
+
+fn header_pairs(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let Some(headers) = headers else { return Vec::new() };
+    headers
+        .iter()
+        .flat_map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values.iter().map(move |v| (name.to_owned(), v.as_str().to_owned()))
+        })
+        .collect()
+}
+
+fn ce_headers(id: &str, ty: &str, extra: &[(&str, &str)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("ce-specversion", "1.0");
+    headers.insert("ce-id", id);
+    headers.insert("ce-source", "weir-tests");
+    headers.insert("ce-type", ty);
+    headers.insert("content-type", "application/json");
+    for (name, value) in extra {
+        headers.insert(*name, *value);
+    }
+    headers
+}
+
+fn ext<'a>(event: &'a Value, name: &str) -> &'a str {
+    event[name].as_str().unwrap_or_default()
+}
+
+fn parse_time(text: &str) -> anyhow::Result<SystemTime> {
+    humantime::parse_rfc3339_weak(text).with_context(|| format!("{text:?} is not an RFC 3339 time"))
+}
+
+fn since(later: SystemTime, earlier: SystemTime) -> anyhow::Result<Duration> {
+    later.duration_since(earlier).with_context(|| format!("{later:?} is before {earlier:?}"))
+}
+
+/// The absolute path of a component, for configurations written to a temp dir.
+fn module(file: &str) -> anyhow::Result<String> {
+    let path = functions_dir()?.join(file);
+    ensure!(path.is_file(), "{} is missing: run `make functions`", path.display());
+    Ok(path.display().to_string())
+}
+
+/// `[brokers.nats]` for `url` and the given streams.
+fn brokers(url: &str, streams: &[(&str, &[&str])]) -> String {
+    let mut text = format!(
+        "[brokers.nats]\nservers = [\"{url}\"]\nreconnect_delay_max = \"500ms\"\nrequest_timeout = \"3s\"\n"
+    );
+    for (name, subjects) in streams {
+        let subjects: Vec<String> = subjects.iter().map(|s| format!("\"{s}\"")).collect();
+        text.push_str(&format!("\n[[brokers.nats_streams]]\nname = \"{name}\"\nsubjects = [{}]\n", subjects.join(", ")));
+    }
+    text
+}
+
+fn write_config(dir: &Path, text: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn runner(weir: &InProcess, function: &str) -> anyhow::Result<std::sync::Arc<weir_dispatcher::runner::FunctionRunner>> {
+    weir.shared().function(function).cloned().with_context(|| format!("no function {function}"))
+}
+
+/// The sum of `weir_nats_publish_total` samples with these labels in a metrics exposition.
+fn publish_count(metrics: &str, outcome: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("weir_nats_publish_total{"))
+        .filter(|l| l.contains("broker=\"jetstream\"") && l.contains(&format!("outcome=\"{outcome}\"")))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+// -------------------------------------------------------------------------------------------
+// 1. The foundation scenarios on JetStream
+// -------------------------------------------------------------------------------------------
+
+fn jetstream_config(url: &str) -> String {
+    let streams: [(&str, &[&str]); 3] =
+        [("ORDERS", &["orders", "orders.>"]), ("TEST", &["js.>"]), ("DLQ", &["weir.dlq.>"])];
+    format!(
+        r#"
+[defaults]
+timeout = "2s"
+memory = "64MiB"
+
+[defaults.trigger]
+broker = "jetstream"
+
+[defaults.retry]
+max_attempts = 3
+initial_delay = "50ms"
+multiplier = 2.0
+jitter = 0.2
+
+[defaults.scaling]
+min = 1
+max = 2
+
+{brokers}
+[[functions]]
+name = "order-validate"
+module = "order_validate.wasm"
+outputs = ["orders.validated"]
+[functions.trigger]
+topic = "orders"
+stream = "ORDERS"
+
+[[functions]]
+name = "order-enrich"
+module = "order_enrich.wasm"
+outputs = ["orders.enriched"]
+config = {{ large_threshold = "1000", currency = "EUR" }}
+[functions.trigger]
+topic = "orders.validated"
+stream = "ORDERS"
+
+[[functions]]
+name = "flaky"
+module = "flaky.wasm"
+outputs = ["js.flaky.out"]
+config = {{ fail_attempts = "2", output_topic = "js.flaky.out" }}
+[functions.trigger]
+topic = "js.flaky.in"
+stream = "TEST"
+[functions.retry]
+max_attempts = 5
+initial_delay = "200ms"
+multiplier = 2.0
+jitter = 0.2
+
+[[functions]]
+name = "flaky-forever"
+module = "flaky.wasm"
+outputs = ["js.forever.out"]
+config = {{ fail_attempts = "1000", output_topic = "js.forever.out" }}
+[functions.trigger]
+topic = "js.forever.in"
+stream = "TEST"
+[functions.retry]
+max_attempts = 3
+initial_delay = "50ms"
+
+[[functions]]
+name = "reject-all"
+module = "reject_all.wasm"
+[functions.trigger]
+topic = "js.reject.in"
+stream = "TEST"
+
+[[functions]]
+name = "spin"
+module = "spin.wasm"
+timeout = "300ms"
+[functions.trigger]
+topic = "js.spin.in"
+stream = "TEST"
+[functions.retry]
+max_attempts = 1
+[functions.scaling]
+min = 1
+max = 1
+
+[[functions]]
+name = "memory-hog"
+module = "memory_hog.wasm"
+memory = "32MiB"
+[functions.trigger]
+topic = "js.hog.in"
+stream = "TEST"
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "always-trap"
+module = "always_trap.wasm"
+[functions.trigger]
+topic = "js.trap.in"
+stream = "TEST"
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "bad-output"
+module = "bad_output.wasm"
+outputs = ["js.ok.topic"]
+config = {{ topic = "js.forbidden.topic" }}
+[functions.trigger]
+topic = "js.bad.in"
+stream = "TEST"
+[functions.retry]
+max_attempts = 2
+
+[[functions]]
+name = "echo"
+module = "echo.wasm"
+outputs = ["js.echo.out"]
+config = {{ output_topic = "js.echo.out" }}
+[functions.trigger]
+topic = "js.echo.in"
+stream = "TEST"
+"#,
+        brokers = brokers(url, &streams)
+    )
+}
+
+/// The chain, retries by NAK-with-delay, exhaustion, reject, timeout, traps, a forbidden
+/// output and undecodable input, all on JetStream with DLQ records on a DLQ stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_foundation_scenarios() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let weir = InProcess::start(&jetstream_config(&nats.server.url())).await?;
+    js_chain(&nats).await.context("chain")?;
+    js_flaky_retries_by_nak_with_delay(&nats, &weir).await.context("flaky")?;
+    js_exhaustion_dead_letters_once(&nats, &weir).await.context("exhaustion")?;
+    js_reject(&nats, &weir).await.context("reject")?;
+    js_timeout_and_traps(&nats).await.context("timeout and traps")?;
+    js_forbidden_output(&nats, &weir).await.context("bad output")?;
+    js_undecodable(&nats).await.context("undecodable")?;
+    weir.shutdown().await
+}
+
+async fn js_chain(nats: &Nats) -> anyhow::Result<()> {
+    nats.publish_event("orders", "order-1", "com.example.order", r#"{"id":"o-1","amount":42}"#, &[(
+        "ce-traceparent",
+        TRACEPARENT,
+    )])
+    .await?;
+    let validated = nats.wait_event("ORDERS", "orders.validated", WAIT, |e| e["weircausation"] == "order-1").await?;
+    let enriched = nats.wait_event("ORDERS", "orders.enriched", WAIT, |e| e["data"]["id"] == "o-1").await?;
+    assert_eq!(
+        enriched["data"],
+        json!({"id": "o-1", "amount": 42, "validated": true, "tier": "small", "currency": "EUR"})
+    );
+    assert_eq!(enriched["type"], "weir.order.enriched");
+    assert_eq!(ext(&validated, "weirhops"), "1");
+    assert_eq!(ext(&enriched, "weirhops"), "2");
+    assert_eq!(ext(&enriched, "weircausation"), ext(&validated, "id"), "causation names the validated event");
+    for event in [&validated, &enriched] {
+        let traceparent = ext(event, "traceparent");
+        assert_eq!(traceparent.split('-').nth(1), Some(TRACE_ID), "trace id carried: {event}");
+        assert_ne!(traceparent, TRACEPARENT, "each hop has its own span id");
+    }
+    // The output ids are the JetStream de-duplication ids.
+    let stored = nats.read_stream("ORDERS", Some("orders.enriched")).await?;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].header("Nats-Msg-Id"), Some(ext(&enriched, "id")));
+    nats.wait_drained("ORDERS", "weir-order-validate", WAIT).await?;
+    nats.wait_drained("ORDERS", "weir-order-enrich", WAIT).await
+}
+
+async fn js_flaky_retries_by_nak_with_delay(nats: &Nats, weir: &InProcess) -> anyhow::Result<()> {
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        initial_delay: Duration::from_millis(200),
+        multiplier: 2.0,
+        max_delay: Duration::from_secs(30),
+        jitter: 0.2,
+        max_age: None,
+    };
+    let flaky = runner(weir, "flaky")?;
+    assert_eq!(flaky.spec.retry, policy, "the configured policy is the one checked here");
+    nats.publish_event("js.flaky.in", "flaky-1", "com.example.flaky", r#"{"n":1}"#, &[]).await?;
+    let output = nats.wait_event("TEST", "js.flaky.out", WAIT, |e| e["weircausation"] == "flaky-1").await?;
+    assert_eq!(output["data"], json!({"n": 1}), "flaky echoes its input");
+
+    let failures: Vec<_> = flaky.recent_failures().into_iter().filter(|f| f.event_id == "flaky-1").collect();
+    assert_eq!(failures.len(), 2, "exactly two failed attempts: {failures:?}");
+    // flaky fails while `attempt <= 2`: attempts come from JetStream's delivery count.
+    assert_eq!(failures[0].error, "function asked to retry: attempt 1 failed");
+    assert_eq!(failures[1].error, "function asked to retry: attempt 2 failed");
+    assert_eq!(flaky.counters.succeeded.load(Relaxed), 1);
+    assert_eq!(flaky.counters.retried.load(Relaxed), 2);
+    assert_eq!(flaky.counters.received.load(Relaxed), 3, "three deliveries of one message");
+
+    // Each gap is a NAK delay: at least the policy's lower bound (a bare NAK would redeliver
+    // at once) and far below the 30 s ack wait (it was not an ack timeout).
+    let attempts = [parse_time(&failures[0].at)?, parse_time(&failures[1].at)?, parse_time(ext(&output, "time"))?];
+    for (index, pair) in attempts.windows(2).enumerate() {
+        let failed_attempt = index as u32 + 1;
+        let gap = since(pair[1], pair[0])?;
+        let (low, high) = policy.delay_bounds(failed_attempt);
+        println!("flaky on JetStream: delay after attempt {failed_attempt}: {gap:?} (policy {low:?}..{high:?})");
+        assert!(
+            gap + Duration::from_millis(5) >= low && gap <= high + REDELIVERY_SLACK,
+            "the delay after attempt {failed_attempt} was {gap:?}, outside {low:?}..{high:?} (+{REDELIVERY_SLACK:?})"
+        );
+    }
+    nats.wait_drained("TEST", "weir-flaky", WAIT).await?;
+    let info = nats.consumer("TEST", "weir-flaky").await?;
+    assert_eq!(info.delivered.consumer_sequence, 3, "the server delivered the message exactly 3 times");
+    assert_eq!(info.ack_floor.stream_sequence, info.delivered.stream_sequence, "acked");
+    Ok(())
+}
+
+async fn js_exhaustion_dead_letters_once(nats: &Nats, weir: &InProcess) -> anyhow::Result<()> {
+    let data = json!({"order": "o-77", "lines": [1, 2, 3]});
+    let sequence = nats
+        .publish_event("js.forever.in", "forever-1", "com.example.forever", &data.to_string(), &[(
+            "ce-subject",
+            "orders/o-77",
+        )])
+        .await?;
+    let record = nats.wait_event("DLQ", "weir.dlq.flaky-forever", WAIT, |e| e["id"] == "forever-1").await?;
+    let runner = runner(weir, "flaky-forever")?;
+    assert_eq!(ext(&record, "weirdlqreason"), "retries-exhausted", "{record}");
+    assert_eq!(ext(&record, "weirdlqattempts"), "3");
+    assert_eq!(ext(&record, "weirdlqfunction"), "flaky-forever");
+    assert_eq!(ext(&record, "weirdlqmodule"), runner.pool.module().sha256());
+    assert_eq!(ext(&record, "weirdlqmodule").len(), 64);
+    assert_eq!(ext(&record, "weirdlqorigin"), format!("jetstream://TEST/{sequence}"));
+    assert_eq!(ext(&record, "weirdlqerror"), "function asked to retry: attempt 3 failed");
+    let first = parse_time(ext(&record, "weirdlqfirstfailure"))?;
+    let last = parse_time(ext(&record, "weirdlqlastfailure"))?;
+    let span = since(last, first)?;
+    // Two NAK delays of at least 40 ms and 80 ms separate the first and the last failure.
+    assert!(span >= Duration::from_millis(115), "first..last failure spans only {span:?}");
+    assert_eq!(record["id"], "forever-1");
+    assert_eq!(record["type"], "com.example.forever");
+    assert_eq!(record["source"], "weir-tests");
+    assert_eq!(record["subject"], "orders/o-77");
+    assert_eq!(record["datacontenttype"], "application/json");
+    assert_eq!(record["data"], data);
+
+    // Exactly one record, the input terminated (not pending, not redelivered).
+    nats.wait_drained("TEST", "weir-flaky-forever", WAIT).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = nats.events("DLQ", "weir.dlq.flaky-forever").await?;
+    assert_eq!(records.len(), 1, "exactly one DLQ record: {records:?}");
+    let info = nats.consumer("TEST", "weir-flaky-forever").await?;
+    assert_eq!(info.delivered.consumer_sequence, 3, "3 deliveries, then +TERM");
+    assert!(nats.events("TEST", "js.forever.out").await?.is_empty());
+    assert_eq!(runner.counters.dead_lettered.load(Relaxed), 1);
+    Ok(())
+}
+
+async fn js_reject(nats: &Nats, weir: &InProcess) -> anyhow::Result<()> {
+    let sequence = nats.publish_event("js.reject.in", "reject-1", "com.example.x", "{}", &[]).await?;
+    let record = nats.wait_event("DLQ", "weir.dlq.reject-all", WAIT, |e| e["id"] == "reject-1").await?;
+    assert_eq!(ext(&record, "weirdlqreason"), "rejected", "{record}");
+    assert_eq!(ext(&record, "weirdlqattempts"), "1");
+    assert_eq!(ext(&record, "weirdlqerror"), "rejected by test");
+    assert_eq!(ext(&record, "weirdlqorigin"), format!("jetstream://TEST/{sequence}"));
+    nats.wait_drained("TEST", "weir-reject-all", WAIT).await?;
+    let info = nats.consumer("TEST", "weir-reject-all").await?;
+    assert_eq!(info.delivered.consumer_sequence, 1, "a reject burns no retries");
+    assert_eq!(runner(weir, "reject-all")?.counters.retried.load(Relaxed), 0);
+    Ok(())
+}
+
+async fn js_timeout_and_traps(nats: &Nats) -> anyhow::Result<()> {
+    let published = Instant::now();
+    nats.publish_event("js.spin.in", "spin-1", "com.example.x", "{}", &[]).await?;
+    let record = nats.wait_event("DLQ", "weir.dlq.spin", WAIT, |e| e["id"] == "spin-1").await?;
+    let elapsed = published.elapsed();
+    assert_eq!(ext(&record, "weirdlqreason"), "timeout", "{record}");
+    assert_eq!(ext(&record, "weirdlqattempts"), "1");
+    assert!(ext(&record, "weirdlqerror").contains("timed out after 300ms"), "{record}");
+    assert!(elapsed >= SPIN_TIMEOUT, "dead-lettered after {elapsed:?}, before the timeout");
+    assert!(elapsed <= SPIN_TIMEOUT + TIMEOUT_BOUND_SLACK, "dead-lettered only after {elapsed:?}");
+
+    nats.publish_event("js.hog.in", "hog-1", "com.example.x", "{}", &[]).await?;
+    let record = nats.wait_event("DLQ", "weir.dlq.memory-hog", WAIT, |e| e["id"] == "hog-1").await?;
+    assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
+    let error = ext(&record, "weirdlqerror");
+    assert!(error.contains("memory limit") && error.contains("32"), "error names the 32 MiB limit: {error}");
+
+    nats.publish_event("js.trap.in", "trap-1", "com.example.x", "{}", &[]).await?;
+    let record = nats.wait_event("DLQ", "weir.dlq.always-trap", WAIT, |e| e["id"] == "trap-1").await?;
+    assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
+    assert!(ext(&record, "weirdlqerror").starts_with("trapped: "), "{record}");
+    for durable in ["weir-spin", "weir-memory-hog", "weir-always-trap"] {
+        nats.wait_drained("TEST", durable, WAIT).await?;
+    }
+    Ok(())
+}
+
+async fn js_forbidden_output(nats: &Nats, weir: &InProcess) -> anyhow::Result<()> {
+    nats.publish_event("js.bad.in", "bad-1", "com.example.x", "{}", &[]).await?;
+    let record = nats.wait_event("DLQ", "weir.dlq.bad-output", WAIT, |e| e["id"] == "bad-1").await?;
+    assert_eq!(ext(&record, "weirdlqreason"), "retries-exhausted", "{record}");
+    assert_eq!(ext(&record, "weirdlqattempts"), "2");
+    let error = ext(&record, "weirdlqerror");
+    assert!(
+        error.contains("\"js.forbidden.topic\"") && error.contains("not in the function's allowed outputs"),
+        "{error}"
+    );
+    let failures = runner(weir, "bad-output")?.recent_failures();
+    assert!(failures.iter().all(|f| f.outcome == "output_rule"), "{failures:?}");
+    // The TEST stream captures js.>: nothing was ever published to either output subject.
+    assert!(nats.read_stream("TEST", Some("js.forbidden.topic")).await?.is_empty());
+    assert!(nats.read_stream("TEST", Some("js.ok.topic")).await?.is_empty());
+    Ok(())
+}
+
+async fn js_undecodable(nats: &Nats) -> anyhow::Result<()> {
+    let raw = Bytes::from_static(b"\x00\x01 not json \xff");
+    let mut headers = HeaderMap::new();
+    headers.insert("ce-specversion", "0.3");
+    headers.insert("ce-id", "legacy-1");
+    headers.insert("ce-source", "legacy");
+    headers.insert("ce-type", "com.example.legacy");
+    headers.insert("content-type", "application/octet-stream");
+    let sequence = nats.publish_raw("js.echo.in", headers, raw.clone()).await?;
+    let origin = format!("jetstream://TEST/{sequence}");
+    let record = nats.wait_event("DLQ", "weir.dlq.echo", WAIT, |e| e["weirdlqorigin"] == origin.as_str()).await?;
+    assert_eq!(ext(&record, "weirdlqreason"), "undecodable", "{record}");
+    assert_eq!(ext(&record, "weirdlqfunction"), "echo");
+    assert_eq!(ext(&record, "weirdlqattempts"), "1");
+    assert!(ext(&record, "weirdlqerror").contains("0.3"), "the error names the version: {record}");
+    assert_eq!(record["type"], "weir.undecodable");
+    assert_eq!(record["datacontenttype"], "application/octet-stream");
+    let data = record["data_base64"].as_str().context("raw bytes are carried as data_base64")?;
+    assert_eq!(BASE64_STANDARD.decode(data)?, raw.as_ref(), "the raw bytes, unchanged");
+    assert!(nats.read_stream("TEST", Some("js.echo.out")).await?.is_empty(), "echo never ran on it");
+    nats.wait_drained("TEST", "weir-echo", WAIT).await
+}
+
+// -------------------------------------------------------------------------------------------
+// 1b. The scenarios that apply to core NATS
+// -------------------------------------------------------------------------------------------
+
+/// Core NATS: the chain, reject → DLQ after one attempt, and retries in place. A stream
+/// (`CAPTURE`) records every core subject involved so the test can read what was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats_chain_reject_and_retries_in_place() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let streams: [(&str, &[&str]); 1] = [("CAPTURE", &["orders", "orders.>", "core.>", "weir.dlq.>"])];
+    let config = format!(
+        r#"
+[defaults]
+timeout = "2s"
+[defaults.trigger]
+broker = "nats"
+[defaults.scaling]
+min = 1
+max = 2
+
+{brokers}
+[[functions]]
+name = "order-validate"
+module = "order_validate.wasm"
+outputs = ["orders.validated"]
+[functions.trigger]
+topic = "orders"
+
+[[functions]]
+name = "order-enrich"
+module = "order_enrich.wasm"
+outputs = ["orders.enriched"]
+[functions.trigger]
+topic = "orders.validated"
+
+[[functions]]
+name = "reject-all"
+module = "reject_all.wasm"
+[functions.trigger]
+topic = "core.reject.in"
+
+[[functions]]
+name = "flaky"
+module = "flaky.wasm"
+outputs = ["core.flaky.out"]
+config = {{ fail_attempts = "2", output_topic = "core.flaky.out" }}
+[functions.trigger]
+topic = "core.flaky.in"
+[functions.retry]
+max_attempts = 5
+initial_delay = "200ms"
+multiplier = 2.0
+jitter = 0.2
+"#,
+        brokers = brokers(&nats.server.url(), &streams)
+    );
+    let weir = InProcess::start(&config).await?;
+
+    // The chain.
+    nats.publish_core("orders", "core-order-1", "com.example.order", r#"{"id":"o-9","amount":4000}"#).await?;
+    let validated =
+        nats.wait_event("CAPTURE", "orders.validated", WAIT, |e| e["weircausation"] == "core-order-1").await?;
+    let enriched = nats.wait_event("CAPTURE", "orders.enriched", WAIT, |e| e["data"]["id"] == "o-9").await?;
+    assert_eq!(enriched["data"]["tier"], "large", "{enriched}");
+    assert_eq!(ext(&validated, "weirhops"), "1");
+    assert_eq!(ext(&enriched, "weirhops"), "2");
+    assert_eq!(ext(&enriched, "weircausation"), ext(&validated, "id"));
+    assert_eq!(
+        ext(&validated, "traceparent").split('-').nth(1),
+        ext(&enriched, "traceparent").split('-').nth(1),
+        "one trace through the chain"
+    );
+
+    // Reject → DLQ (on core NATS too) after one attempt.
+    nats.publish_core("core.reject.in", "core-reject-1", "com.example.x", "{}").await?;
+    let record = nats.wait_event("CAPTURE", "weir.dlq.reject-all", WAIT, |e| e["id"] == "core-reject-1").await?;
+    assert_eq!(ext(&record, "weirdlqreason"), "rejected", "{record}");
+    assert_eq!(ext(&record, "weirdlqattempts"), "1");
+    assert_eq!(ext(&record, "weirdlqorigin"), "nats://core.reject.in");
+    assert_eq!(runner(&weir, "reject-all")?.counters.received.load(Relaxed), 1);
+
+    // Retries in place: one delivery, three invocations, gaps within the policy's bounds.
+    let policy = runner(&weir, "flaky")?.spec.retry.clone();
+    nats.publish_core("core.flaky.in", "core-flaky-1", "com.example.flaky", r#"{"n":2}"#).await?;
+    let output = nats.wait_event("CAPTURE", "core.flaky.out", WAIT, |e| e["weircausation"] == "core-flaky-1").await?;
+    assert_eq!(output["data"], json!({"n": 2}));
+    let flaky = runner(&weir, "flaky")?;
+    assert_eq!(flaky.counters.received.load(Relaxed), 1, "core NATS delivered it once; retries were in place");
+    assert_eq!(flaky.counters.retried.load(Relaxed), 2);
+    let failures: Vec<_> = flaky.recent_failures().into_iter().filter(|f| f.event_id == "core-flaky-1").collect();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    assert_eq!(failures[1].error, "function asked to retry: attempt 2 failed", "the attempt number grows in place");
+    let attempts = [parse_time(&failures[0].at)?, parse_time(&failures[1].at)?, parse_time(ext(&output, "time"))?];
+    for (index, pair) in attempts.windows(2).enumerate() {
+        let failed_attempt = index as u32 + 1;
+        let gap = since(pair[1], pair[0])?;
+        let (low, high) = policy.delay_bounds(failed_attempt);
+        assert!(
+            gap + Duration::from_millis(5) >= low && gap <= high + IN_PLACE_SLACK,
+            "in-place delay after attempt {failed_attempt} was {gap:?}, outside {low:?}..{high:?}"
+        );
+    }
+    assert_eq!(nats.read_stream("CAPTURE", Some("core.flaky.out")).await?.len(), 1, "one output");
+    weir.shutdown().await
+}
+
+// -------------------------------------------------------------------------------------------
+// 2 and 3. kill -9 and SIGTERM under load
+// -------------------------------------------------------------------------------------------
+
+const LOAD_STREAMS: [(&str, &[&str]); 3] = [("IN", &["load.in"]), ("OUT", &["load.out"]), ("DLQ", &["weir.dlq.>"])];
+const LOAD_MAX_IN_FLIGHT: usize = 8;
+
+fn load_config(url: &str) -> anyhow::Result<String> {
+    Ok(format!(
+        r#"
+{brokers}
+[[functions]]
+name = "echo"
+module = "{module}"
+outputs = ["load.out"]
+timeout = "2s"
+config = {{ output_topic = "load.out" }}
+[functions.trigger]
+broker = "jetstream"
+topic = "load.in"
+stream = "IN"
+group = "load"
+ack_wait = "3s"
+[functions.retry]
+max_attempts = 10
+initial_delay = "50ms"
+max_delay = "500ms"
+[functions.scaling]
+min = 1
+max = {LOAD_MAX_IN_FLIGHT}
+"#,
+        brokers = brokers(url, &LOAD_STREAMS),
+        module = module("echo.wasm")?
+    ))
+}
+
+fn load_ids() -> Vec<String> {
+    (0..LOAD_EVENTS).map(|i| format!("ev-{i:05}")).collect()
+}
+
+/// What the consumer and the output stream looked like right after the first process ended.
+#[derive(Debug)]
+struct AtStop {
+    outputs: u64,
+    pending: u64,
+    ack_pending: u64,
+    acked: u64,
+}
+
+/// 10,000 events, a first `weir run` stopped by `stop` once some but not all are done, a
+/// second one that finishes the job. Returns the state at the stop and the second process.
+async fn load_with_stop(
+    nats: &Nats,
+    dir: &Path,
+    graceful: bool,
+) -> anyhow::Result<(AtStop, WeirProcess)> {
+    nats.ensure_streams(&LOAD_STREAMS).await?;
+    let ids = load_ids();
+    nats.publish_many("load.in", &ids).await?;
+    assert_eq!(nats.stream_count("IN").await?, LOAD_EVENTS as u64);
+    let config = write_config(dir, &load_config(&nats.server.url())?)?;
+
+    let mut first = WeirProcess::start(&config, &[]).await?;
+    let started = Instant::now();
+    let threshold = (LOAD_EVENTS / 10) as u64;
+    nats.wait_count("OUT", threshold, LOAD_WAIT).await.with_context(|| first.log_text())?;
+    let status = if graceful {
+        first.terminate(Duration::from_secs(30)).await?
+    } else {
+        first.kill9().await?
+    };
+    let log = first.log_text();
+    // Let the server finish what the dead client's socket had already delivered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = nats.consumer("IN", "load").await?;
+    let outputs = nats.stream_count("OUT").await?;
+    let ack_pending = info.num_ack_pending as u64;
+    let at_stop = AtStop {
+        outputs,
+        pending: info.num_pending,
+        ack_pending,
+        acked: LOAD_EVENTS as u64 - info.num_pending - ack_pending,
+    };
+    println!(
+        "{} after {:?}: {at_stop:?} (exit {status})",
+        if graceful { "SIGTERM" } else { "kill -9" },
+        started.elapsed()
+    );
+    if graceful {
+        assert!(status.success(), "weir exited with {status} on SIGTERM; log:\n{log}");
+        assert!(log.contains("all functions stopped"), "the graceful path ran; log:\n{log}");
+    } else {
+        assert_eq!(status.code(), None, "killed by a signal");
+    }
+    ensure!(
+        at_stop.outputs < LOAD_EVENTS as u64,
+        "all {LOAD_EVENTS} events were done before the stop; the test proves nothing (make it bigger)"
+    );
+    assert!(at_stop.acked >= threshold.saturating_sub(LOAD_MAX_IN_FLIGHT as u64), "{at_stop:?}");
+    assert!(at_stop.outputs >= at_stop.acked, "an acked input always has its output first: {at_stop:?}");
+
+    let second = WeirProcess::start(&config, &[]).await?;
+    nats.wait_count("OUT", LOAD_EVENTS as u64, LOAD_WAIT).await.with_context(|| second.log_text())?;
+    nats.wait_drained("IN", "load", LOAD_WAIT).await?;
+    Ok((at_stop, second))
+}
+
+/// Every input has exactly one output message in OUT: 0 lost, and duplicates (if any) were
+/// absorbed by `Nats-Msg-Id`.
+async fn assert_every_input_has_one_output(nats: &Nats) -> anyhow::Result<()> {
+    let outputs = nats.read_stream("OUT", None).await?;
+    assert_eq!(outputs.len(), LOAD_EVENTS, "OUT holds exactly one message per input");
+    let causes: HashSet<&str> = outputs.iter().filter_map(|m| m.header("ce-weircausation")).collect();
+    let expected = load_ids();
+    let expected: HashSet<&str> = expected.iter().map(String::as_str).collect();
+    let lost: Vec<&&str> = expected.difference(&causes).take(10).collect();
+    assert!(lost.is_empty(), "inputs without an output (first 10): {lost:?}");
+    assert_eq!(causes.len(), LOAD_EVENTS, "distinct causes");
+    let msg_ids: HashSet<&str> = outputs.iter().filter_map(|m| m.header("Nats-Msg-Id")).collect();
+    assert_eq!(msg_ids.len(), LOAD_EVENTS, "every output carries its own de-duplication id");
+    assert_eq!(nats.stream_count("DLQ").await?, 0, "nothing was dead-lettered");
+    Ok(())
+}
+
+/// Fault plan #1: kill -9 mid-batch. 0 lost; the duplicates are bounded by the in-flight
+/// window and absorbed by the output stream's de-duplication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_nothing_and_dedups_outputs() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (at_stop, second) = load_with_stop(&nats, dir.path(), false).await?;
+    // Deliveries the killed process held: bounded by the consumer's max_ack_pending.
+    assert!(at_stop.ack_pending <= LOAD_MAX_IN_FLIGHT as u64, "{at_stop:?}");
+    // Outputs published whose input was not acked: the invocations that run twice.
+    let duplicated = at_stop.outputs - at_stop.acked;
+    assert!(duplicated <= at_stop.ack_pending, "{at_stop:?}");
+
+    assert_every_input_has_one_output(&nats).await?;
+    let view = second.function_view("echo").await?;
+    let received = view["counters"]["received"].as_u64().context("received")?;
+    assert_eq!(
+        received,
+        at_stop.pending + at_stop.ack_pending,
+        "the second process got exactly what the first had not acked: {view}"
+    );
+    let metrics = second.get_text("/metrics").await?;
+    let duplicates = publish_count(&metrics, "duplicate");
+    println!(
+        "kill -9: {} inputs re-run after the crash; {duplicated} of their outputs were already stored \
+         and came back as JetStream duplicates ({duplicates} seen by the second process)",
+        at_stop.ack_pending
+    );
+    assert_eq!(duplicates, duplicated, "each re-run output was de-duplicated by Nats-Msg-Id");
+    assert_eq!(publish_count(&metrics, "ok"), LOAD_EVENTS as u64 - at_stop.outputs);
+    Ok(())
+}
+
+/// Fault plan #3: SIGTERM under load. 0 lost and 0 duplicates: every output stored at the stop
+/// belongs to an acked input, and nothing is run twice after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (at_stop, second) = load_with_stop(&nats, dir.path(), true).await?;
+    assert_eq!(at_stop.outputs, at_stop.acked, "no output without its ack: {at_stop:?}");
+    assert_every_input_has_one_output(&nats).await?;
+    let view = second.function_view("echo").await?;
+    assert_eq!(
+        view["counters"]["received"].as_u64(),
+        Some(at_stop.pending + at_stop.ack_pending),
+        "nothing delivered twice: {view}"
+    );
+    let metrics = second.get_text("/metrics").await?;
+    assert_eq!(publish_count(&metrics, "duplicate"), 0, "no output was published twice");
+    let info = nats.consumer("IN", "load").await?;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// 4. nats-server restarted mid-stream
+// -------------------------------------------------------------------------------------------
+
+/// Fault plan #4: the server restarts (file storage) while Weir works; Weir reconnects by
+/// itself, and every event published before and after the restart gets exactly one output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restart_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut nats = Nats::start().await?;
+    const BEFORE: usize = 3000;
+    const AFTER: usize = 1000;
+    let streams: [(&str, &[&str]); 3] = [("RIN", &["restart.in"]), ("ROUT", &["restart.out"]), ("DLQ", &["weir.dlq.>"])];
+    nats.ensure_streams(&streams).await?;
+    let before: Vec<String> = (0..BEFORE).map(|i| format!("before-{i:05}")).collect();
+    nats.publish_many("restart.in", &before).await?;
+    let config = format!(
+        r#"
+{brokers}
+[[functions]]
+name = "echo"
+module = "echo.wasm"
+outputs = ["restart.out"]
+timeout = "2s"
+config = {{ output_topic = "restart.out" }}
+[functions.trigger]
+broker = "jetstream"
+topic = "restart.in"
+stream = "RIN"
+group = "restart"
+ack_wait = "3s"
+[functions.retry]
+max_attempts = 30
+initial_delay = "100ms"
+max_delay = "1s"
+[functions.scaling]
+min = 1
+max = 8
+"#,
+        brokers = brokers(&nats.server.url(), &streams)
+    );
+    let weir = InProcess::start(&config).await?;
+    let done_at_restart = nats.wait_count("ROUT", (BEFORE / 5) as u64, LOAD_WAIT).await?;
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| nats.server.restart())?;
+    println!("nats-server restarted after {done_at_restart} outputs, in {:?}", restarted.elapsed());
+    let stored = nats.stream_count("RIN").await?;
+    assert_eq!(stored, BEFORE as u64, "file storage kept every input across the restart");
+
+    let after: Vec<String> = (0..AFTER).map(|i| format!("after-{i:05}")).collect();
+    let deadline = Instant::now() + WAIT;
+    // The test's own client reconnects too; retry until it has.
+    while let Err(e) = nats.publish_many("restart.in", &after).await {
+        ensure!(Instant::now() < deadline, "publishing after the restart: {e:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total = (BEFORE + AFTER) as u64;
+    nats.wait_count("ROUT", total, LOAD_WAIT).await?;
+    nats.wait_drained("RIN", "restart", LOAD_WAIT).await?;
+    let outputs = nats.read_stream("ROUT", None).await?;
+    let causes: HashSet<&str> = outputs.iter().filter_map(|m| m.header("ce-weircausation")).collect();
+    for id in before.iter().chain(&after) {
+        assert!(causes.contains(id.as_str()), "{id} has no output");
+    }
+    assert_eq!(outputs.len() as u64, total, "one output per input (duplicates de-duplicated)");
+    assert_eq!(nats.stream_count("DLQ").await?, 0, "nothing was dead-lettered");
+    let echo = runner(&weir, "echo")?;
+    assert!(echo.counters.succeeded.load(Relaxed) >= total, "every event succeeded at least once");
+    weir.shutdown().await
+}
+
+// -------------------------------------------------------------------------------------------
+// 5. DLQ unavailable or full
+// -------------------------------------------------------------------------------------------
+
+/// Fault plan #15: while the DLQ cannot take a record (a stream full with `discard = new`, or
+/// no stream capturing the subject), the input stays unacknowledged, the lane shows paused in
+/// the admin API and in `weir_lane_paused`, and once the DLQ recovers everything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_full_or_missing_pauses_the_lane_and_loses_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let dir = tempfile::tempdir()?;
+    let streams: [(&str, &[&str]); 1] = [("DIN", &["dlq.in.>"])];
+    // Declared by the test, not by Weir: Weir would create it without the limit.
+    nats.js
+        .create_stream(stream::Config {
+            name: "DLQFULL".into(),
+            subjects: vec!["weir.dlq.>".into()],
+            max_messages: 1,
+            discard: DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await?;
+    let reject = module("reject_all.wasm")?;
+    let config = format!(
+        r#"
+[defaults]
+timeout = "1s"
+[defaults.trigger]
+broker = "jetstream"
+ack_wait = "2s"
+
+{brokers}
+[[functions]]
+name = "reject-full"
+module = "{reject}"
+[functions.trigger]
+topic = "dlq.in.full"
+stream = "DIN"
+
+[[functions]]
+name = "reject-nostream"
+module = "{reject}"
+[functions.trigger]
+topic = "dlq.in.none"
+stream = "DIN"
+[functions.dead_letter]
+topic = "lost.dlq.reject-nostream"
+"#,
+        brokers = brokers(&nats.server.url(), &streams)
+    );
+    let config = write_config(dir.path(), &config)?;
+    let weir = WeirProcess::start(&config, &[]).await?;
+
+    nats.publish_event("dlq.in.full", "full-1", "com.example.x", "{}", &[]).await?;
+    nats.wait_count("DLQFULL", 1, WAIT).await?;
+    nats.wait_drained("DIN", "weir-reject-full", WAIT).await?;
+    for id in ["full-2", "full-3"] {
+        nats.publish_event("dlq.in.full", id, "com.example.x", "{}", &[]).await?;
+    }
+    nats.publish_event("dlq.in.none", "none-1", "com.example.x", "{}", &[]).await?;
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let full = weir.function_view("reject-full").await?;
+        let none = weir.function_view("reject-nostream").await?;
+        if full["dead_letter_paused"] == true && none["dead_letter_paused"] == true {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "lanes not paused: {full}\n{none}\nlog:\n{}", weir.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let paused = |function: &str| format!("weir_lane_paused{{function=\"{function}\"}}");
+    assert!(weir.metric(&paused("reject-full")).await?.unwrap_or(0.0) >= 1.0, "metric shows the pause");
+    assert!(weir.metric(&paused("reject-nostream")).await?.unwrap_or(0.0) >= 1.0, "metric shows the pause");
+
+    // Held for two ack waits: nothing acked, nothing terminated, nothing redelivered (the
+    // in-progress heartbeats keep the deliveries), and the full DLQ still has its one record.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let full = nats.consumer("DIN", "weir-reject-full").await?;
+    assert_eq!(full.num_ack_pending, 2, "full-2 and full-3 are held unacknowledged");
+    assert_eq!(full.delivered.consumer_sequence, 3, "each delivered once, none redelivered");
+    assert_eq!(full.num_redelivered, 0);
+    let none = nats.consumer("DIN", "weir-reject-nostream").await?;
+    assert_eq!((none.num_ack_pending, none.delivered.consumer_sequence), (1, 1));
+    assert_eq!(nats.stream_count("DLQFULL").await?, 1);
+    let metrics = weir.get_text("/metrics").await?;
+    for function in ["reject-full", "reject-nostream"] {
+        let failures = metric_value(&metrics, &format!("weir_dlq_publish_failures_total{{function=\"{function}\"}}"));
+        assert!(failures.unwrap_or(0.0) >= 2.0, "{function}: DLQ publish failures are counted: {failures:?}");
+    }
+
+    // Recover: lift the limit, and create a stream for the other DLQ subject.
+    let mut limited = nats.js.get_stream("DLQFULL").await?.cached_info().config.clone();
+    limited.max_messages = -1;
+    nats.js.update_stream(limited).await?;
+    nats.js
+        .create_stream(stream::Config {
+            name: "LOST".into(),
+            subjects: vec!["lost.dlq.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    nats.wait_count("DLQFULL", 3, WAIT).await?;
+    nats.wait_count("LOST", 1, WAIT).await?;
+    nats.wait_drained("DIN", "weir-reject-full", WAIT).await?;
+    nats.wait_drained("DIN", "weir-reject-nostream", WAIT).await?;
+    let ids: HashSet<String> = nats
+        .events("DLQFULL", "weir.dlq.reject-full")
+        .await?
+        .iter()
+        .map(|e| ext(e, "id").to_owned())
+        .collect();
+    assert_eq!(ids, HashSet::from(["full-1", "full-2", "full-3"].map(String::from)));
+    let lost = nats.events("LOST", "lost.dlq.reject-nostream").await?;
+    assert_eq!(lost.len(), 1);
+    assert_eq!(ext(&lost[0], "id"), "none-1");
+    assert_eq!(ext(&lost[0], "weirdlqreason"), "rejected");
+    for function in ["reject-full", "reject-nostream"] {
+        let view = weir.function_view(function).await?;
+        assert_eq!(view["dead_letter_paused"], false, "{view}");
+        assert_eq!(weir.metric(&paused(function)).await?, Some(0.0), "{function} resumed");
+    }
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// 6. A function slower than ack-wait
+// -------------------------------------------------------------------------------------------
+
+/// Fault plan #7: `sleepy` takes 3 s with a 1 s ack wait. The in-progress heartbeats (every
+/// ack_wait/3) keep the delivery: one delivery, one invocation, no redelivery.
+///
+/// The config refuses `ack_wait <= timeout` (functions[0].trigger.ack_wait), so the test
+/// validates a legal configuration and then shortens the ack wait on the resolved config,
+/// exactly the situation of a function whose run outlives its ack wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_slower_than_ack_wait_runs_once() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let streams: [(&str, &[&str]); 1] = [("SLOW", &["slow.in"])];
+    let text = format!(
+        r#"
+{brokers}
+[[functions]]
+name = "sleepy"
+module = "sleepy.wasm"
+timeout = "10s"
+config = {{ sleep_ms = "3000" }}
+[functions.trigger]
+broker = "jetstream"
+topic = "slow.in"
+stream = "SLOW"
+ack_wait = "11s"
+[functions.retry]
+max_attempts = 1
+"#,
+        brokers = brokers(&nats.server.url(), &streams)
+    );
+    let mut config = weir_dispatcher::config::from_toml_str(&text, &functions_dir()?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let trigger = config.functions[0].trigger.jetstream.as_mut().context("a jetstream trigger")?;
+    trigger.ack_wait = Duration::from_secs(1);
+    let runtime = Runtime::start(config).await?;
+    let shared = runtime.shared();
+    let sleepy = shared.function("sleepy").context("sleepy")?.clone();
+    let info = nats.consumer("SLOW", "weir-sleepy").await?;
+    assert_eq!(info.config.ack_wait, Duration::from_secs(1), "the consumer really has a 1 s ack wait");
+
+    let published = Instant::now();
+    nats.publish_event("slow.in", "slow-1", "com.example.x", "{}", &[]).await?;
+    let deadline = Instant::now() + WAIT;
+    while sleepy.counters.succeeded.load(Relaxed) == 0 {
+        ensure!(Instant::now() < deadline, "sleepy did not finish within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = published.elapsed();
+    assert!(took >= Duration::from_secs(3), "the invocation outlived the ack wait: {took:?}");
+    // Two more ack waits: a redelivery would show up now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(sleepy.counters.received.load(Relaxed), 1, "one delivery reached the function");
+    assert_eq!(sleepy.counters.succeeded.load(Relaxed), 1, "one invocation");
+    assert_eq!(sleepy.counters.failed.load(Relaxed), 0);
+    let info = nats.consumer("SLOW", "weir-sleepy").await?;
+    assert_eq!(info.delivered.consumer_sequence, 1, "the server delivered it once");
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "acked");
+    runtime.shutdown().await;
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// 7. Two dispatchers on one durable consumer
+// -------------------------------------------------------------------------------------------
+
+/// Two `weir run` processes bound to the same durable consumer share its work: both process
+/// some, together they process every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_durable_consumer() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let dir = tempfile::tempdir()?;
+    const EVENTS: usize = 2000;
+    let streams: [(&str, &[&str]); 3] = [("SIN", &["share.in"]), ("SOUT", &["share.out"]), ("DLQ", &["weir.dlq.>"])];
+    let config = format!(
+        r#"
+{brokers}
+[[functions]]
+name = "echo"
+module = "{module}"
+outputs = ["share.out"]
+config = {{ output_topic = "share.out" }}
+[functions.trigger]
+broker = "jetstream"
+topic = "share.in"
+stream = "SIN"
+group = "shared"
+[functions.scaling]
+min = 1
+max = 4
+"#,
+        brokers = brokers(&nats.server.url(), &streams),
+        module = module("echo.wasm")?
+    );
+    let config = write_config(dir.path(), &config)?;
+    let a = WeirProcess::start(&config, &[]).await?;
+    let b = WeirProcess::start(&config, &[]).await?;
+    let ids: Vec<String> = (0..EVENTS).map(|i| format!("share-{i:05}")).collect();
+    nats.publish_many("share.in", &ids).await?;
+    nats.wait_count("SOUT", EVENTS as u64, LOAD_WAIT).await?;
+    nats.wait_drained("SIN", "shared", WAIT).await?;
+
+    let received = |view: &Value| view["counters"]["received"].as_u64().unwrap_or(0);
+    let (view_a, view_b) = (a.function_view("echo").await?, b.function_view("echo").await?);
+    let (from_a, from_b) = (received(&view_a), received(&view_b));
+    println!("two processes on one durable consumer: {from_a} + {from_b}");
+    assert!(from_a > 0 && from_b > 0, "both processes took work: {from_a} and {from_b}");
+    assert_eq!(from_a + from_b, EVENTS as u64, "each event was delivered to exactly one process");
+    let outputs = nats.read_stream("SOUT", None).await?;
+    let causes: HashSet<&str> = outputs.iter().filter_map(|m| m.header("ce-weircausation")).collect();
+    assert_eq!(outputs.len(), EVENTS);
+    assert!(ids.iter().all(|id| causes.contains(id.as_str())), "the union covers every event");
+    Ok(())
+}
