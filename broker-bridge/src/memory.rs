@@ -28,8 +28,8 @@ use tokio::sync::{broadcast, Notify};
 use tokio::time::Instant;
 
 use crate::{
-    BrokerKind, Delivery, InboundMessage, LagProbe, Ordering, Origin, OutboundMessage, Publisher, RetryStyle,
-    Settle, Subscription, TransportError,
+    BrokerKind, Delivery, InboundMessage, LagProbe, Ordering, Origin, OutboundMessage, Publisher,
+    RetryStyle, Settle, Subscription, TransportError,
 };
 
 /// The header that carries the CloudEvents `partitionkey` extension in binary mode; it orders
@@ -524,7 +524,10 @@ impl Subscription for MemorySubscription {
     }
 
     fn lag_probe(&self) -> Option<Arc<dyn LagProbe>> {
-        Some(Arc::new(MemoryLag { topic: Arc::clone(&self.topic), group: self.group }))
+        Some(Arc::new(MemoryLag {
+            topic: Arc::clone(&self.topic),
+            group: self.group,
+        }))
     }
 
     fn retry_style(&self) -> RetryStyle {

@@ -38,7 +38,10 @@ struct RawState {
 
 impl WasiView for RawState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -70,8 +73,13 @@ async fn raw_call_per_event(bytes: &[u8], events: u32) -> anyhow::Result<Duratio
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
     raw::Function::add_to_linker::<RawState, HasSelf<RawState>>(&mut linker, |s| s)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut store =
-        Store::new(&engine, RawState { wasi: WasiCtx::builder().build(), table: ResourceTable::new() });
+    let mut store = Store::new(
+        &engine,
+        RawState {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+        },
+    );
     let bindings = raw::Function::instantiate_async(&mut store, &component, &linker)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -106,9 +114,15 @@ async fn raw_call_per_event(bytes: &[u8], events: u32) -> anyhow::Result<Duratio
     Ok(started.elapsed() / events)
 }
 
-async fn weir_instance_per_event(engine: &WasmEngine, events: u32) -> anyhow::Result<(Duration, Vec<Duration>)> {
+async fn weir_instance_per_event(
+    engine: &WasmEngine,
+    events: u32,
+) -> anyhow::Result<(Duration, Vec<Duration>)> {
     let module = engine.load(&noop_path())?;
-    let limits = SandboxLimits { timeout: Duration::from_secs(5), memory: 64 << 20 };
+    let limits = SandboxLimits {
+        timeout: Duration::from_secs(5),
+        memory: 64 << 20,
+    };
     let mut starts = Vec::new();
     for _ in 0..events.clamp(10, 500) {
         let started = Instant::now();
@@ -132,7 +146,10 @@ async fn weir_instance_per_event(engine: &WasmEngine, events: u32) -> anyhow::Re
     };
     let started = Instant::now();
     for _ in 0..events {
-        instance.handle(&event, &delivery).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        instance
+            .handle(&event, &delivery)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     starts.sort();
     Ok((started.elapsed() / events, starts))
@@ -165,7 +182,10 @@ max = {instances}
     let shared = runtime.shared();
     let (headers, payload) =
         weir_schemas::encode_binary(&sample_event(), weir_schemas::HeaderStyle::Dash);
-    let runner = shared.function("noop").ok_or_else(|| anyhow::anyhow!("noop not running"))?.clone();
+    let runner = shared
+        .function("noop")
+        .ok_or_else(|| anyhow::anyhow!("noop not running"))?
+        .clone();
     let started = Instant::now();
     for i in 0..events {
         let mut headers = headers.clone();
@@ -183,8 +203,16 @@ max = {instances}
         })?;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while runner.counters.succeeded.load(std::sync::atomic::Ordering::Relaxed) < u64::from(events) {
-        anyhow::ensure!(Instant::now() < deadline, "memory bus run did not finish in 120 s");
+    while runner
+        .counters
+        .succeeded
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < u64::from(events)
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "memory bus run did not finish in 120 s"
+        );
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let elapsed = started.elapsed();
@@ -204,9 +232,14 @@ fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let events: u32 = if full { 200_000 } else { 200 };
     let bytes = std::fs::read(noop_path()).map_err(|e| {
-        anyhow::anyhow!("{}: {e} (run `make functions` first)", noop_path().display())
+        anyhow::anyhow!(
+            "{}: {e} (run `make functions` first)",
+            noop_path().display()
+        )
     })?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let engine = WasmEngine::new(&engine::EngineSettings::default())?;
         // Warm-up runs, so that lazy initialisation is not billed to whichever goes first.
@@ -217,15 +250,26 @@ fn main() -> anyhow::Result<()> {
         let bus_two = memory_bus_per_event(events, 2).await?;
         let ratio = |d: Duration| d.as_secs_f64() / raw.as_secs_f64();
         let rate = |d: Duration| 1.0 / d.as_secs_f64();
-        println!("\nWeir host overhead ({events} events, noop component; {} cores)", std::thread::available_parallelism().map_or(0, |n| n.get()));
-        println!("{:<44} {:>12} {:>14} {:>10}", "path", "per event", "events/s", "× raw");
+        println!(
+            "\nWeir host overhead ({events} events, noop component; {} cores)",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!(
+            "{:<44} {:>12} {:>14} {:>10}",
+            "path", "per event", "events/s", "× raw"
+        );
         for (name, d) in [
             ("raw wasmtime call (baseline)", raw),
             ("weir Instance::handle", weir),
             ("memory bus → noop → ack, 1 instance", bus_one),
             ("memory bus → noop → ack, 2 instances", bus_two),
         ] {
-            println!("{name:<44} {:>12} {:>14.0} {:>10.2}", format!("{:.2?}", d), rate(d), ratio(d));
+            println!(
+                "{name:<44} {:>12} {:>14.0} {:>10.2}",
+                format!("{:.2?}", d),
+                rate(d),
+                ratio(d)
+            );
         }
         println!(
             "{:<44} p50 {:.2?}  p99 {:.2?}  ({} starts)",

@@ -12,7 +12,10 @@ use weir_schemas::{derived_id, ext, Event, SPECVERSION};
 
 /// The chain depth of an event (0 when it came from outside Weir).
 pub fn hops(event: &Event) -> u32 {
-    event.extension(ext::HOPS).and_then(|h| h.parse().ok()).unwrap_or(0)
+    event
+        .extension(ext::HOPS)
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A W3C `traceparent` for an event that arrived without one, derived from its id so a
@@ -64,12 +67,18 @@ pub fn chain_outputs(
             if event.time.is_none() {
                 event.time = Some(now_rfc3339.to_owned());
             }
-            event.extensions.insert(ext::HOPS.to_owned(), next_hops.clone());
-            event.extensions.insert(ext::CAUSATION.to_owned(), input.id.clone());
+            event
+                .extensions
+                .insert(ext::HOPS.to_owned(), next_hops.clone());
+            event
+                .extensions
+                .insert(ext::CAUSATION.to_owned(), input.id.clone());
             // Keep the trace id; name this hop's span after the output so retries agree.
             let span = &event.id[..16];
             let trace = trace_id(&traceparent).unwrap_or(&event.id);
-            event.extensions.insert(ext::TRACEPARENT.to_owned(), format!("00-{trace}-{span}-01"));
+            event
+                .extensions
+                .insert(ext::TRACEPARENT.to_owned(), format!("00-{trace}-{span}-01"));
             let key = key.unwrap_or_else(|| event.id.clone());
             ChainedOutput { topic, key, event }
         })
@@ -87,7 +96,9 @@ pub struct OutputRules {
 
 impl OutputRules {
     pub fn allows(&self, topic: &str) -> bool {
-        self.allowed_topics.iter().any(|pattern| crate::config::topic_matches(pattern, topic))
+        self.allowed_topics
+            .iter()
+            .any(|pattern| crate::config::topic_matches(pattern, topic))
     }
 }
 
@@ -128,13 +139,25 @@ mod tests {
 
     fn input() -> Event {
         let mut e = Event::new("in-1", "test", "t");
-        e.extensions.insert(ext::TRACEPARENT.into(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        e.extensions.insert(
+            ext::TRACEPARENT.into(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
         e
     }
 
     #[test]
     fn outputs_are_deterministic_and_stamped() {
-        let out = || vec![("a".to_owned(), None, Event::new("", "", "x")), ("b".to_owned(), Some("k".to_owned()), Event::new("", "", "y"))];
+        let out = || {
+            vec![
+                ("a".to_owned(), None, Event::new("", "", "x")),
+                (
+                    "b".to_owned(),
+                    Some("k".to_owned()),
+                    Event::new("", "", "y"),
+                ),
+            ]
+        };
         let first = chain_outputs("f", &input(), out(), "2024-01-01T00:00:00Z");
         let again = chain_outputs("f", &input(), out(), "2024-01-01T00:00:01Z");
         assert_eq!(first[0].event.id, again[0].event.id);
@@ -152,17 +175,32 @@ mod tests {
     fn hops_accumulate() {
         let mut e = input();
         e.extensions.insert(ext::HOPS.into(), "1".into());
-        let out = chain_outputs("g", &e, vec![("t".into(), None, Event::new("", "s", "x"))], "t");
+        let out = chain_outputs(
+            "g",
+            &e,
+            vec![("t".into(), None, Event::new("", "s", "x"))],
+            "t",
+        );
         assert_eq!(hops(&out[0].event), 2);
     }
 
     #[test]
     fn rules_check_topics_counts_and_bytes() {
-        let rules = OutputRules { allowed_topics: vec!["orders.ok".into(), "audit.>".into()], max_outputs: 2, max_output_bytes: 10 };
+        let rules = OutputRules {
+            allowed_topics: vec!["orders.ok".into(), "audit.>".into()],
+            max_outputs: 2,
+            max_output_bytes: 10,
+        };
         assert!(check_outputs(&rules, [("orders.ok", 3), ("audit.x", 3)].into_iter()).is_ok());
-        assert!(check_outputs(&rules, [("orders.bad", 1)].into_iter()).unwrap_err().contains("orders.bad"));
+        assert!(check_outputs(&rules, [("orders.bad", 1)].into_iter())
+            .unwrap_err()
+            .contains("orders.bad"));
         assert!(check_outputs(&rules, [("audit.", 1)].into_iter()).is_err());
-        assert!(check_outputs(&rules, [("orders.ok", 1); 3].into_iter()).unwrap_err().contains("limit of 2"));
-        assert!(check_outputs(&rules, [("orders.ok", 11)].into_iter()).unwrap_err().contains("11 bytes"));
+        assert!(check_outputs(&rules, [("orders.ok", 1); 3].into_iter())
+            .unwrap_err()
+            .contains("limit of 2"));
+        assert!(check_outputs(&rules, [("orders.ok", 11)].into_iter())
+            .unwrap_err()
+            .contains("11 bytes"));
     }
 }

@@ -75,8 +75,11 @@ impl DeadLetter {
     /// The record for an input that did not decode: its bytes unchanged as `data`, with an id
     /// derived from its origin so a redelivery produces the same record.
     pub fn record_raw(&self, raw: &RawInput<'_>) -> Event {
-        let mut record =
-            Event::new(derived_id(&["undecodable", &self.origin]), raw.default_source, UNDECODABLE_TYPE);
+        let mut record = Event::new(
+            derived_id(&["undecodable", &self.origin]),
+            raw.default_source,
+            UNDECODABLE_TYPE,
+        );
         record.data = raw.payload.map(<[u8]>::to_vec);
         record.datacontenttype = raw.content_type.map(str::to_owned);
         self.stamp(&mut record);
@@ -86,12 +89,18 @@ impl DeadLetter {
     fn stamp(&self, record: &mut Event) {
         let ext = &mut record.extensions;
         ext.insert(ext::DLQ_REASON.to_owned(), self.reason.as_str().to_owned());
-        ext.insert(ext::DLQ_ERROR.to_owned(), clip(&self.error, MAX_ERROR_BYTES).to_owned());
+        ext.insert(
+            ext::DLQ_ERROR.to_owned(),
+            clip(&self.error, MAX_ERROR_BYTES).to_owned(),
+        );
         ext.insert(ext::DLQ_ATTEMPTS.to_owned(), self.attempts.to_string());
         ext.insert(ext::DLQ_FUNCTION.to_owned(), self.function.clone());
         ext.insert(ext::DLQ_MODULE.to_owned(), self.module.clone());
         ext.insert(ext::DLQ_ORIGIN.to_owned(), self.origin.clone());
-        ext.insert(ext::DLQ_FIRST_FAILURE.to_owned(), self.first_failure.clone());
+        ext.insert(
+            ext::DLQ_FIRST_FAILURE.to_owned(),
+            self.first_failure.clone(),
+        );
         ext.insert(ext::DLQ_LAST_FAILURE.to_owned(), self.last_failure.clone());
     }
 }
@@ -147,14 +156,19 @@ mod tests {
 
     #[test]
     fn errors_are_clipped_to_one_kib_on_a_char_boundary() {
-        let record = letter(DeadLetterReason::Trap, "é".repeat(1000)).record(&Event::new("e", "s", "t"));
+        let record =
+            letter(DeadLetterReason::Trap, "é".repeat(1000)).record(&Event::new("e", "s", "t"));
         let error = record.extension(ext::DLQ_ERROR).unwrap();
         assert!(error.len() <= MAX_ERROR_BYTES && error.len() >= MAX_ERROR_BYTES - 1);
     }
 
     #[test]
     fn raw_records_keep_bytes_and_have_stable_ids() {
-        let raw = RawInput { payload: Some(b"\xff\x00not json"), content_type: Some("application/json"), default_source: "weir://memory/orders" };
+        let raw = RawInput {
+            payload: Some(b"\xff\x00not json"),
+            content_type: Some("application/json"),
+            default_source: "weir://memory/orders",
+        };
         let a = letter(DeadLetterReason::Undecodable, "bad".into()).record_raw(&raw);
         let b = letter(DeadLetterReason::Undecodable, "bad".into()).record_raw(&raw);
         assert_eq!(a.id, b.id);

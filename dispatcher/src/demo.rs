@@ -10,8 +10,12 @@ use weir_broker_bridge::BrokerKind;
 use crate::config::{self, Config, ConfigErrors};
 
 /// The example functions' module files, as `make functions` builds them.
-pub const MODULES: [&str; 4] =
-    ["db_audit.wasm", "upload_indexer.wasm", "order_validate.wasm", "order_enrich.wasm"];
+pub const MODULES: [&str; 4] = [
+    "db_audit.wasm",
+    "upload_indexer.wasm",
+    "order_validate.wasm",
+    "order_enrich.wasm",
+];
 
 /// Where `make functions` puts the components, relative to the repository root.
 pub const BUILD_DIR: &str = "functions/target/wasm32-wasip2/release";
@@ -38,7 +42,11 @@ impl DemoBroker {
 }
 
 /// The demo configuration, with modules resolved against `functions_dir`.
-pub fn config(broker: &DemoBroker, functions_dir: &Path, listen: std::net::SocketAddr) -> Result<Config, ConfigErrors> {
+pub fn config(
+    broker: &DemoBroker,
+    functions_dir: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<Config, ConfigErrors> {
     config::from_toml_str(&toml(broker, &listen.to_string()), functions_dir)
 }
 
@@ -55,15 +63,18 @@ fn broker_sections(broker: &DemoBroker) -> String {
     match broker {
         DemoBroker::Memory => String::new(),
         DemoBroker::JetStream(url) => {
-            let mut text = format!("\n[brokers.nats]\nservers = [\"{url}\"]\nname = \"weir-demo\"\n");
+            let mut text =
+                format!("\n[brokers.nats]\nservers = [\"{url}\"]\nname = \"weir-demo\"\n");
             for (name, subjects) in STREAMS {
-                text.push_str(&format!("\n[[brokers.nats_streams]]\nname = \"{name}\"\nsubjects = {subjects}\n"));
+                text.push_str(&format!(
+                    "\n[[brokers.nats_streams]]\nname = \"{name}\"\nsubjects = {subjects}\n"
+                ));
             }
             text
         }
-        DemoBroker::Kafka(bootstrap) => format!(
-            "\n[brokers.kafka]\nbootstrap = \"{bootstrap}\"\ncreate_topics = true\n"
-        ),
+        DemoBroker::Kafka(bootstrap) => {
+            format!("\n[brokers.kafka]\nbootstrap = \"{bootstrap}\"\ncreate_topics = true\n")
+        }
     }
 }
 
@@ -75,9 +86,10 @@ pub fn toml(demo: &DemoBroker, listen: &str) -> String {
         BrokerKind::JetStream => |stream: &str| format!("stream = \"{stream}\"\n"),
         _ => |_: &str| String::new(),
     };
-    let function = |name: &str, module: &str, topic: &str, stream: &str, output: &str, extra: &str| {
-        format!(
-            r#"
+    let function =
+        |name: &str, module: &str, topic: &str, stream: &str, output: &str, extra: &str| {
+            format!(
+                r#"
 [[functions]]
 name = "{name}"
 module = "{module}"
@@ -87,9 +99,9 @@ outputs = ["{output}"]
 broker = "{broker_name}"
 topic = "{topic}"
 {trigger}"#,
-            trigger = trigger_extra(stream),
-        )
-    };
+                trigger = trigger_extra(stream),
+            )
+        };
     let mut text = format!(
         r#"# The demo pipeline of `weir up`.
 [http]
@@ -109,9 +121,30 @@ max = 4
 "#
     );
     text.push_str(&broker_sections(demo));
-    text.push_str(&function("db-audit", MODULES[0], "db.changes", "WEIR_DEMO_DB", "db.audit", ""));
-    text.push_str(&function("upload-indexer", MODULES[1], "uploads", "WEIR_DEMO_UPLOADS", "uploads.indexed", ""));
-    text.push_str(&function("order-validate", MODULES[2], "orders", "WEIR_DEMO_ORDERS", "orders.validated", ""));
+    text.push_str(&function(
+        "db-audit",
+        MODULES[0],
+        "db.changes",
+        "WEIR_DEMO_DB",
+        "db.audit",
+        "",
+    ));
+    text.push_str(&function(
+        "upload-indexer",
+        MODULES[1],
+        "uploads",
+        "WEIR_DEMO_UPLOADS",
+        "uploads.indexed",
+        "",
+    ));
+    text.push_str(&function(
+        "order-validate",
+        MODULES[2],
+        "orders",
+        "WEIR_DEMO_ORDERS",
+        "orders.validated",
+        "",
+    ));
     text.push_str(&function(
         "order-enrich",
         MODULES[3],

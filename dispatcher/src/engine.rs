@@ -35,11 +35,11 @@ mod bindings {
     });
 }
 
+use bindings::weir::function::host::Level;
 pub use bindings::weir::function::types::{
     Broker as WitBroker, Delivery as WitDelivery, Event as WitEvent, HandleError as WitHandleError,
     Output as WitOutput,
 };
-use bindings::weir::function::host::Level;
 
 /// How often the epoch advances. Timeouts are enforced with this granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -58,7 +58,11 @@ pub struct EngineSettings {
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { max_wasm_stack: 512 * 1024, max_instances: 256, max_memory: 64 * 1024 * 1024 }
+        Self {
+            max_wasm_stack: 512 * 1024,
+            max_instances: 256,
+            max_memory: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -66,7 +70,10 @@ impl Default for EngineSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("reading module {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("module {path} is not a valid WebAssembly component: {reason}")]
     Compile { path: String, reason: String },
     #[error("module {path} does not implement the weir:function world: {reason}")]
@@ -126,7 +133,11 @@ impl fmt::Display for InvocationError {
             }
             InvocationError::Trap(m) => write!(f, "trapped: {m}"),
             InvocationError::MemoryLimit(cap) => {
-                write!(f, "memory limit of {} exceeded", bytesize::ByteSize(*cap as u64))
+                write!(
+                    f,
+                    "memory limit of {} exceeded",
+                    bytesize::ByteSize(*cap as u64)
+                )
             }
             InvocationError::OutputRule(m) => write!(f, "output refused: {m}"),
             InvocationError::Instantiate(m) => write!(f, "could not start an instance: {m}"),
@@ -179,20 +190,28 @@ impl WasmEngine {
         let ticker_stop = stop.clone();
         // A plain thread, not a tokio task: the epoch must advance even when every runtime
         // worker is busy, which is exactly when a runaway guest must be stopped.
-        std::thread::Builder::new().name("weir-epoch".into()).spawn(move || {
-            while !ticker_stop.load(AtomicOrdering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                ticker_engine.increment_epoch();
-            }
-        })?;
-        Ok(Self { engine, linker: Arc::new(linker), _ticker: Arc::new(EpochTicker { stop }) })
+        std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(AtomicOrdering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            _ticker: Arc::new(EpochTicker { stop }),
+        })
     }
 
     /// Compile a component and check that it implements the world.
     pub fn load(&self, path: &Path) -> Result<FunctionModule, LoadError> {
         let display = path.display().to_string();
-        let bytes = std::fs::read(path)
-            .map_err(|source| LoadError::Read { path: display.clone(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: display.clone(),
+            source,
+        })?;
         self.load_bytes(&display, &bytes)
     }
 
@@ -201,16 +220,22 @@ impl WasmEngine {
             path: name.to_owned(),
             reason: format!("{e:#}"),
         })?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::World {
-            path: name.to_owned(),
-            reason: format!("{e:#}"),
-        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::World {
+                path: name.to_owned(),
+                reason: format!("{e:#}"),
+            })?;
         let pre = bindings::FunctionPre::new(pre).map_err(|e| LoadError::World {
             path: name.to_owned(),
             reason: format!("{e:#}"),
         })?;
         let digest = hex::encode(Sha256::digest(bytes));
-        Ok(FunctionModule { pre, sha256: Arc::from(digest) })
+        Ok(FunctionModule {
+            pre,
+            sha256: Arc::from(digest),
+        })
     }
 }
 
@@ -245,7 +270,9 @@ pub struct FunctionModule {
 
 impl fmt::Debug for FunctionModule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FunctionModule").field("sha256", &self.sha256).finish()
+        f.debug_struct("FunctionModule")
+            .field("sha256", &self.sha256)
+            .finish()
     }
 }
 
@@ -269,7 +296,10 @@ pub struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -324,7 +354,10 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             self.breached = true;
             // An error (not `Ok(false)`) traps at once: a guest that ignores a failed grow
             // would otherwise keep running on an allocation it never got.
-            wasmtime::bail!("memory limit of {} bytes exceeded (wanted {desired})", self.cap);
+            wasmtime::bail!(
+                "memory limit of {} bytes exceeded (wanted {desired})",
+                self.cap
+            );
         }
         Ok(true)
     }
@@ -353,7 +386,9 @@ pub struct Instance {
 
 impl fmt::Debug for Instance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Instance").field("invocations", &self.invocations).finish()
+        f.debug_struct("Instance")
+            .field("invocations", &self.invocations)
+            .finish()
     }
 }
 
@@ -372,15 +407,24 @@ impl FunctionModule {
         let mut wasi = WasiCtx::builder();
         // No preopened directories, no environment, no arguments, no sockets: only clocks,
         // random and stdio (to the logs).
-        wasi.stdout(LogStream { function: function.clone(), stream: "stdout" });
-        wasi.stderr(LogStream { function: function.clone(), stream: "stderr" });
+        wasi.stdout(LogStream {
+            function: function.clone(),
+            stream: "stdout",
+        });
+        wasi.stderr(LogStream {
+            function: function.clone(),
+            stream: "stderr",
+        });
         wasi.allow_tcp(false);
         wasi.allow_udp(false);
         wasi.allow_ip_name_lookup(false);
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limits: MemoryLimiter { cap: limits.memory, breached: false },
+            limits: MemoryLimiter {
+                cap: limits.memory,
+                breached: false,
+            },
             function,
             config,
             current_event: String::new(),
@@ -390,14 +434,19 @@ impl FunctionModule {
         store.set_epoch_deadline(deadline_ticks(limits.timeout));
         store.epoch_deadline_trap();
         let instantiate = self.pre.instantiate_async(&mut store);
-        let bindings = match tokio::time::timeout(limits.timeout + EPOCH_TICK * 10, instantiate)
-            .await
-        {
-            Ok(Ok(bindings)) => bindings,
-            Ok(Err(e)) => return Err(classify_trap(&store, &limits, &e)),
-            Err(_) => return Err(InvocationError::Timeout(limits.timeout)),
-        };
-        Ok(Instance { store, bindings, limits, invocations: 0, last_used: Instant::now() })
+        let bindings =
+            match tokio::time::timeout(limits.timeout + EPOCH_TICK * 10, instantiate).await {
+                Ok(Ok(bindings)) => bindings,
+                Ok(Err(e)) => return Err(classify_trap(&store, &limits, &e)),
+                Err(_) => return Err(InvocationError::Timeout(limits.timeout)),
+            };
+        Ok(Instance {
+            store,
+            bindings,
+            limits,
+            invocations: 0,
+            last_used: Instant::now(),
+        })
     }
 }
 
@@ -411,7 +460,11 @@ fn deadline_ticks(timeout: Duration) -> u64 {
     u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
 }
 
-fn classify_trap(store: &Store<HostState>, limits: &SandboxLimits, e: &wasmtime::Error) -> InvocationError {
+fn classify_trap(
+    store: &Store<HostState>,
+    limits: &SandboxLimits,
+    e: &wasmtime::Error,
+) -> InvocationError {
     if store.data().limits.breached {
         return InvocationError::MemoryLimit(limits.memory);
     }
@@ -437,8 +490,12 @@ impl Instance {
         self.invocations += 1;
         self.last_used = Instant::now();
         self.store.data_mut().current_event.clone_from(&event.id);
-        self.store.set_epoch_deadline(deadline_ticks(self.limits.timeout));
-        let call = self.bindings.weir_function_handler().call_handle(&mut self.store, event, delivery);
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        let call =
+            self.bindings
+                .weir_function_handler()
+                .call_handle(&mut self.store, event, delivery);
         // The epoch deadline stops guest code; this backs it up for time spent in host calls
         // (e.g. a WASI sleep), where epochs are not checked.
         let result = tokio::time::timeout(self.limits.timeout + EPOCH_TICK * 10, call).await;
@@ -506,7 +563,11 @@ pub fn to_wit_event(event: &weir_schemas::Event) -> WitEvent {
         datacontenttype: event.datacontenttype.clone(),
         dataschema: event.dataschema.clone(),
         data: event.data.clone(),
-        extensions: event.extensions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        extensions: event
+            .extensions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

@@ -76,7 +76,11 @@ struct Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         telemetry::http_ingress(self.status.as_u16());
-        (self.status, Json(json!({ "error": self.message, "kind": self.kind }))).into_response()
+        (
+            self.status,
+            Json(json!({ "error": self.message, "kind": self.kind })),
+        )
+            .into_response()
     }
 }
 
@@ -116,21 +120,33 @@ async fn publish(
     })?;
     let mut ids = Vec::with_capacity(events.len());
     for event in events {
-        publisher.publish(ingress::outbound(&event, &topic, broker)).await.map_err(|e| Problem {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "publish",
-            message: e.to_string(),
-        })?;
+        publisher
+            .publish(ingress::outbound(&event, &topic, broker))
+            .await
+            .map_err(|e| Problem {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "publish",
+                message: e.to_string(),
+            })?;
         ids.push(event.id);
     }
     telemetry::http_ingress(StatusCode::ACCEPTED.as_u16());
-    Ok((StatusCode::ACCEPTED, Json(Accepted { topic, broker: broker.as_str(), ids })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            topic,
+            broker: broker.as_str(),
+            ids,
+        }),
+    ))
 }
 
 fn check_topic(topic: &str) -> Result<(), Problem> {
     let valid = !topic.is_empty()
         && topic.len() <= 249
-        && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         && !topic.starts_with('.')
         && !topic.ends_with('.')
         && !topic.contains("..");
@@ -149,7 +165,10 @@ fn check_topic(topic: &str) -> Result<(), Problem> {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         state.metrics.render(),
     )
 }
@@ -198,7 +217,10 @@ async fn functions(State(state): State<AppState>) -> Json<Value> {
                 ("succeeded", c.succeeded.load(AtomicOrdering::Relaxed)),
                 ("failed", c.failed.load(AtomicOrdering::Relaxed)),
                 ("retried", c.retried.load(AtomicOrdering::Relaxed)),
-                ("dead_lettered", c.dead_lettered.load(AtomicOrdering::Relaxed)),
+                (
+                    "dead_lettered",
+                    c.dead_lettered.load(AtomicOrdering::Relaxed),
+                ),
                 ("outputs", c.outputs.load(AtomicOrdering::Relaxed)),
             ]);
             Some(FunctionView {
@@ -292,13 +314,18 @@ async fn events(
                 default_source: &source,
             };
             let event = match weir_schemas::decode(&wire, Format::Auto) {
-                Ok(events) => events.into_iter().map(|e| event_json(&e)).collect::<Vec<_>>(),
+                Ok(events) => events
+                    .into_iter()
+                    .map(|e| event_json(&e))
+                    .collect::<Vec<_>>(),
                 Err(e) => vec![json!({ "undecodable": e.to_string() })],
             };
             json!({ "seq": m.seq, "events": event })
         })
         .collect();
-    Ok(Json(json!({ "topic": topic, "next": next, "messages": events })))
+    Ok(Json(
+        json!({ "topic": topic, "next": next, "messages": events }),
+    ))
 }
 
 /// An event as JSON for people: structured mode, with Weir's typed MessagePack payloads
@@ -307,8 +334,14 @@ pub fn event_json(event: &Event) -> Value {
     let mut value: Value = serde_json::from_slice(&weir_schemas::encode_structured(event))
         .unwrap_or_else(|e| json!({ "id": event.id, "error": e.to_string() }));
     let typed = match event.ty.as_str() {
-        weir_schemas::DB_CHANGE_TYPE => event.db_change().ok().and_then(|c| serde_json::to_value(c).ok()),
-        weir_schemas::UPLOAD_TYPE => event.upload().ok().and_then(|u| serde_json::to_value(u).ok()),
+        weir_schemas::DB_CHANGE_TYPE => event
+            .db_change()
+            .ok()
+            .and_then(|c| serde_json::to_value(c).ok()),
+        weir_schemas::UPLOAD_TYPE => event
+            .upload()
+            .ok()
+            .and_then(|u| serde_json::to_value(u).ok()),
         _ => None,
     };
     if let (Some(typed), Some(object)) = (typed, value.as_object_mut()) {

@@ -14,10 +14,20 @@ use crate::runner::header_style;
 
 /// Decode a request into the events it carries. Each request is its own origin, so events
 /// without an id of their own get a fresh one.
-pub fn decode_request(topic: &str, headers: &[(String, String)], body: &[u8]) -> Result<Vec<Event>, DecodeError> {
+pub fn decode_request(
+    topic: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<Vec<Event>, DecodeError> {
     let origin = format!("ingress://{}", uuid::Uuid::new_v4());
     let default_source = weir_schemas::wire::default_source("http", topic);
-    let wire = WireMessage { headers, payload: Some(body), key: None, origin: &origin, default_source: &default_source };
+    let wire = WireMessage {
+        headers,
+        payload: Some(body),
+        key: None,
+        origin: &origin,
+        default_source: &default_source,
+    };
     let mut events = weir_schemas::decode(&wire, Format::Auto)?;
     let traceparent = headers
         .iter()
@@ -36,7 +46,9 @@ fn stamp_trace(event: &mut Event, header: Option<&str>) {
         return;
     }
     let traceparent = header.map_or_else(|| chain::traceparent_for(&event.id), str::to_owned);
-    event.extensions.insert(ext::TRACEPARENT.to_owned(), traceparent);
+    event
+        .extensions
+        .insert(ext::TRACEPARENT.to_owned(), traceparent);
 }
 
 /// The message that publishes `event` to `topic` on `broker`.
@@ -44,7 +56,9 @@ pub fn outbound(event: &Event, topic: &str, broker: BrokerKind) -> OutboundMessa
     let (headers, payload) = weir_schemas::encode_binary(event, header_style(broker));
     OutboundMessage {
         topic: topic.to_owned(),
-        key: event.extension(ext::PARTITION_KEY).map(|k| Bytes::from(k.to_owned())),
+        key: event
+            .extension(ext::PARTITION_KEY)
+            .map(|k| Bytes::from(k.to_owned())),
         headers,
         payload: Bytes::from(payload),
         dedup_id: Some(event.id.clone()),

@@ -14,7 +14,11 @@ use weir_dispatcher::runtime::{self, Runtime};
 use weir_dispatcher::{demo, engine, http, ingress, telemetry};
 
 #[derive(Debug, Parser)]
-#[command(name = "weir", version, about = "Weir: WebAssembly functions on NATS, JetStream, Kafka and an embedded bus")]
+#[command(
+    name = "weir",
+    version,
+    about = "Weir: WebAssembly functions on NATS, JetStream, Kafka and an embedded bus"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -136,7 +140,10 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(&cli.log_format, default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -155,7 +162,9 @@ fn main() -> ExitCode {
 fn init_logging(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -181,12 +190,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.print_config {
-        print!("{}", demo::toml(&args.demo_broker(), &args.http.to_string()));
+        print!(
+            "{}",
+            demo::toml(&args.demo_broker(), &args.http.to_string())
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let dir = demo::find_functions_dir(args.functions.as_deref()).map_err(anyhow::Error::msg)?;
     let broker = args.demo_broker();
-    let config = demo::config(&broker, &dir, args.http).map_err(|e| anyhow::anyhow!("demo configuration:\n{e}"))?;
+    let config = demo::config(&broker, &dir, args.http)
+        .map_err(|e| anyhow::anyhow!("demo configuration:\n{e}"))?;
     let on = match &broker {
         demo::DemoBroker::Memory => "the embedded memory bus".to_owned(),
         demo::DemoBroker::JetStream(url) => format!("JetStream at {url}"),
@@ -210,7 +223,8 @@ Try, in another terminal:
 
 /// Load a config file and check its modules; every problem is an error.
 fn load_checked(path: &std::path::Path) -> anyhow::Result<Config> {
-    let config = config::load(path).map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?;
+    let config =
+        config::load(path).map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?;
     let engine = engine::WasmEngine::new(&runtime::engine_settings(&config))?;
     runtime::load_modules(&engine, &config)
         .map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?;
@@ -223,7 +237,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             let engine = engine::WasmEngine::new(&runtime::engine_settings(&config))?;
             match runtime::load_modules(&engine, &config) {
                 Ok(_) => {
-                    println!("{}: ok ({} functions)", path.display(), config.functions.len());
+                    println!(
+                        "{}: ok ({} functions)",
+                        path.display(),
+                        config.functions.len()
+                    );
                     return Ok(ExitCode::SUCCESS);
                 }
                 Err(e) => e,
@@ -233,7 +251,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     };
     // Module checks need a config that parsed; parse problems are listed alone.
     let count = problems.len();
-    eprintln!("{}: {count} problem{}", path.display(), if count == 1 { "" } else { "s" });
+    eprintln!(
+        "{}: {count} problem{}",
+        path.display(),
+        if count == 1 { "" } else { "s" }
+    );
     for problem in problems.iter() {
         eprintln!("  {}: {}", problem.path, problem.message);
     }
@@ -243,9 +265,14 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<ExitCode> {
     let metrics = telemetry::install_prometheus()?;
     let listen = config.http.listen;
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
     let runtime = Runtime::start(config).await?;
-    let state = http::AppState { shared: runtime.shared(), metrics };
+    let state = http::AppState {
+        shared: runtime.shared(),
+        metrics,
+    };
     let shutdown = runtime.shutdown_token();
     let server = tokio::spawn(http::serve(listener, state, shutdown.clone()));
     tracing::info!(%listen, "weir is serving");
@@ -297,10 +324,14 @@ fn base_url(addr: &str) -> String {
 async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let body = match (&args.data, &args.file) {
         (Some(data), _) => data.clone().into_bytes(),
-        (None, Some(path)) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        (None, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        }
         (None, None) => {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).context("reading the event from stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading the event from stdin")?;
             buf
         }
     };
@@ -312,7 +343,9 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         (None, Some(bootstrap)) => Sink::kafka(bootstrap, args.key.clone()).await?,
         (None, None) => Sink::http(&args.http, &args.topic)?,
     };
-    let mut ticker = args.rate.map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
+    let mut ticker = args
+        .rate
+        .map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
     let mut accepted = 0u64;
     for _ in 0..args.count {
         if let Some(ticker) = ticker.as_mut() {
@@ -352,43 +385,78 @@ fn request_headers(args: &PublishArgs, body: &[u8]) -> Vec<(String, String)> {
 
 /// Where `weir publish` sends events.
 enum Sink {
-    Http { client: reqwest::Client, url: String },
-    Broker { publisher: Box<dyn weir_broker_bridge::Publisher>, broker: BrokerKind, key: Option<String> },
+    Http {
+        client: reqwest::Client,
+        url: String,
+    },
+    Broker {
+        publisher: Box<dyn weir_broker_bridge::Publisher>,
+        broker: BrokerKind,
+        key: Option<String>,
+    },
 }
 
 impl Sink {
     fn http(addr: &str, topic: &str) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        Ok(Sink::Http { client, url: format!("{}/v1/topics/{topic}", base_url(addr)) })
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Sink::Http {
+            client,
+            url: format!("{}/v1/topics/{topic}", base_url(addr)),
+        })
     }
 
     async fn nats(url: &str, core: bool) -> anyhow::Result<Self> {
-        let config = weir_broker_bridge::nats::NatsConfig { servers: vec![url.to_owned()], ..Default::default() };
+        let config = weir_broker_bridge::nats::NatsConfig {
+            servers: vec![url.to_owned()],
+            ..Default::default()
+        };
         let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
         Ok(if core {
-            Sink::Broker { publisher: Box::new(transport.core_publisher()), broker: BrokerKind::Nats, key: None }
+            Sink::Broker {
+                publisher: Box::new(transport.core_publisher()),
+                broker: BrokerKind::Nats,
+                key: None,
+            }
         } else {
-            Sink::Broker { publisher: Box::new(transport.jetstream_publisher()), broker: BrokerKind::JetStream, key: None }
+            Sink::Broker {
+                publisher: Box::new(transport.jetstream_publisher()),
+                broker: BrokerKind::JetStream,
+                key: None,
+            }
         })
     }
 
     async fn kafka(bootstrap: &str, key: Option<String>) -> anyhow::Result<Self> {
         let transport = connect_kafka(bootstrap).await?;
         let publisher = transport.publisher()?;
-        Ok(Sink::Broker { publisher: Box::new(publisher), broker: BrokerKind::Kafka, key })
+        Ok(Sink::Broker {
+            publisher: Box::new(publisher),
+            broker: BrokerKind::Kafka,
+            key,
+        })
     }
 
     /// Send one event; returns the answer to print.
-    async fn send(&mut self, topic: &str, headers: Vec<(String, String)>, body: &[u8]) -> anyhow::Result<String> {
+    async fn send(
+        &mut self,
+        topic: &str,
+        headers: Vec<(String, String)>,
+        body: &[u8],
+    ) -> anyhow::Result<String> {
         match self {
             Sink::Http { client, url } => {
                 let mut request = client.post(url.as_str()).body(body.to_vec());
                 for (name, value) in &headers {
                     request = request.header(name, value);
                 }
-                let response = request.send().await.with_context(|| format!("POST {url}"))?;
+                let response = request
+                    .send()
+                    .await
+                    .with_context(|| format!("POST {url}"))?;
                 let status = response.status();
                 let text = response.text().await.unwrap_or_default();
                 if !status.is_success() {
@@ -396,7 +464,11 @@ impl Sink {
                 }
                 Ok(text)
             }
-            Sink::Broker { publisher, broker, key } => {
+            Sink::Broker {
+                publisher,
+                broker,
+                key,
+            } => {
                 let events = ingress::decode_request(topic, &headers, body)
                     .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
                 let mut ids = Vec::new();
@@ -411,7 +483,10 @@ impl Sink {
                         .with_context(|| format!("publishing to {topic}"))?;
                     ids.push(event.id);
                 }
-                Ok(serde_json::json!({ "topic": topic, "broker": broker.as_str(), "ids": ids }).to_string())
+                Ok(
+                    serde_json::json!({ "topic": topic, "broker": broker.as_str(), "ids": ids })
+                        .to_string(),
+                )
             }
         }
     }
@@ -423,7 +498,10 @@ fn looks_like_json(body: &[u8]) -> bool {
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.nats {
-        let config = weir_broker_bridge::nats::NatsConfig { servers: vec![url.to_owned()], ..Default::default() };
+        let config = weir_broker_bridge::nats::NatsConfig {
+            servers: vec![url.to_owned()],
+            ..Default::default()
+        };
         let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
@@ -434,11 +512,17 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
         let transport = connect_kafka(bootstrap).await?;
         // A throw-away group that starts at the earliest offset: the topic's retained history.
         let group = format!("weir-tail-{}", uuid::Uuid::new_v4());
-        let subscription =
-            transport.subscribe(&args.topic, &group, weir_broker_bridge::Ordering::Partition, 64)?;
+        let subscription = transport.subscribe(
+            &args.topic,
+            &group,
+            weir_broker_bridge::Ordering::Partition,
+            64,
+        )?;
         return tail_broker(Box::new(subscription), "kafka", args.limit).await;
     }
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
     let base = base_url(&args.http);
     let mut after: Option<u64> = None;
     let mut printed = 0u64;
@@ -447,13 +531,20 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
         if let Some(after) = after {
             url.push_str(&format!("&after={after}"));
         }
-        let response = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let response = client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
         if !response.status().is_success() {
             let status = response.status();
             eprintln!("{status}: {}", response.text().await.unwrap_or_default());
             return Ok(ExitCode::FAILURE);
         }
-        let page: serde_json::Value = response.json().await.context("reading the topic's events")?;
+        let page: serde_json::Value = response
+            .json()
+            .await
+            .context("reading the topic's events")?;
         for message in page["messages"].as_array().into_iter().flatten() {
             for event in message["events"].as_array().into_iter().flatten() {
                 println!("{event}");
@@ -467,8 +558,13 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn connect_kafka(bootstrap: &str) -> anyhow::Result<weir_broker_bridge::kafka::KafkaTransport> {
-    let config = weir_broker_bridge::kafka::KafkaConfig { bootstrap: bootstrap.to_owned(), ..Default::default() };
+async fn connect_kafka(
+    bootstrap: &str,
+) -> anyhow::Result<weir_broker_bridge::kafka::KafkaTransport> {
+    let config = weir_broker_bridge::kafka::KafkaConfig {
+        bootstrap: bootstrap.to_owned(),
+        ..Default::default()
+    };
     weir_broker_bridge::kafka::KafkaTransport::connect(&config)
         .await
         .with_context(|| format!("connecting to Kafka at {bootstrap}"))
@@ -499,7 +595,10 @@ async fn tail_broker(
                     printed += 1;
                 }
             }
-            Err(e) => println!("{}", serde_json::json!({ "topic": message.topic, "origin": origin, "undecodable": e.to_string() })),
+            Err(e) => println!(
+                "{}",
+                serde_json::json!({ "topic": message.topic, "origin": origin, "undecodable": e.to_string() })
+            ),
         }
         if let Err(e) = delivery.ack().await {
             tracing::debug!(error = %e, "tail: ack failed");

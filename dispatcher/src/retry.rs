@@ -78,7 +78,10 @@ impl RetryPolicy {
     /// The bounds `delay_after(attempt)` stays within (for tests and docs).
     pub fn delay_bounds(&self, attempt: u32) -> (Duration, Duration) {
         let nominal = self.nominal_delay(attempt);
-        (nominal.mul_f64(1.0 - self.jitter), nominal.mul_f64(1.0 + self.jitter))
+        (
+            nominal.mul_f64(1.0 - self.jitter),
+            nominal.mul_f64(1.0 + self.jitter),
+        )
     }
 }
 
@@ -101,20 +104,29 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_bounds() {
-        let policy = RetryPolicy { jitter: 0.5, ..RetryPolicy::default() };
+        let policy = RetryPolicy {
+            jitter: 0.5,
+            ..RetryPolicy::default()
+        };
         for attempt in 1..=6 {
             let (low, high) = policy.delay_bounds(attempt);
             for _ in 0..200 {
                 let d = policy.delay_after(attempt);
                 // +1ns: backoff's uniform draw is over the closed interval.
-                assert!(d >= low && d <= high + Duration::from_nanos(1), "{d:?} not in {low:?}..{high:?}");
+                assert!(
+                    d >= low && d <= high + Duration::from_nanos(1),
+                    "{d:?} not in {low:?}..{high:?}"
+                );
             }
         }
     }
 
     #[test]
     fn attempts_are_counted_from_one() {
-        let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
         assert!(policy.may_retry(1));
         assert!(policy.may_retry(2));
         assert!(!policy.may_retry(3));

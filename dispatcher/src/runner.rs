@@ -87,7 +87,9 @@ pub struct FunctionRunner {
 
 impl std::fmt::Debug for FunctionRunner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FunctionRunner").field("function", &self.spec.name).finish_non_exhaustive()
+        f.debug_struct("FunctionRunner")
+            .field("function", &self.spec.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -133,7 +135,11 @@ impl FunctionRunner {
     /// Consume until `shutdown`; then stop fetching, let in-flight work finish (bounded by the
     /// shutdown grace) and return. Work still unfinished is dropped unsettled, which hands it
     /// back to the broker for redelivery.
-    pub async fn run(self: Arc<Self>, mut subscription: Box<dyn Subscription>, shutdown: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut subscription: Box<dyn Subscription>,
+        shutdown: CancellationToken,
+    ) {
         let style = subscription.retry_style();
         let progress = subscription.progress_interval();
         let mut tasks = JoinSet::new();
@@ -222,7 +228,12 @@ impl FunctionRunner {
         }
     }
 
-    async fn handle(&self, delivery: &Delivery, style: RetryStyle, shutdown: &CancellationToken) -> Settlement {
+    async fn handle(
+        &self,
+        delivery: &Delivery,
+        style: RetryStyle,
+        shutdown: &CancellationToken,
+    ) -> Settlement {
         let message = &delivery.message;
         let broker = message.origin_broker();
         telemetry::events_received(&self.spec.name, broker.as_str());
@@ -240,20 +251,37 @@ impl FunctionRunner {
             origin: origin.clone(),
             broker,
             topic: &message.topic,
-            key: message.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+            key: message
+                .key
+                .as_ref()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
         };
         let mut pending = match weir_schemas::decode(&wire, self.spec.format) {
             Ok(events) => events,
             Err(e) => {
                 telemetry::undecodable(&self.spec.name, e.kind());
                 let now = now_rfc3339();
-                let letter = self.letter(DeadLetterReason::Undecodable, e.to_string(), message.delivery_count.max(1), &ctx, now.clone(), now);
+                let letter = self.letter(
+                    DeadLetterReason::Undecodable,
+                    e.to_string(),
+                    message.delivery_count.max(1),
+                    &ctx,
+                    now.clone(),
+                    now,
+                );
                 let raw = RawInput {
                     payload: message.payload.as_deref(),
                     content_type: header(&message.headers, "content-type"),
                     default_source: &default_source,
                 };
-                return match self.dead_letter(letter.record_raw(&raw), DeadLetterReason::Undecodable, shutdown).await {
+                return match self
+                    .dead_letter(
+                        letter.record_raw(&raw),
+                        DeadLetterReason::Undecodable,
+                        shutdown,
+                    )
+                    .await
+                {
                     Ok(()) => Settlement::Term,
                     Err(HandBack) => Settlement::HandBack,
                 };
@@ -298,12 +326,25 @@ impl FunctionRunner {
             }
             let reason = match &error {
                 InvocationError::Timeout(_) => DeadLetterReason::Timeout,
-                InvocationError::Trap(_) | InvocationError::MemoryLimit(_) => DeadLetterReason::Trap,
+                InvocationError::Trap(_) | InvocationError::MemoryLimit(_) => {
+                    DeadLetterReason::Trap
+                }
                 _ => DeadLetterReason::RetriesExhausted,
             };
             for event in failed {
-                let letter = self.letter(reason, error.to_string(), attempt, &ctx, first_failure.clone(), now_rfc3339());
-                if self.dead_letter(letter.record(&event), reason, shutdown).await.is_err() {
+                let letter = self.letter(
+                    reason,
+                    error.to_string(),
+                    attempt,
+                    &ctx,
+                    first_failure.clone(),
+                    now_rfc3339(),
+                );
+                if self
+                    .dead_letter(letter.record(&event), reason, shutdown)
+                    .await
+                    .is_err()
+                {
                     return Settlement::HandBack;
                 }
             }
@@ -323,17 +364,40 @@ impl FunctionRunner {
     ) -> Result<EventOutcome, HandBack> {
         let hops = chain::hops(event);
         if hops >= self.spec.hop_limit {
-            let error = format!("event has travelled {hops} hops; the limit is {}", self.spec.hop_limit);
+            let error = format!(
+                "event has travelled {hops} hops; the limit is {}",
+                self.spec.hop_limit
+            );
             let now = now_rfc3339();
-            let letter = self.letter(DeadLetterReason::HopLimit, error, attempt, ctx, now.clone(), now);
-            self.dead_letter(letter.record(event), DeadLetterReason::HopLimit, shutdown).await?;
+            let letter = self.letter(
+                DeadLetterReason::HopLimit,
+                error,
+                attempt,
+                ctx,
+                now.clone(),
+                now,
+            );
+            self.dead_letter(letter.record(event), DeadLetterReason::HopLimit, shutdown)
+                .await?;
             return Ok(EventOutcome::Done);
         }
         if let Some(age) = self.expired(event) {
-            let error = format!("event is {} old; max age is {}", humantime::format_duration(age), humantime::format_duration(self.spec.retry.max_age.unwrap_or_default()));
+            let error = format!(
+                "event is {} old; max age is {}",
+                humantime::format_duration(age),
+                humantime::format_duration(self.spec.retry.max_age.unwrap_or_default())
+            );
             let now = now_rfc3339();
-            let letter = self.letter(DeadLetterReason::Expired, error, attempt, ctx, now.clone(), now);
-            self.dead_letter(letter.record(event), DeadLetterReason::Expired, shutdown).await?;
+            let letter = self.letter(
+                DeadLetterReason::Expired,
+                error,
+                attempt,
+                ctx,
+                now.clone(),
+                now,
+            );
+            self.dead_letter(letter.record(event), DeadLetterReason::Expired, shutdown)
+                .await?;
             return Ok(EventOutcome::Done);
         }
 
@@ -348,7 +412,9 @@ impl FunctionRunner {
         match outcome {
             Ok(outputs) => match self.publish_outputs(outputs).await {
                 Ok(()) => {
-                    self.counters.succeeded.fetch_add(1, AtomicOrdering::Relaxed);
+                    self.counters
+                        .succeeded
+                        .fetch_add(1, AtomicOrdering::Relaxed);
                     Ok(EventOutcome::Done)
                 }
                 Err(e) => {
@@ -362,8 +428,10 @@ impl FunctionRunner {
                 self.note_failure(event, "reject", &reason);
                 let now = now_rfc3339();
                 let first = self.first_failure(&ctx.origin);
-                let letter = self.letter(DeadLetterReason::Rejected, reason, attempt, ctx, first, now);
-                self.dead_letter(letter.record(event), DeadLetterReason::Rejected, shutdown).await?;
+                let letter =
+                    self.letter(DeadLetterReason::Rejected, reason, attempt, ctx, first, now);
+                self.dead_letter(letter.record(event), DeadLetterReason::Rejected, shutdown)
+                    .await?;
                 Ok(EventOutcome::Done)
             }
             Err(e) => {
@@ -383,18 +451,25 @@ impl FunctionRunner {
         attempt: u32,
     ) -> Result<Vec<chain::ChainedOutput>, InvocationError> {
         let mut instance = self.pool.checkout().await?;
-        let key = ctx.key.clone().or_else(|| event.extension(ext::PARTITION_KEY).map(str::to_owned));
+        let key = ctx
+            .key
+            .clone()
+            .or_else(|| event.extension(ext::PARTITION_KEY).map(str::to_owned));
         let delivery = WitDelivery {
             broker: engine::to_wit_broker(ctx.broker),
             topic: ctx.topic.to_owned(),
             key,
             attempt,
         };
-        let result = instance.handle(&engine::to_wit_event(event), &delivery).await;
+        let result = instance
+            .handle(&engine::to_wit_event(event), &delivery)
+            .await;
         let checked = result.and_then(|outputs| {
             chain::check_outputs(
                 &self.spec.rules,
-                outputs.iter().map(|o| (o.topic.as_str(), o.event.data.as_ref().map_or(0, Vec::len))),
+                outputs
+                    .iter()
+                    .map(|o| (o.topic.as_str(), o.event.data.as_ref().map_or(0, Vec::len))),
             )
             .map_err(InvocationError::OutputRule)?;
             Ok(outputs)
@@ -405,7 +480,12 @@ impl FunctionRunner {
             .into_iter()
             .map(|o| (o.topic, o.key, engine::from_wit_event(o.event)))
             .collect();
-        Ok(chain::chain_outputs(&self.spec.name, event, outputs, &now_rfc3339()))
+        Ok(chain::chain_outputs(
+            &self.spec.name,
+            event,
+            outputs,
+            &now_rfc3339(),
+        ))
     }
 
     /// Publish every output, each confirmed by its broker. The ids are deterministic, so a
@@ -430,13 +510,20 @@ impl FunctionRunner {
         }
         if count > 0 {
             telemetry::outputs_published(&self.spec.name, count);
-            self.counters.outputs.fetch_add(count, AtomicOrdering::Relaxed);
+            self.counters
+                .outputs
+                .fetch_add(count, AtomicOrdering::Relaxed);
         }
         Ok(())
     }
 
     /// Write a dead-letter record, holding the lane until the DLQ confirms it.
-    async fn dead_letter(&self, record: Event, reason: DeadLetterReason, shutdown: &CancellationToken) -> Result<(), HandBack> {
+    async fn dead_letter(
+        &self,
+        record: Event,
+        reason: DeadLetterReason,
+        shutdown: &CancellationToken,
+    ) -> Result<(), HandBack> {
         let style = header_style(self.dead_letters.broker());
         let (headers, payload) = weir_schemas::encode_binary(&record, style);
         let message = OutboundMessage {
@@ -455,7 +542,9 @@ impl FunctionRunner {
                     telemetry::dead_letter_publish_failed(&self.spec.name);
                     if !paused {
                         paused = true;
-                        self.counters.dlq_paused.store(true, AtomicOrdering::Relaxed);
+                        self.counters
+                            .dlq_paused
+                            .store(true, AtomicOrdering::Relaxed);
                         telemetry::lane_paused(&self.spec.name, true);
                         tracing::error!(function = %self.spec.name, topic = %self.spec.dead_letter_topic, error = %e, "dead-letter queue unavailable; pausing this lane until it recovers");
                     }
@@ -468,17 +557,29 @@ impl FunctionRunner {
             }
         }
         if paused {
-            self.counters.dlq_paused.store(false, AtomicOrdering::Relaxed);
+            self.counters
+                .dlq_paused
+                .store(false, AtomicOrdering::Relaxed);
             telemetry::lane_paused(&self.spec.name, false);
             tracing::info!(function = %self.spec.name, "dead-letter queue recovered; lane resumed");
         }
         telemetry::dead_lettered(&self.spec.name, reason.as_str());
-        self.counters.dead_lettered.fetch_add(1, AtomicOrdering::Relaxed);
+        self.counters
+            .dead_lettered
+            .fetch_add(1, AtomicOrdering::Relaxed);
         tracing::warn!(function = %self.spec.name, event = %record.id, reason = reason.as_str(), "event dead-lettered");
         Ok(())
     }
 
-    fn letter(&self, reason: DeadLetterReason, error: String, attempts: u32, ctx: &DeliveryContext<'_>, first_failure: String, last_failure: String) -> DeadLetter {
+    fn letter(
+        &self,
+        reason: DeadLetterReason,
+        error: String,
+        attempts: u32,
+        ctx: &DeliveryContext<'_>,
+        first_failure: String,
+        last_failure: String,
+    ) -> DeadLetter {
         DeadLetter {
             reason,
             error,
@@ -509,7 +610,10 @@ impl FunctionRunner {
     }
 
     fn first_failure(&self, origin: &str) -> String {
-        lock(&self.first_failures).get(origin).cloned().unwrap_or_else(now_rfc3339)
+        lock(&self.first_failures)
+            .get(origin)
+            .cloned()
+            .unwrap_or_else(now_rfc3339)
     }
 
     fn note_failure(&self, event: &Event, outcome: &'static str, error: &str) {
@@ -553,7 +657,10 @@ pub fn header_style(broker: BrokerKind) -> HeaderStyle {
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// Now, as RFC 3339 with milliseconds (UTC).
@@ -562,7 +669,9 @@ pub fn now_rfc3339() -> String {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Small conveniences on the transport's message, kept here so the transport vocabulary stays

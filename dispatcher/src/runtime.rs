@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use weir_broker_bridge::memory::{MemoryBus, SubscribeOptions};
 use weir_broker_bridge::kafka::{KafkaPublisher, KafkaTransport};
+use weir_broker_bridge::memory::{MemoryBus, SubscribeOptions};
 use weir_broker_bridge::nats::{JetStreamConsumerOptions, NatsTransport};
 use weir_broker_bridge::{BrokerKind, LagProbe, Publisher, Subscription};
 
@@ -32,8 +32,16 @@ pub const LAG_TICK: Duration = Duration::from_millis(250);
 /// The engine settings a configuration needs.
 pub fn engine_settings(config: &Config) -> EngineSettings {
     let defaults = EngineSettings::default();
-    let max_stack = config.functions.iter().map(|f| f.max_stack.as_u64() as usize).max();
-    let max_memory = config.functions.iter().map(|f| f.memory.as_u64() as usize).max();
+    let max_stack = config
+        .functions
+        .iter()
+        .map(|f| f.max_stack.as_u64() as usize)
+        .max();
+    let max_memory = config
+        .functions
+        .iter()
+        .map(|f| f.memory.as_u64() as usize)
+        .max();
     let instances: u32 = config.functions.iter().map(|f| f.scaling.max).sum();
     EngineSettings {
         max_wasm_stack: max_stack.unwrap_or(defaults.max_wasm_stack),
@@ -71,7 +79,9 @@ pub struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("functions", &self.functions.len()).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("functions", &self.functions.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,14 +113,17 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("functions", &self.shared.functions.len()).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("functions", &self.shared.functions.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl Runtime {
     /// Load, connect, subscribe and start every function.
     pub async fn start(config: Config) -> anyhow::Result<Runtime> {
-        let engine = WasmEngine::new(&engine_settings(&config)).context("starting the wasm engine")?;
+        let engine =
+            WasmEngine::new(&engine_settings(&config)).context("starting the wasm engine")?;
         let modules = load_modules(&engine, &config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let memory = MemoryBus::new(config.brokers.memory);
         let transports = Transports::connect(&config, &memory).await?;
@@ -125,7 +138,10 @@ impl Runtime {
                 name.clone(),
                 module,
                 Arc::new(function.config.clone()),
-                SandboxLimits { timeout: function.timeout, memory: function.memory.as_u64() as usize },
+                SandboxLimits {
+                    timeout: function.timeout,
+                    memory: function.memory.as_u64() as usize,
+                },
                 PoolSettings {
                     min: function.scaling.min as usize,
                     max: function.scaling.max.max(1) as usize,
@@ -134,9 +150,12 @@ impl Runtime {
                     isolation: function.isolation,
                 },
             ));
-            pool.prewarm()
-                .await
-                .map_err(|e| anyhow::anyhow!("function {}: starting its minimum instances: {e}", function.name))?;
+            pool.prewarm().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "function {}: starting its minimum instances: {e}",
+                    function.name
+                )
+            })?;
             let runner = Arc::new(FunctionRunner::new(
                 spec(function, name.clone()),
                 pool.clone(),
@@ -146,7 +165,12 @@ impl Runtime {
             let subscription = transports.subscribe(function).await?;
             let probe = subscription.lag_probe();
             if let Some(probe) = probe.clone() {
-                chores.spawn(sample_lag(probe, name.clone(), function.trigger.broker, shutdown.child_token()));
+                chores.spawn(sample_lag(
+                    probe,
+                    name.clone(),
+                    function.trigger.broker,
+                    shutdown.child_token(),
+                ));
             }
             chores.spawn(scaling::control_loop(
                 name.clone(),
@@ -167,8 +191,18 @@ impl Runtime {
             chores.spawn(reap_idle(pool, shutdown.child_token()));
             functions.push(runner);
         }
-        let shared = Arc::new(Shared { config, memory, functions, transports });
-        Ok(Runtime { shared, shutdown, runners, chores })
+        let shared = Arc::new(Shared {
+            config,
+            memory,
+            functions,
+            transports,
+        });
+        Ok(Runtime {
+            shared,
+            shutdown,
+            runners,
+            chores,
+        })
     }
 
     /// Stop fetching, finish or hand back in-flight work, settle what finished, return.
@@ -227,9 +261,9 @@ impl Transports {
         let nats = match &config.brokers.nats {
             None => None,
             Some(nats_config) => {
-                let transport = NatsTransport::connect(nats_config)
-                    .await
-                    .with_context(|| format!("connecting to NATS at {}", nats_config.servers.join(", ")))?;
+                let transport = NatsTransport::connect(nats_config).await.with_context(|| {
+                    format!("connecting to NATS at {}", nats_config.servers.join(", "))
+                })?;
                 for stream in &config.brokers.nats_streams {
                     let report = transport
                         .ensure_stream(stream)
@@ -257,27 +291,42 @@ impl Transports {
             Some(kafka_config) => {
                 let transport = KafkaTransport::connect(kafka_config)
                     .await
-                    .with_context(|| format!("connecting to Kafka at {}", kafka_config.bootstrap))?;
+                    .with_context(|| {
+                        format!("connecting to Kafka at {}", kafka_config.bootstrap)
+                    })?;
                 if kafka_config.create_topics {
                     for topic in kafka_topics(config) {
-                        transport.ensure_topic_if_configured(&topic).await.with_context(|| format!("creating Kafka topic {topic}"))?;
+                        transport
+                            .ensure_topic_if_configured(&topic)
+                            .await
+                            .with_context(|| format!("creating Kafka topic {topic}"))?;
                     }
                 }
-                let publisher = Arc::new(transport.publisher().context("creating the Kafka producer")?);
+                let publisher = Arc::new(
+                    transport
+                        .publisher()
+                        .context("creating the Kafka producer")?,
+                );
                 Some((transport, publisher))
             }
         };
-        Ok(Self { memory: memory.clone(), nats, kafka })
+        Ok(Self {
+            memory: memory.clone(),
+            nats,
+            kafka,
+        })
     }
 
     fn kafka(&self) -> anyhow::Result<&(KafkaTransport, Arc<KafkaPublisher>)> {
-        self.kafka.as_ref().context("the kafka broker is used but [brokers.kafka] is not configured")
+        self.kafka
+            .as_ref()
+            .context("the kafka broker is used but [brokers.kafka] is not configured")
     }
 
     fn nats(&self, broker: BrokerKind) -> anyhow::Result<&NatsTransport> {
-        self.nats
-            .as_ref()
-            .with_context(|| format!("the {broker} broker is used but [brokers.nats] is not configured"))
+        self.nats.as_ref().with_context(|| {
+            format!("the {broker} broker is used but [brokers.nats] is not configured")
+        })
     }
 
     fn publisher(&self, broker: BrokerKind) -> anyhow::Result<Arc<dyn Publisher>> {
@@ -292,7 +341,12 @@ impl Transports {
     async fn subscribe(&self, function: &FunctionConfig) -> anyhow::Result<Box<dyn Subscription>> {
         let trigger = &function.trigger;
         let max_in_flight = function.scaling.max.max(1) as usize;
-        let context = || format!("function {}: subscribing to {} on {}", function.name, trigger.topic, trigger.broker);
+        let context = || {
+            format!(
+                "function {}: subscribing to {} on {}",
+                function.name, trigger.topic, trigger.broker
+            )
+        };
         match trigger.broker {
             BrokerKind::Memory => {
                 let options = SubscribeOptions {
@@ -300,8 +354,10 @@ impl Transports {
                     max_in_flight,
                     ..SubscribeOptions::default()
                 };
-                let subscription =
-                    self.memory.subscribe(&trigger.topic, &trigger.group, options).with_context(context)?;
+                let subscription = self
+                    .memory
+                    .subscribe(&trigger.topic, &trigger.group, options)
+                    .with_context(context)?;
                 Ok(Box::new(subscription))
             }
             BrokerKind::Nats => {
@@ -313,10 +369,12 @@ impl Transports {
                 Ok(Box::new(subscription))
             }
             BrokerKind::JetStream => {
-                let jetstream = trigger
-                    .jetstream
-                    .as_ref()
-                    .with_context(|| format!("function {}: a jetstream trigger needs a stream", function.name))?;
+                let jetstream = trigger.jetstream.as_ref().with_context(|| {
+                    format!(
+                        "function {}: a jetstream trigger needs a stream",
+                        function.name
+                    )
+                })?;
                 let mut options = JetStreamConsumerOptions::new(jetstream.stream.clone());
                 options.durable = Some(trigger.group.clone());
                 options.ack_wait = jetstream.ack_wait;
@@ -331,7 +389,12 @@ impl Transports {
                 let subscription = self
                     .kafka()?
                     .0
-                    .subscribe(&trigger.topic, &trigger.group, trigger.ordering, max_in_flight)
+                    .subscribe(
+                        &trigger.topic,
+                        &trigger.group,
+                        trigger.ordering,
+                        max_in_flight,
+                    )
                     .with_context(context)?;
                 Ok(Box::new(subscription))
             }
@@ -348,7 +411,13 @@ fn kafka_topics(config: &Config) -> std::collections::BTreeSet<String> {
             topics.insert(function.trigger.topic.clone());
         }
         if function.output_broker == BrokerKind::Kafka {
-            topics.extend(function.outputs.iter().filter(|t| !t.ends_with('>')).cloned());
+            topics.extend(
+                function
+                    .outputs
+                    .iter()
+                    .filter(|t| !t.ends_with('>'))
+                    .cloned(),
+            );
         }
         if function.dead_letter.broker == BrokerKind::Kafka {
             topics.insert(function.dead_letter.topic.clone());
@@ -358,7 +427,8 @@ fn kafka_topics(config: &Config) -> std::collections::BTreeSet<String> {
 }
 
 async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {
-    let every = (pool.settings().idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let every = (pool.settings().idle_timeout / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut ticker = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -369,7 +439,12 @@ async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {
 }
 
 /// Samples lag on its own clock, so a busy or blocked subscription still reports it.
-async fn sample_lag(probe: Arc<dyn LagProbe>, function: Arc<str>, broker: BrokerKind, shutdown: CancellationToken) {
+async fn sample_lag(
+    probe: Arc<dyn LagProbe>,
+    function: Arc<str>,
+    broker: BrokerKind,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(LAG_TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;

@@ -368,8 +368,12 @@ mod tests {
         for forbidden in ["<script src", "<link ", "http://", "https://", "@import"] {
             // The SVG namespace URI is an identifier, not a fetch.
             let uses = PAGE.matches(forbidden).count()
-                - PAGE.matches("http://www.w3.org/2000/svg").count() * usize::from(forbidden == "http://");
-            assert_eq!(uses, 0, "the page must not load {forbidden:?} from elsewhere");
+                - PAGE.matches("http://www.w3.org/2000/svg").count()
+                    * usize::from(forbidden == "http://");
+            assert_eq!(
+                uses, 0,
+                "the page must not load {forbidden:?} from elsewhere"
+            );
         }
         assert!(PAGE.contains(r#"fetch("/v1/functions""#));
         assert!(PAGE.contains("weir_consumer_lag"));
