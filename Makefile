@@ -11,7 +11,7 @@ PY_BIN           := $(shell python3 -c 'import sysconfig; print(sysconfig.get_pa
 export WEIR_NATS_SERVER ?= $(shell scripts/find-nats-server 2>/dev/null)
 export WEIR_TANSU ?= $(shell command -v tansu 2>/dev/null || echo $(HOME)/.cargo/bin/tansu)
 
-.PHONY: up test functions weir lint bench tools wasm-target nats-server tansu clean
+.PHONY: up test functions weir lint bench tools wasm-target nats-server tansu debian-tools clean
 
 ## up: build the example functions and weir, then run the demo pipeline on the embedded bus
 up: functions
@@ -31,7 +31,17 @@ wasm-target:
 functions: wasm-target
 	cd functions && $(CARGO) build --release
 
-tools: wasm-target nats-server tansu
+tools: wasm-target nats-server tansu debian-tools
+
+## debian-tools: Prometheus (dashboard test), Chromium (status page test), docker-compose
+## (validates the compose file without an engine)
+debian-tools:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null && command -v docker-compose >/dev/null; then \
+	  echo "prometheus, chromium, docker-compose: present"; \
+	else \
+	  echo "installing prometheus chromium docker-compose (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium docker-compose >/dev/null; \
+	fi
 
 ## nats-server: a JetStream-capable nats-server >= $(NATS_SERVER_MIN) (Debian's is older)
 nats-server:

@@ -235,6 +235,7 @@ impl WasmEngine {
         Ok(FunctionModule {
             pre,
             sha256: Arc::from(digest),
+            _ticker: self._ticker.clone(),
         })
     }
 }
@@ -266,6 +267,9 @@ fn wasm_config(settings: &EngineSettings, pooling: bool) -> wasmtime::Config {
 pub struct FunctionModule {
     pre: bindings::FunctionPre<HostState>,
     sha256: Arc<str>,
+    /// Timeouts depend on the epoch advancing: whoever can still start an instance keeps the
+    /// ticker alive, even after the `WasmEngine` that loaded the module is gone.
+    _ticker: Arc<EpochTicker>,
 }
 
 impl fmt::Debug for FunctionModule {

@@ -72,8 +72,8 @@ pub const PAGE: &str = r##"<!doctype html>
   .route { width: 100%; color: var(--muted); font-size: 12px; overflow-wrap: anywhere; }
   .route code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; color: var(--ink); }
   .headline { display: grid; grid-template-columns: repeat(3, 1fr); gap: 10px; }
-  .headline div { display: flex; flex-direction: column; }
-  .headline span, .counters dt, .spark figcaption, .failures th {
+  .headline > div { display: flex; flex-direction: column; min-width: 0; }
+  .headline span, .counters dt, .spark figcaption, .failures h3 {
     font-size: 11px; text-transform: uppercase; letter-spacing: 0.05em; color: var(--muted); }
   .headline b { font-size: 22px; font-weight: 650; font-variant-numeric: tabular-nums; }
   .headline small { color: var(--muted); font-size: 12px; }
@@ -86,20 +86,22 @@ pub const PAGE: &str = r##"<!doctype html>
   .spark figcaption { display: flex; justify-content: space-between; }
   .spark figcaption b { font-weight: 600; color: var(--ink); text-transform: none; letter-spacing: 0; }
   .spark svg { display: block; width: 100%; height: 46px; margin-top: 3px; border-bottom: 1px solid var(--line); }
-  .counters { display: grid; grid-template-columns: repeat(6, 1fr); gap: 6px; margin: 0; }
-  .counters div { min-width: 0; }
-  .counters dt { font-size: 10px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+  .counters { display: grid; grid-template-columns: repeat(3, 1fr); gap: 6px 10px; margin: 0;
+              padding-top: 10px; border-top: 1px solid var(--line); }
+  .counters div { min-width: 0; display: flex; justify-content: space-between; gap: 6px; }
+  .counters dt { font-size: 10px; white-space: nowrap; }
   .counters dd { margin: 0; font-weight: 600; font-variant-numeric: tabular-nums; }
   .counters dd.hot { color: var(--bad); }
-  .failures { width: 100%; border-collapse: collapse; table-layout: fixed; font-size: 12px; }
-  .failures th { text-align: left; font-weight: 600; padding: 0 6px 4px 0; }
-  .failures td { padding: 4px 6px 4px 0; border-top: 1px solid var(--line); vertical-align: top; overflow-wrap: anywhere; }
-  .failures td.when { width: 64px; color: var(--muted); font-variant-numeric: tabular-nums; }
-  .failures td.outcome { width: 74px; }
-  .failures td.outcome span { color: var(--bad); font-weight: 600; }
-  .failures td.id { width: 96px; font-family: ui-monospace, Menlo, Consolas, monospace; color: var(--muted);
-                    white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-  .no-failures { color: var(--muted); font-size: 12px; }
+  .failures h3 { margin: 0 0 4px; font-weight: 600; }
+  .failures ol { list-style: none; margin: 0; padding: 0; font-size: 12px; }
+  .failures li { padding: 5px 0; border-top: 1px solid var(--line); }
+  .failures .meta { display: flex; gap: 8px; align-items: baseline; color: var(--muted); min-width: 0; }
+  .failures time { font-variant-numeric: tabular-nums; }
+  .failures .outcome { color: var(--bad); font-weight: 600; }
+  .failures .id { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 11px;
+                  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; min-width: 0; }
+  .failures .error { overflow-wrap: anywhere; }
+  .no-failures { color: var(--muted); font-size: 12px; margin: 0; }
   footer { padding: 0 28px 24px; color: var(--muted); font-size: 12px; }
   footer a { color: var(--accent); }
 </style>
@@ -128,6 +130,7 @@ pub const PAGE: &str = r##"<!doctype html>
 "use strict";
 const POLL_MS = 1000;
 const WINDOW_MS = 120000;
+const HEALTH_MS = 10000;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const COUNTERS = [
   ["received", "received"], ["succeeded", "succeeded"], ["failed", "failed"],
@@ -205,15 +208,18 @@ function spark(title, unit, key) {
   svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("data-spark", key);
   return el("figure", { class: "spark" },
-    el("figcaption", {}, `${title} · 2 min`, el("b", { "data-field": `${key}-max` }, "")), svg);
+    el("figcaption", {}, `${title} (${unit})`, el("b", { "data-field": `${key}-max` }, "")), svg);
 }
 
 function drawSpark(svg, points, color, soft) {
   while (svg.firstChild) svg.firstChild.remove();
   if (points.length < 2) return 0;
-  const t0 = points[points.length - 1].t - WINDOW_MS;
+  // The x axis spans the history there is, up to the window: a fresh page draws full width.
+  const t1 = points[points.length - 1].t;
+  const t0 = Math.max(points[0].t, t1 - WINDOW_MS);
+  const span = Math.max(1, t1 - t0);
   const max = Math.max(1, ...points.map((p) => p.v));
-  const xy = points.map((p) => [((p.t - t0) / WINDOW_MS) * 240, 44 - (p.v / max) * 40]);
+  const xy = points.map((p) => [((p.t - t0) / span) * 240, 44 - (p.v / max) * 40]);
   const line = xy.map(([x, y], i) => `${i ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`).join("");
   const area = document.createElementNS(SVG_NS, "path");
   area.setAttribute("d", `${line}L${xy[xy.length - 1][0].toFixed(1)},46L${xy[0][0].toFixed(1)},46Z`);
@@ -244,7 +250,6 @@ function update(f, lag, now) {
   const c = f.counters || {};
   const prev = samples[samples.length - 1];
   const rate = prev && now > prev.t ? Math.max(0, ((c.received || 0) - prev.received) / ((now - prev.t) / 1000)) : null;
-  const failing = prev && ((c.failed || 0) > prev.failed || (c.dead_lettered || 0) > prev.dead_lettered);
   samples.push({ t: now, received: c.received || 0, failed: c.failed || 0, dead_lettered: c.dead_lettered || 0, lag: lag ?? 0, rate });
   while (samples.length && samples[0].t < now - WINDOW_MS) samples.shift();
   entry.rate = rate;
@@ -259,8 +264,13 @@ function update(f, lag, now) {
   slots.replaceChildren(...Array.from({ length: shown }, (_, i) =>
     el("span", { class: `slot${i < (inst.busy ?? 0) ? " busy" : i < (inst.live ?? 0) ? " idle" : ""}` })));
 
-  const health = setField(card, "health", f.dead_letter_paused ? "DLQ paused" : failing ? "failing" : "ok");
-  health.className = `badge ${f.dead_letter_paused ? "bad" : failing ? "warn" : "ok"}`;
+  // Health over the last HEALTH_MS, so that the badge does not flicker between polls.
+  const since = samples.find((s) => s.t >= now - HEALTH_MS) || samples[0];
+  const dead = (c.dead_lettered || 0) > since.dead_lettered;
+  const retrying = (c.failed || 0) > since.failed;
+  const [label, tone] = f.dead_letter_paused ? ["DLQ paused", "bad"]
+    : dead ? ["dead-lettering", "bad"] : retrying ? ["failures", "warn"] : ["ok", "ok"];
+  setField(card, "health", label).className = `badge ${tone}`;
 
   for (const [key] of COUNTERS) {
     const dd = card.querySelector(`[data-counter="${key}"]`);
@@ -289,19 +299,18 @@ function renderFailures(box, failures) {
     box.replaceChildren(el("p", { class: "no-failures" }, "No recent failures."));
     return;
   }
-  const body = el("tbody");
+  const list = el("ol");
   for (const failure of latest) {
     const when = new Date(failure.at);
     const time = Number.isNaN(when.getTime()) ? String(failure.at) : when.toLocaleTimeString("en-GB", { hour12: false });
-    body.append(el("tr", { "data-failure": "" },
-      el("td", { class: "when", title: String(failure.at) }, time),
-      el("td", { class: "outcome" }, el("span", {}, String(failure.outcome))),
-      el("td", { class: "id", title: String(failure.event_id) }, String(failure.event_id)),
-      el("td", { class: "error" }, String(failure.error))));
+    list.append(el("li", { "data-failure": "" },
+      el("div", { class: "meta" },
+        el("time", { datetime: String(failure.at) }, time),
+        el("span", { class: "outcome" }, String(failure.outcome)),
+        el("span", { class: "id", title: String(failure.event_id) }, String(failure.event_id))),
+      el("div", { class: "error" }, String(failure.error))));
   }
-  box.replaceChildren(el("table", { class: "failures" },
-    el("thead", {}, el("tr", {}, el("th", { class: "when" }, "time"), el("th", {}, "outcome"), el("th", {}, "event"), el("th", {}, "latest failures"))),
-    body));
+  box.replaceChildren(el("div", { class: "failures" }, el("h3", {}, "latest failures"), list));
 }
 
 function render(functions, lags, now) {

@@ -46,9 +46,14 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .map(|(_, value)| value.as_str())
 }
 
-/// Whether the headers make this a binary-mode event: a `ce-id` or `ce_id` header is present.
+/// Whether the headers make this a binary-mode event: a `ce-specversion` header (what the
+/// HTTP and Kafka bindings key binary mode on) or a `ce-id` header, in either spelling. A
+/// message with one but not the other is binary mode with an attribute missing, and is refused
+/// as such rather than passed on as a custom event.
 pub fn has_binary_headers(headers: &[(String, String)]) -> bool {
-    header(headers, "ce-id").is_some() || header(headers, "ce_id").is_some()
+    ["ce-id", "ce_id", "ce-specversion", "ce_specversion"]
+        .iter()
+        .any(|name| header(headers, name).is_some())
 }
 
 /// Whether any header uses a CloudEvents prefix (`ce-` or `ce_`), even if `ce-id` is missing.

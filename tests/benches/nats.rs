@@ -1,1 +1,551 @@
-fn main() {}
+//! Weir on NATS beside plain async-nats programs doing the same broker work without wasm.
+//!
+//! `cargo bench -p weir-tests --bench nats` measures, in one run and on one fresh
+//! `nats-server -js` (file storage):
+//! 1. JetStream → wasm `noop` → ack through Weir (in-process [`Runtime`], 8 instance slots):
+//!    N events pre-published, timed from the runtime's start until the consumer's
+//!    `num_pending + num_ack_pending` is 0;
+//! 2. a plain async-nats pull consumer acking the same N messages (fire-and-forget acks, as a
+//!    typical program does), and the same with confirmed acks (`double_ack`, 8 at a time, what
+//!    Weir does) to show what the confirmation costs;
+//! 3. core NATS → wasm `echo` → core publish through Weir, beside
+//! 4. a plain async-nats subscriber that republishes each message; both fed by a publisher that
+//!    keeps at most a window of messages unanswered, so core NATS never drops (no slow
+//!    consumer) and the rate is the sustained one;
+//! 5. end-to-end latency (p50, p99) of core NATS through Weir at half the rate of (3).
+//!
+//! Without `--bench` (plain `cargo test`) it runs a tiny smoke version of the same steps that
+//! only checks every event came through. Native baselines use async-nats directly, which
+//! DESIGN.md allows in `tests/` for this purpose only.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use weir_broker_bridge::nats::{NatsConfig, NatsTransport, StreamConfig};
+use weir_dispatcher::runtime::Runtime;
+use weir_tests::nats_server::NatsServer;
+use weir_tests::weir::functions_dir;
+
+const STREAM: &str = "BENCH";
+const JS_SUBJECT: &str = "bench.js";
+const SLOTS: u32 = 8;
+
+/// Sizes of one run.
+struct Plan {
+    full: bool,
+    js_events: usize,
+    core_events: u64,
+    /// Most core messages published and not yet answered.
+    core_window: u64,
+    latency_for: Duration,
+    timeout: Duration,
+}
+
+impl Plan {
+    fn new(full: bool) -> Plan {
+        if full {
+            Plan {
+                full,
+                js_events: 100_000,
+                core_events: 200_000,
+                core_window: 8_192,
+                latency_for: Duration::from_secs(5),
+                timeout: Duration::from_secs(300),
+            }
+        } else {
+            Plan {
+                full,
+                js_events: 300,
+                core_events: 2_000,
+                core_window: 256,
+                latency_for: Duration::from_millis(500),
+                timeout: Duration::from_secs(60),
+            }
+        }
+    }
+}
+
+/// One line of the table.
+struct Row {
+    name: String,
+    events: u64,
+    elapsed: Duration,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let full = std::env::args().any(|arg| arg == "--bench");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    runtime.block_on(run(Plan::new(full)))
+}
+
+async fn run(plan: Plan) -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let client = async_nats::connect(&url).await.context("connecting")?;
+    let js = async_nats::jetstream::new(client.clone());
+    // Weir's own metrics recorder, as in production.
+    weir_dispatcher::telemetry::install_prometheus()?;
+
+    let transport = NatsTransport::connect(&NatsConfig {
+        servers: vec![url.clone()],
+        ..NatsConfig::default()
+    })
+    .await?;
+    transport
+        .ensure_stream(&StreamConfig::new(STREAM, vec![JS_SUBJECT.into()]))
+        .await?;
+    let published = Instant::now();
+    publish_js(&js, plan.js_events).await?;
+    let publish_rate = plan.js_events as f64 / published.elapsed().as_secs_f64();
+
+    let weir_js = weir_jetstream(&plan, &url, &js).await.context("(1) Weir JetStream")?;
+    let native_js = native_jetstream(&plan, &js, "native", false)
+        .await
+        .context("(2) native JetStream")?;
+    let native_js_confirmed = native_jetstream(&plan, &js, "native-confirmed", true)
+        .await
+        .context("(2b) native JetStream, confirmed acks")?;
+    let weir_core = weir_core(&plan, &url).await.context("(3) Weir core")?;
+    let native_core = native_core(&plan, &url).await.context("(4) native core")?;
+    let latency_rate = weir_core.rate() / 2.0;
+    let (p50, p99, samples) = weir_core_latency(&plan, &url, latency_rate)
+        .await
+        .context("(5) Weir core latency")?;
+
+    println!();
+    println!(
+        "NATS benchmark ({}; nats-server {}; {} cores)",
+        if plan.full { "full" } else { "smoke" },
+        "-js, file storage",
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
+    println!(
+        "{:<52} {:>9} {:>9} {:>12} {:>12}  goal",
+        "measurement", "events", "seconds", "events/s", "Weir/native"
+    );
+    let line = |row: &Row, ratio: Option<f64>, goal: &str| {
+        println!(
+            "{:<52} {:>9} {:>9.2} {:>12.0} {:>12}  {goal}",
+            row.name,
+            row.events,
+            row.elapsed.as_secs_f64(),
+            row.rate(),
+            ratio.map_or(String::new(), |r| format!("{r:.2}x"))
+        );
+    };
+    line(
+        &weir_js,
+        Some(weir_js.rate() / native_js.rate()),
+        "≥ 0.8x native, ≥ 100000/s",
+    );
+    line(&native_js, None, "");
+    line(&native_js_confirmed, None, "(what a confirmed ack costs)");
+    line(
+        &weir_core,
+        Some(weir_core.rate() / native_core.rate()),
+        "≥ 0.8x native, ≥ 250000/s",
+    );
+    line(&native_core, None, "");
+    println!(
+        "{:<52} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+        "core → echo → core latency through Weir",
+        samples,
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
+    transport.close().await?;
+    drop(server);
+    Ok(())
+}
+
+fn ce_headers(id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("ce-specversion", "1.0");
+    headers.insert("ce-id", id);
+    headers.insert("ce-source", "bench");
+    headers.insert("ce-type", "com.example.bench");
+    headers.insert("content-type", "application/json");
+    headers
+}
+
+async fn publish_js(js: &Context, events: usize) -> anyhow::Result<()> {
+    let ids: Vec<usize> = (0..events).collect();
+    for chunk in ids.chunks(2000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let ack = js
+                .publish_with_headers(
+                    JS_SUBJECT,
+                    ce_headers(&format!("js-{id}")),
+                    Bytes::from(format!("{{\"n\":{id}}}")),
+                )
+                .await?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+    }
+    Ok(())
+}
+
+async fn lag(js: &Context, durable: &str) -> anyhow::Result<u64> {
+    let stream = js.get_stream(STREAM).await?;
+    let info = stream.consumer_info(durable).await?;
+    Ok(info.num_pending + info.num_ack_pending as u64)
+}
+
+async fn wait_lag_zero(js: &Context, durable: &str, deadline: Instant) -> anyhow::Result<()> {
+    loop {
+        let left = lag(js, durable).await?;
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("consumer {durable} still has {left} messages to do");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn module(file: &str) -> anyhow::Result<String> {
+    let path = functions_dir()?.join(file);
+    ensure!(path.is_file(), "{} is missing: run `make functions`", path.display());
+    Ok(path.display().to_string())
+}
+
+async fn start_weir(url: &str, function: &str) -> anyhow::Result<Runtime> {
+    let text = format!(
+        "[brokers.nats]\nservers = [\"{url}\"]\n\n[[brokers.nats_streams]]\nname = \"{STREAM}\"\nsubjects = [\"{JS_SUBJECT}\"]\n{function}"
+    );
+    let config = weir_dispatcher::config::from_toml_str(&text, &functions_dir()?)
+        .map_err(|e| anyhow::anyhow!("bench configuration:\n{e}"))?;
+    Runtime::start(config).await
+}
+
+/// (1) JetStream → noop → ack through Weir.
+async fn weir_jetstream(plan: &Plan, url: &str, js: &Context) -> anyhow::Result<Row> {
+    let function = format!(
+        r#"
+[[functions]]
+name = "noop"
+module = "{module}"
+[functions.trigger]
+broker = "jetstream"
+topic = "{JS_SUBJECT}"
+stream = "{STREAM}"
+group = "weir-bench"
+[functions.scaling]
+min = {SLOTS}
+max = {SLOTS}
+"#,
+        module = module("noop.wasm")?
+    );
+    let runtime = start_weir(url, &function).await?;
+    let started = Instant::now();
+    let result = wait_lag_zero(js, "weir-bench", started + plan.timeout).await;
+    let elapsed = started.elapsed();
+    let shared = runtime.shared();
+    let succeeded = shared
+        .function("noop")
+        .map_or(0, |f| f.counters.succeeded.load(Ordering::Relaxed));
+    runtime.shutdown().await;
+    result?;
+    ensure!(
+        succeeded >= plan.js_events as u64,
+        "noop ran {succeeded} times for {} events",
+        plan.js_events
+    );
+    Ok(Row {
+        name: format!("(1) JetStream → wasm noop → ack, Weir ({SLOTS} slots)"),
+        events: plan.js_events as u64,
+        elapsed,
+    })
+}
+
+/// (2) The same pull + ack with async-nats and no wasm.
+async fn native_jetstream(
+    plan: &Plan,
+    js: &Context,
+    durable: &str,
+    confirmed: bool,
+) -> anyhow::Result<Row> {
+    let stream = js.get_stream(STREAM).await?;
+    let consumer: PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: if confirmed { i64::from(SLOTS) } else { 10_000 },
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let deadline = started + plan.timeout;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(if confirmed { SLOTS as usize } else { 1000 })
+        .messages()
+        .await?;
+    let mut done = 0usize;
+    if confirmed {
+        let mut acks = futures::stream::FuturesUnordered::new();
+        while done < plan.js_events {
+            ensure!(Instant::now() < deadline, "native confirmed acks: {done} done");
+            tokio::select! {
+                Some(message) = messages.next(), if acks.len() < SLOTS as usize => {
+                    let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    acks.push(async move { message.double_ack().await.map_err(|e| anyhow::anyhow!("{e}")) });
+                }
+                Some(acked) = acks.next() => { acked?; done += 1; }
+            }
+        }
+    } else {
+        while done < plan.js_events {
+            ensure!(Instant::now() < deadline, "native acks: {done} done");
+            let message = messages
+                .next()
+                .await
+                .context("the message stream ended")?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            done += 1;
+        }
+    }
+    drop(messages);
+    wait_lag_zero(js, durable, deadline).await?;
+    Ok(Row {
+        name: if confirmed {
+            format!("(2b) native pull + confirmed ack, {SLOTS} at a time")
+        } else {
+            "(2) native async-nats pull + ack".to_owned()
+        },
+        events: plan.js_events as u64,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Publishes `events` core messages to `input` keeping at most `window` unanswered (counted by
+/// `answered`); returns the time from the first publish until every answer arrived.
+async fn drive_core(
+    plan: &Plan,
+    publisher: &async_nats::Client,
+    input: &str,
+    answered: &AtomicU64,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let deadline = started + plan.timeout;
+    let mut sent = 0u64;
+    while sent < plan.core_events {
+        let free = plan
+            .core_window
+            .saturating_sub(sent - answered.load(Ordering::Relaxed));
+        if free < plan.core_window / 4 {
+            ensure!(
+                Instant::now() < deadline,
+                "{input}: {} of {sent} answered",
+                answered.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        for _ in 0..free.min(plan.core_events - sent) {
+            publisher
+                .publish_with_headers(
+                    input.to_owned(),
+                    ce_headers(&format!("c-{sent}")),
+                    Bytes::from(sent.to_string()),
+                )
+                .await?;
+            sent += 1;
+        }
+        publisher.flush().await?;
+    }
+    while answered.load(Ordering::Relaxed) < plan.core_events {
+        ensure!(
+            Instant::now() < deadline,
+            "{input}: {} of {} answered",
+            answered.load(Ordering::Relaxed),
+            plan.core_events
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(started.elapsed())
+}
+
+/// Counts messages on `subject` into the returned counter.
+async fn count_on(url: &str, subject: &str) -> anyhow::Result<Arc<AtomicU64>> {
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
+        .await?;
+    let mut subscriber = client.subscribe(subject.to_owned()).await?;
+    client.flush().await?;
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        while subscriber.next().await.is_some() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Ok(count)
+}
+
+fn echo_function(input: &str, output: &str) -> anyhow::Result<String> {
+    Ok(format!(
+        r#"
+[[functions]]
+name = "echo"
+module = "{module}"
+outputs = ["{output}"]
+config = {{ output_topic = "{output}" }}
+[functions.trigger]
+broker = "nats"
+topic = "{input}"
+[functions.scaling]
+min = {SLOTS}
+max = {SLOTS}
+"#,
+        module = module("echo.wasm")?
+    ))
+}
+
+/// (3) core → echo → core through Weir.
+async fn weir_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
+    let runtime = start_weir(url, &echo_function("bench.core.in", "bench.core.out")?).await?;
+    let answered = count_on(url, "bench.core.out").await?;
+    let publisher = async_nats::connect(url).await?;
+    let elapsed = drive_core(plan, &publisher, "bench.core.in", &answered).await;
+    runtime.shutdown().await;
+    Ok(Row {
+        name: "(3) core → wasm echo → core publish, Weir".to_owned(),
+        events: plan.core_events,
+        elapsed: elapsed?,
+    })
+}
+
+/// (4) A plain subscriber that republishes each message.
+async fn native_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
+    let relay = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
+        .await?;
+    let mut subscriber = relay.subscribe("bench.native.in").await?;
+    relay.flush().await?;
+    let republisher = relay.clone();
+    let task = tokio::spawn(async move {
+        while let Some(message) = subscriber.next().await {
+            let headers = message.headers.unwrap_or_default();
+            if republisher
+                .publish_with_headers("bench.native.out", headers, message.payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let answered = count_on(url, "bench.native.out").await?;
+    let publisher = async_nats::connect(url).await?;
+    let elapsed = drive_core(plan, &publisher, "bench.native.in", &answered).await;
+    task.abort();
+    Ok(Row {
+        name: "(4) native async-nats subscribe + republish".to_owned(),
+        events: plan.core_events,
+        elapsed: elapsed?,
+    })
+}
+
+/// (5) p50 and p99 of publish → echo → receive through Weir at `rate` events/s.
+async fn weir_core_latency(
+    plan: &Plan,
+    url: &str,
+    rate: f64,
+) -> anyhow::Result<(Duration, Duration, usize)> {
+    let runtime = start_weir(url, &echo_function("bench.lat.in", "bench.lat.out")?).await?;
+    let total = ((rate * plan.latency_for.as_secs_f64()) as usize).max(10);
+    let receiver = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
+        .await?;
+    let mut subscriber = receiver.subscribe("bench.lat.out").await?;
+    receiver.flush().await?;
+    let base = Instant::now();
+    let collect = tokio::spawn(async move {
+        let mut received = vec![None; total];
+        let mut count = 0usize;
+        while count < total {
+            let Ok(Some(message)) =
+                tokio::time::timeout(Duration::from_secs(10), subscriber.next()).await
+            else {
+                break;
+            };
+            let at = base.elapsed();
+            if let Some(slot) = std::str::from_utf8(&message.payload)
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .and_then(|i| received.get_mut(i))
+            {
+                *slot = Some(at);
+                count += 1;
+            }
+        }
+        received
+    });
+    let publisher = async_nats::connect(url).await?;
+    let mut sent_at = Vec::with_capacity(total);
+    let tick = Duration::from_millis(1);
+    let per_tick = (rate / 1000.0).max(1.0);
+    let mut ticker = tokio::time::interval(tick);
+    let mut owed = 0.0f64;
+    while sent_at.len() < total {
+        ticker.tick().await;
+        owed += per_tick;
+        while owed >= 1.0 && sent_at.len() < total {
+            let index = sent_at.len();
+            sent_at.push(base.elapsed());
+            publisher
+                .publish_with_headers(
+                    "bench.lat.in",
+                    ce_headers(&format!("l-{index}")),
+                    Bytes::from(index.to_string()),
+                )
+                .await?;
+            owed -= 1.0;
+        }
+        publisher.flush().await?;
+    }
+    let received = collect.await.context("the latency receiver failed")?;
+    runtime.shutdown().await;
+    let mut latencies: Vec<Duration> = received
+        .iter()
+        .zip(&sent_at)
+        .filter_map(|(got, sent)| got.map(|got| got.saturating_sub(*sent)))
+        .collect();
+    ensure!(
+        latencies.len() == total,
+        "{} of {total} latency probes came back",
+        latencies.len()
+    );
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Ok((at(0.50), at(0.99), latencies.len()))
+}

@@ -29,7 +29,9 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The repository root (the parent of this crate).
 pub fn repo_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map_or(manifest.clone(), std::path::Path::to_path_buf)
+    manifest
+        .parent()
+        .map_or(manifest.clone(), std::path::Path::to_path_buf)
 }
 
 /// Where `make functions` puts the components. Fails with the command to run when the
@@ -50,7 +52,11 @@ pub fn functions_dir() -> anyhow::Result<PathBuf> {
         "reject_all.wasm",
         "not_a_function.wasm",
     ];
-    let missing: Vec<&str> = needed.iter().copied().filter(|m| !dir.join(m).is_file()).collect();
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|m| !dir.join(m).is_file())
+        .collect();
     if !missing.is_empty() {
         bail!(
             "components missing in {} ({}): run `make functions` first",
@@ -71,7 +77,10 @@ pub fn weir_bin() -> anyhow::Result<PathBuf> {
         .context("the test executable has no target directory")?;
     let bin = dir.join(format!("weir{}", std::env::consts::EXE_SUFFIX));
     if !bin.is_file() {
-        bail!("{} is missing: run `cargo build -p weir-dispatcher --bin weir`", bin.display());
+        bail!(
+            "{} is missing: run `cargo build -p weir-dispatcher --bin weir`",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -88,7 +97,9 @@ pub struct InProcess {
 
 impl std::fmt::Debug for InProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InProcess").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("InProcess")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,12 +111,19 @@ impl InProcess {
         let config = config::from_toml_str(config_toml, &dir)
             .map_err(|e| anyhow::anyhow!("the test configuration is not valid:\n{e}"))?;
         let metrics = telemetry::install_prometheus().context("installing the metrics recorder")?;
-        let runtime = Runtime::start(config).await.context("starting the runtime")?;
+        let runtime = Runtime::start(config)
+            .await
+            .context("starting the runtime")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the HTTP listener")?;
-        let addr = listener.local_addr().context("reading the listener's address")?;
-        let state = http::AppState { shared: runtime.shared(), metrics };
+        let addr = listener
+            .local_addr()
+            .context("reading the listener's address")?;
+        let state = http::AppState {
+            shared: runtime.shared(),
+            metrics,
+        };
         // Its own token, so the server outlives the runtime's shutdown only as long as needed.
         let server_stop = CancellationToken::new();
         let server = tokio::spawn(http::serve(listener, state, server_stop.clone()));
@@ -153,9 +171,15 @@ impl InProcess {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = request.send().await.with_context(|| format!("POST {url}"))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
         let status = response.status().as_u16();
-        let text = response.text().await.with_context(|| format!("reading the answer of POST {url}"))?;
+        let text = response
+            .text()
+            .await
+            .with_context(|| format!("reading the answer of POST {url}"))?;
         let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, json))
     }
@@ -163,9 +187,17 @@ impl InProcess {
     /// `GET` a path of the admin API as JSON.
     pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base_url());
-        let response = self.client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let response = self
+            .client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
         let status = response.status();
-        let text = response.text().await.with_context(|| format!("reading GET {url}"))?;
+        let text = response
+            .text()
+            .await
+            .with_context(|| format!("reading GET {url}"))?;
         if !status.is_success() {
             bail!("GET {url}: {status}: {text}");
         }
@@ -174,7 +206,12 @@ impl InProcess {
 
     /// The events on `topic` (decoded, as `weir tail` shows them), oldest first, until there
     /// are at least `n`; fails after `timeout` with what it saw.
-    pub async fn wait_for(&self, topic: &str, n: usize, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+    pub async fn wait_for(
+        &self,
+        topic: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
         let deadline = Instant::now() + timeout;
         let mut seen: Vec<Value> = Vec::new();
         let mut after: Option<u64> = None;
@@ -229,10 +266,20 @@ impl InProcess {
 
     /// One long-poll of `GET /v1/topics/{topic}/events`, waiting at most `left` (in slices of
     /// at most 2 s so that deadlines hold to within a few tens of ms).
-    async fn events_page(&self, topic: &str, after: Option<u64>, left: Duration) -> anyhow::Result<Value> {
-        let wait = left.min(Duration::from_secs(2)).max(Duration::from_millis(1));
-        let mut url =
-            format!("{}/v1/topics/{topic}/events?wait={}ms&limit=1000", self.base_url(), wait.as_millis());
+    async fn events_page(
+        &self,
+        topic: &str,
+        after: Option<u64>,
+        left: Duration,
+    ) -> anyhow::Result<Value> {
+        let wait = left
+            .min(Duration::from_secs(2))
+            .max(Duration::from_millis(1));
+        let mut url = format!(
+            "{}/v1/topics/{topic}/events?wait={}ms&limit=1000",
+            self.base_url(),
+            wait.as_millis()
+        );
         if let Some(after) = after {
             url.push_str(&format!("&after={after}"));
         }
@@ -250,18 +297,27 @@ impl InProcess {
 
     /// The topic's retained messages with their sequences: `(seq, decoded events)`.
     pub async fn messages(&self, topic: &str) -> anyhow::Result<Vec<(u64, Vec<Value>)>> {
-        let page = self.get_json(&format!("/v1/topics/{topic}/events?limit=10000")).await?;
+        let page = self
+            .get_json(&format!("/v1/topics/{topic}/events?limit=10000"))
+            .await?;
         Ok(page["messages"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|m| (m["seq"].as_u64().unwrap_or(0), m["events"].as_array().cloned().unwrap_or_default()))
+            .map(|m| {
+                (
+                    m["seq"].as_u64().unwrap_or(0),
+                    m["events"].as_array().cloned().unwrap_or_default(),
+                )
+            })
             .collect())
     }
 
     /// The whole retained history of `topic` right now (no waiting).
     pub async fn history(&self, topic: &str) -> anyhow::Result<Vec<Value>> {
-        let page = self.get_json(&format!("/v1/topics/{topic}/events?limit=10000")).await?;
+        let page = self
+            .get_json(&format!("/v1/topics/{topic}/events?limit=10000"))
+            .await?;
         Ok(page["messages"]
             .as_array()
             .into_iter()
@@ -332,7 +388,10 @@ impl WeirUp {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().context("polling weir up")? {
-                bail!("weir up exited with {status} before serving; its log:\n{}", self.log_text());
+                bail!(
+                    "weir up exited with {status} before serving; its log:\n{}",
+                    self.log_text()
+                );
             }
             if healthz(self.addr) {
                 return Ok(());
@@ -368,11 +427,15 @@ impl Drop for WeirUp {
 /// Whether `GET /healthz` on `addr` answers 200, with a plain socket (no runtime needed).
 fn healthz(addr: SocketAddr) -> bool {
     use std::io::{Read as _, Write as _};
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").is_err() {
+    if stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut answer = String::new();
@@ -398,7 +461,11 @@ where
 {
     let bin = weir_bin()?;
     let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let shown = args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+    let shown = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
     let child = tokio::process::Command::new(&bin)
         .args(&args)
         .stdin(Stdio::null())

@@ -31,25 +31,58 @@ fn run(program: &str, args: &[&str], package: &str) -> anyhow::Result<Output> {
 }
 
 fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 #[test]
 fn docker_compose_config_validates_the_stack() -> anyhow::Result<()> {
-    let output = run("docker-compose", &["--file", "docker-compose.yml", "config"], "docker-compose")?;
-    ensure!(output.status.success(), "docker-compose config rejected docker-compose.yml:\n{}", text(&output));
+    let output = run(
+        "docker-compose",
+        &["--file", "docker-compose.yml", "config"],
+        "docker-compose",
+    )?;
+    ensure!(
+        output.status.success(),
+        "docker-compose config rejected docker-compose.yml:\n{}",
+        text(&output)
+    );
     let resolved = String::from_utf8_lossy(&output.stdout);
-    for service in ["nats:", "kafka:", "weir-nats:", "weir-kafka:", "prometheus:", "grafana:"] {
+    for service in [
+        "nats:",
+        "kafka:",
+        "weir-nats:",
+        "weir-kafka:",
+        "prometheus:",
+        "grafana:",
+    ] {
         ensure!(
-            resolved.lines().any(|line| line.trim_start() == service && line.starts_with("  ") && !line.starts_with("   ")),
+            resolved.lines().any(|line| line.trim_start() == service
+                && line.starts_with("  ")
+                && !line.starts_with("   ")),
             "service {service} missing from the resolved stack:\n{resolved}"
         );
     }
     // Both dispatchers run the demo, one per broker, on the port Prometheus scrapes.
-    ensure!(resolved.contains("nats://nats:4222"), "weir-nats does not run on JetStream:\n{resolved}");
-    ensure!(resolved.contains("kafka:9092"), "weir-kafka does not run on Kafka:\n{resolved}");
-    ensure!(resolved.contains("0.0.0.0:8080"), "the weir services do not listen on 8080:\n{resolved}");
-    ensure!(resolved.lines().any(|l| l.trim() == "- -js"), "NATS runs without JetStream:\n{resolved}");
+    ensure!(
+        resolved.contains("nats://nats:4222"),
+        "weir-nats does not run on JetStream:\n{resolved}"
+    );
+    ensure!(
+        resolved.contains("kafka:9092"),
+        "weir-kafka does not run on Kafka:\n{resolved}"
+    );
+    ensure!(
+        resolved.contains("0.0.0.0:8080"),
+        "the weir services do not listen on 8080:\n{resolved}"
+    );
+    ensure!(
+        resolved.lines().any(|l| l.trim() == "- -js"),
+        "NATS runs without JetStream:\n{resolved}"
+    );
     // The one-node KRaft settings on Kafka; anonymous viewers on Grafana.
     for (key, value) in [
         ("KAFKA_PROCESS_ROLES", "broker,controller"),
@@ -59,7 +92,10 @@ fn docker_compose_config_validates_the_stack() -> anyhow::Result<()> {
         ("GF_AUTH_ANONYMOUS_ENABLED", "true"),
         ("GF_AUTH_ANONYMOUS_ORG_ROLE", "Viewer"),
     ] {
-        ensure!(setting(&resolved, key) == Some(value), "{key} is not {value} in the resolved stack:\n{resolved}");
+        ensure!(
+            setting(&resolved, key) == Some(value),
+            "{key} is not {value} in the resolved stack:\n{resolved}"
+        );
     }
     Ok(())
 }
@@ -74,27 +110,48 @@ fn setting<'a>(resolved: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn prometheus_config_is_valid_and_scrapes_both_dispatchers() -> anyhow::Result<()> {
-    let output = run("promtool", &["check", "config", "deploy/prometheus/prometheus.yml"], "prometheus")?;
-    ensure!(output.status.success(), "promtool rejected deploy/prometheus/prometheus.yml:\n{}", text(&output));
+    let output = run(
+        "promtool",
+        &["check", "config", "deploy/prometheus/prometheus.yml"],
+        "prometheus",
+    )?;
+    ensure!(
+        output.status.success(),
+        "promtool rejected deploy/prometheus/prometheus.yml:\n{}",
+        text(&output)
+    );
     let config = std::fs::read_to_string(repo_root().join("deploy/prometheus/prometheus.yml"))
         .context("reading deploy/prometheus/prometheus.yml")?;
     for target in ["weir-nats:8080", "weir-kafka:8080"] {
-        ensure!(config.contains(target), "prometheus.yml does not scrape {target}");
+        ensure!(
+            config.contains(target),
+            "prometheus.yml does not scrape {target}"
+        );
     }
-    ensure!(config.contains("scrape_interval: 5s"), "the stack scrapes every 5 s");
+    ensure!(
+        config.contains("scrape_interval: 5s"),
+        "the stack scrapes every 5 s"
+    );
     Ok(())
 }
 
 #[test]
 fn grafana_mounts_existing_provisioning() -> anyhow::Result<()> {
     let root = repo_root();
-    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).context("reading docker-compose.yml")?;
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml"))
+        .context("reading docker-compose.yml")?;
     for (dir, mount) in [
         ("deploy/grafana/provisioning", "/etc/grafana/provisioning"),
         ("deploy/grafana/dashboards", "/var/lib/grafana/dashboards"),
-        ("deploy/prometheus/prometheus.yml", "/etc/prometheus/prometheus.yml"),
+        (
+            "deploy/prometheus/prometheus.yml",
+            "/etc/prometheus/prometheus.yml",
+        ),
     ] {
-        ensure!(compose.contains(&format!("./{dir}:{mount}")), "docker-compose.yml does not mount ./{dir} at {mount}");
+        ensure!(
+            compose.contains(&format!("./{dir}:{mount}")),
+            "docker-compose.yml does not mount ./{dir} at {mount}"
+        );
         ensure!(Path::new(&root.join(dir)).exists(), "{dir} does not exist");
     }
     for file in [
@@ -104,25 +161,42 @@ fn grafana_mounts_existing_provisioning() -> anyhow::Result<()> {
     ] {
         ensure!(root.join(file).is_file(), "{file} is missing");
     }
-    let provider = std::fs::read_to_string(root.join("deploy/grafana/provisioning/dashboards/weir.yaml"))?;
-    ensure!(provider.contains("path: /var/lib/grafana/dashboards"), "the dashboard provider does not read the mounted directory");
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("deploy/grafana/dashboards/weir.json"))?)
-            .context("the dashboard is not JSON")?;
-    ensure!(dashboard["uid"].is_string() && dashboard["title"] == "Weir", "the dashboard has no uid or title");
+    let provider =
+        std::fs::read_to_string(root.join("deploy/grafana/provisioning/dashboards/weir.yaml"))?;
+    ensure!(
+        provider.contains("path: /var/lib/grafana/dashboards"),
+        "the dashboard provider does not read the mounted directory"
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("deploy/grafana/dashboards/weir.json"),
+    )?)
+    .context("the dashboard is not JSON")?;
+    ensure!(
+        dashboard["uid"].is_string() && dashboard["title"] == "Weir",
+        "the dashboard has no uid or title"
+    );
     Ok(())
 }
 
 #[test]
 fn the_image_ships_the_demo_components_where_weir_up_looks() -> anyhow::Result<()> {
-    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).context("reading Dockerfile")?;
+    let dockerfile =
+        std::fs::read_to_string(repo_root().join("Dockerfile")).context("reading Dockerfile")?;
     ensure!(
-        dockerfile.contains(weir_dispatcher::demo::BUILD_DIR) && dockerfile.contains("/opt/weir/functions"),
+        dockerfile.contains(weir_dispatcher::demo::BUILD_DIR)
+            && dockerfile.contains("/opt/weir/functions"),
         "the Dockerfile must copy {} to /opt/weir/functions",
         weir_dispatcher::demo::BUILD_DIR
     );
-    ensure!(dockerfile.contains("EXPOSE 8080") && dockerfile.contains("USER weir"), "the image must run as a non-root user and expose 8080");
-    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore")).context("reading .dockerignore")?;
-    ensure!(ignore.lines().any(|l| l.trim() == "target"), ".dockerignore must keep target/ out of the build context");
+    ensure!(
+        dockerfile.contains("EXPOSE 8080") && dockerfile.contains("USER weir"),
+        "the image must run as a non-root user and expose 8080"
+    );
+    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore"))
+        .context("reading .dockerignore")?;
+    ensure!(
+        ignore.lines().any(|l| l.trim() == "target"),
+        ".dockerignore must keep target/ out of the build context"
+    );
     Ok(())
 }

@@ -137,7 +137,8 @@ fn dashboard_path() -> PathBuf {
 
 fn load_dashboard() -> anyhow::Result<Value> {
     let path = dashboard_path();
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
 }
 
@@ -161,11 +162,23 @@ fn panel_queries(dashboard: &Value) -> Vec<PanelQuery> {
                     expr: target["expr"].as_str().unwrap_or_default().to_owned(),
                 });
             }
-            walk(panel["panels"].as_array().map(Vec::as_slice).unwrap_or_default(), out);
+            walk(
+                panel["panels"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+                out,
+            );
         }
     }
     let mut out = Vec::new();
-    walk(dashboard["panels"].as_array().map(Vec::as_slice).unwrap_or_default(), &mut out);
+    walk(
+        dashboard["panels"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default(),
+        &mut out,
+    );
     out
 }
 
@@ -175,7 +188,11 @@ fn variable_queries(dashboard: &Value) -> Vec<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|v| v["definition"].as_str().or_else(|| v["query"]["query"].as_str()))
+        .filter_map(|v| {
+            v["definition"]
+                .as_str()
+                .or_else(|| v["query"]["query"].as_str())
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -183,7 +200,9 @@ fn variable_queries(dashboard: &Value) -> Vec<String> {
 /// Replace Grafana's variables with what the test evaluates; fails on any variable it does not
 /// know, so a new variable cannot slip past the test.
 fn concrete(expr: &str) -> anyhow::Result<String> {
-    let out = expr.replace("$__rate_interval", RATE_INTERVAL).replace("$function", ".*");
+    let out = expr
+        .replace("$__rate_interval", RATE_INTERVAL)
+        .replace("$function", ".*");
     ensure!(!out.contains('$'), "unknown Grafana variable in {expr:?}");
     Ok(out)
 }
@@ -191,22 +210,31 @@ fn concrete(expr: &str) -> anyhow::Result<String> {
 /// The `weir_*` names an expression mentions, with histogram series suffixes folded onto the
 /// histogram's name.
 fn metric_names(expr: &str) -> BTreeSet<String> {
-    let histograms = [telemetry::INVOCATION_DURATION, telemetry::INSTANCE_START_DURATION];
+    let histograms = [
+        telemetry::INVOCATION_DURATION,
+        telemetry::INSTANCE_START_DURATION,
+    ];
     let mut names = BTreeSet::new();
     let bytes = expr.as_bytes();
     let mut i = 0;
     while let Some(found) = expr[i..].find("weir_") {
         let start = i + found;
-        let preceded_by_ident = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let preceded_by_ident =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let mut end = start;
-        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_' || bytes[end] == b':') {
+        while end < bytes.len()
+            && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_' || bytes[end] == b':')
+        {
             end += 1;
         }
         if !preceded_by_ident {
             let name = &expr[start..end];
             let folded = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|suffix| name.strip_suffix(suffix).filter(|base| histograms.contains(base)))
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|base| histograms.contains(base))
+                })
                 .unwrap_or(name);
             names.insert(folded.to_owned());
         }
@@ -219,9 +247,16 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 fn the_dashboard_only_uses_metrics_weir_emits() -> anyhow::Result<()> {
     let dashboard = load_dashboard()?;
     let queries = panel_queries(&dashboard);
-    ensure!(queries.len() >= REQUIRED.len(), "the dashboard has only {} queries", queries.len());
+    ensure!(
+        queries.len() >= REQUIRED.len(),
+        "the dashboard has only {} queries",
+        queries.len()
+    );
     let mut used = BTreeSet::new();
-    let all_exprs = queries.iter().map(|q| q.expr.clone()).chain(variable_queries(&dashboard));
+    let all_exprs = queries
+        .iter()
+        .map(|q| q.expr.clone())
+        .chain(variable_queries(&dashboard));
     for expr in all_exprs {
         ensure!(!expr.trim().is_empty(), "a dashboard query is empty");
         let names = metric_names(&expr);
@@ -247,11 +282,19 @@ fn the_dashboard_only_uses_metrics_weir_emits() -> anyhow::Result<()> {
             panel["targets"].as_array().is_some_and(|t| !t.is_empty()),
             "panel {title:?} has no query"
         );
-        ensure!(panel["datasource"]["uid"] == "prometheus", "panel {title:?} does not use the provisioned datasource");
+        ensure!(
+            panel["datasource"]["uid"] == "prometheus",
+            "panel {title:?} does not use the provisioned datasource"
+        );
     }
-    let provisioning = std::fs::read_to_string(repo_root().join("deploy/grafana/provisioning/datasources/prometheus.yaml"))
-        .context("reading the datasource provisioning")?;
-    ensure!(provisioning.contains("uid: prometheus"), "the provisioned datasource's uid is not `prometheus`");
+    let provisioning = std::fs::read_to_string(
+        repo_root().join("deploy/grafana/provisioning/datasources/prometheus.yaml"),
+    )
+    .context("reading the datasource provisioning")?;
+    ensure!(
+        provisioning.contains("uid: prometheus"),
+        "the provisioned datasource's uid is not `prometheus`"
+    );
     Ok(())
 }
 
@@ -262,7 +305,10 @@ fn metric_names_are_extracted_from_promql() {
     );
     assert_eq!(
         names.into_iter().collect::<Vec<_>>(),
-        vec!["weir_invocation_duration_seconds".to_owned(), "weir_lane_paused".to_owned()]
+        vec![
+            "weir_invocation_duration_seconds".to_owned(),
+            "weir_lane_paused".to_owned()
+        ]
     );
     assert!(metric_names("sum(rate(xweir_foo[1m]))").is_empty());
     assert!(concrete("rate(weir_x[$__interval])").is_err());
@@ -279,7 +325,10 @@ impl Prometheus {
     /// Start it scraping `target`'s `/metrics` every [`SCRAPE_INTERVAL`].
     fn start(target: SocketAddr) -> anyhow::Result<Prometheus> {
         let bin = std::env::var_os("WEIR_PROMETHEUS").unwrap_or_else(|| "prometheus".into());
-        let dir = tempfile::Builder::new().prefix("weir-prometheus-").tempdir().context("creating a temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("weir-prometheus-")
+            .tempdir()
+            .context("creating a temp dir")?;
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
@@ -291,7 +340,8 @@ impl Prometheus {
         .context("writing prometheus.yml")?;
         let port = free_port().context("finding a free port")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).context("creating the log file")?;
+        let log = std::fs::File::create(dir.path().join("prometheus.log"))
+            .context("creating the log file")?;
         let child = Command::new(&bin)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
@@ -320,7 +370,10 @@ impl Prometheus {
         let deadline = Instant::now() + PROMETHEUS_READY;
         loop {
             if let Some(status) = self.child.try_wait().context("polling prometheus")? {
-                bail!("prometheus exited with {status}; its log:\n{}", self.log_text());
+                bail!(
+                    "prometheus exited with {status}; its log:\n{}",
+                    self.log_text()
+                );
             }
             if let Ok(result) = self.query(client, r#"up{job="weir"} == 1"#).await {
                 if !result.is_empty() {
@@ -328,7 +381,10 @@ impl Prometheus {
                 }
             }
             if Instant::now() >= deadline {
-                bail!("prometheus did not scrape weir within {PROMETHEUS_READY:?}; its log:\n{}", self.log_text());
+                bail!(
+                    "prometheus did not scrape weir within {PROMETHEUS_READY:?}; its log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -346,9 +402,18 @@ impl Prometheus {
             .json()
             .await
             .with_context(|| format!("reading the answer of {expr:?}"))?;
-        ensure!(answer["status"] == "success", "query {expr:?} failed: {answer}");
-        ensure!(answer["data"]["resultType"] == "vector", "query {expr:?} is not an instant vector: {answer}");
-        Ok(answer["data"]["result"].as_array().cloned().unwrap_or_default())
+        ensure!(
+            answer["status"] == "success",
+            "query {expr:?} failed: {answer}"
+        );
+        ensure!(
+            answer["data"]["resultType"] == "vector",
+            "query {expr:?} is not an instant vector: {answer}"
+        );
+        Ok(answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 }
 
@@ -360,7 +425,11 @@ impl Drop for Prometheus {
 }
 
 /// Posts events to the load topics until stopped (or for at most `limit`).
-fn start_load(weir: &InProcess, stop: Arc<AtomicBool>, limit: Duration) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+fn start_load(
+    weir: &InProcess,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
     let client = weir.client().clone();
     let base = weir.base_url();
     tokio::spawn(async move {
@@ -369,7 +438,13 @@ fn start_load(weir: &InProcess, stop: Arc<AtomicBool>, limit: Duration) -> tokio
         let mut round: u64 = 0;
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             round += 1;
-            for topic in ["load.echo", "load.echo", "load.flaky", "load.exhausted", "load.reject"] {
+            for topic in [
+                "load.echo",
+                "load.echo",
+                "load.flaky",
+                "load.exhausted",
+                "load.reject",
+            ] {
                 let status = client
                     .post(format!("{base}/v1/topics/{topic}"))
                     .header("content-type", "application/json")
@@ -379,7 +454,10 @@ fn start_load(weir: &InProcess, stop: Arc<AtomicBool>, limit: Duration) -> tokio
                     .with_context(|| format!("POST /v1/topics/{topic}"))?
                     .status();
                 // 503 is the memory bus refusing a full backlog: load shedding, not a failure.
-                ensure!(status.as_u16() == 202 || status.as_u16() == 503, "POST /v1/topics/{topic}: {status}");
+                ensure!(
+                    status.as_u16() == 202 || status.as_u16() == 503,
+                    "POST /v1/topics/{topic}: {status}"
+                );
                 if status.as_u16() == 202 {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -393,8 +471,17 @@ fn start_load(weir: &InProcess, stop: Arc<AtomicBool>, limit: Duration) -> tokio
 /// Fill `dlq.stuck` past `max_pending`, then wait until `stuck` reports its lane paused.
 async fn pause_the_stuck_lane(weir: &InProcess) -> anyhow::Result<()> {
     for n in 0..MAX_PENDING + 8 {
-        let (status, body) = weir.post("load.stuck", &[("content-type", "application/json")], format!(r#"{{"n":{n}}}"#)).await?;
-        ensure!(status == 202 || status == 503, "POST load.stuck: {status} {body}");
+        let (status, body) = weir
+            .post(
+                "load.stuck",
+                &[("content-type", "application/json")],
+                format!(r#"{{"n":{n}}}"#),
+            )
+            .await?;
+        ensure!(
+            status == 202 || status == 503,
+            "POST load.stuck: {status} {body}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let deadline = Instant::now() + DLQ_PAUSE;
@@ -421,12 +508,18 @@ async fn pause_the_stuck_lane(weir: &InProcess) -> anyhow::Result<()> {
 /// NaN: present, but nothing to draw).
 fn has_finite_sample(result: &[Value]) -> bool {
     result.iter().any(|series| {
-        series["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(f64::is_finite)
+        series["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(f64::is_finite)
     })
 }
 
 fn label_values(result: &[Value], label: &str) -> BTreeSet<String> {
-    result.iter().filter_map(|s| s["metric"][label].as_str().map(str::to_owned)).collect()
+    result
+        .iter()
+        .filter_map(|s| s["metric"][label].as_str().map(str::to_owned))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,7 +529,9 @@ async fn every_panel_shows_data_from_a_real_prometheus() -> anyhow::Result<()> {
     let queries = panel_queries(&dashboard);
     let weir = InProcess::start(CONFIG).await?;
     let mut prometheus = Prometheus::start(weir.addr())?;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     prometheus.wait_scraping(&client).await?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -453,12 +548,20 @@ async fn every_panel_shows_data_from_a_real_prometheus() -> anyhow::Result<()> {
             let expr = concrete(&q.expr)?;
             let result = prometheus.query(&client, &expr).await?;
             if !has_finite_sample(&result) {
-                missing.push(format!("{} [{}]: {expr} → {}", q.panel, q.ref_id, Value::Array(result)));
+                missing.push(format!(
+                    "{} [{}]: {expr} → {}",
+                    q.panel,
+                    q.ref_id,
+                    Value::Array(result)
+                ));
             }
         }
         for variable in variable_queries(&dashboard) {
             // label_values(metric, label) is Grafana's; the series behind it must exist.
-            let metric = metric_names(&variable).into_iter().next().unwrap_or_default();
+            let metric = metric_names(&variable)
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             if prometheus.query(&client, &metric).await?.is_empty() {
                 missing.push(format!("variable {variable}: no series of {metric}"));
             }
@@ -478,14 +581,27 @@ async fn every_panel_shows_data_from_a_real_prometheus() -> anyhow::Result<()> {
     );
 
     // The data is the load's, not just any series: the labels the panels group by.
-    let outcomes = prometheus.query(&client, r#"sum by (outcome) (weir_invocations_total)"#).await?;
+    let outcomes = prometheus
+        .query(&client, r#"sum by (outcome) (weir_invocations_total)"#)
+        .await?;
     let outcomes = label_values(&outcomes, "outcome");
     for outcome in ["success", "retry", "reject"] {
-        ensure!(outcomes.contains(outcome), "no invocation outcome {outcome:?} scraped: {outcomes:?}");
+        ensure!(
+            outcomes.contains(outcome),
+            "no invocation outcome {outcome:?} scraped: {outcomes:?}"
+        );
     }
-    let reasons = label_values(&prometheus.query(&client, "sum by (reason) (weir_dead_letters_total)").await?, "reason");
+    let reasons = label_values(
+        &prometheus
+            .query(&client, "sum by (reason) (weir_dead_letters_total)")
+            .await?,
+        "reason",
+    );
     for reason in ["rejected", "retries-exhausted"] {
-        ensure!(reasons.contains(reason), "no dead letters with reason {reason:?} scraped: {reasons:?}");
+        ensure!(
+            reasons.contains(reason),
+            "no dead letters with reason {reason:?} scraped: {reasons:?}"
+        );
     }
     let paused = prometheus.query(&client, "weir_lane_paused > 0").await?;
     ensure!(
@@ -493,13 +609,22 @@ async fn every_panel_shows_data_from_a_real_prometheus() -> anyhow::Result<()> {
         "the stuck lane is not shown as paused: {}",
         Value::Array(paused)
     );
-    let dlq_failures = prometheus.query(&client, "weir_dlq_publish_failures_total > 0").await?;
-    ensure!(label_values(&dlq_failures, "function").contains("stuck"), "no DLQ publish failures for stuck");
+    let dlq_failures = prometheus
+        .query(&client, "weir_dlq_publish_failures_total > 0")
+        .await?;
+    ensure!(
+        label_values(&dlq_failures, "function").contains("stuck"),
+        "no DLQ publish failures for stuck"
+    );
 
     drop(prometheus);
     tokio::time::timeout(Duration::from_secs(15), weir.shutdown())
         .await
         .context("weir did not shut down within 15 s")??;
-    ensure!(started.elapsed() < Duration::from_secs(60), "the test took {:?}", started.elapsed());
+    ensure!(
+        started.elapsed() < Duration::from_secs(60),
+        "the test took {:?}",
+        started.elapsed()
+    );
     Ok(())
 }

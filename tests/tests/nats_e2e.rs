@@ -378,6 +378,14 @@ fn publish_count(metrics: &str, outcome: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Stops an in-process Weir; its shutdown is bounded by the runtime's grace, so a hang here is
+/// a failure, not a stuck test.
+async fn shutdown_within(weir: InProcess) -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(30), weir.shutdown())
+        .await
+        .context("the in-process Weir did not shut down within 30 s")?
+}
+
 // -------------------------------------------------------------------------------------------
 // 1. The foundation scenarios on JetStream
 // -------------------------------------------------------------------------------------------
@@ -519,13 +527,20 @@ async fn jetstream_foundation_scenarios() -> anyhow::Result<()> {
     let nats = Nats::start().await?;
     let weir = InProcess::start(&jetstream_config(&nats.server.url())).await?;
     js_chain(&nats).await.context("chain")?;
+    println!("chain ok");
     js_flaky_retries_by_nak_with_delay(&nats, &weir).await.context("flaky")?;
+    println!("flaky ok");
     js_exhaustion_dead_letters_once(&nats, &weir).await.context("exhaustion")?;
+    println!("exhaustion ok");
     js_reject(&nats, &weir).await.context("reject")?;
+    println!("reject ok");
     js_timeout_and_traps(&nats).await.context("timeout and traps")?;
+    println!("timeout and traps ok");
     js_forbidden_output(&nats, &weir).await.context("bad output")?;
+    println!("bad output ok");
     js_undecodable(&nats).await.context("undecodable")?;
-    weir.shutdown().await
+    println!("undecodable ok");
+    shutdown_within(weir).await
 }
 
 async fn js_chain(nats: &Nats) -> anyhow::Result<()> {
@@ -828,7 +843,7 @@ jitter = 0.2
         );
     }
     assert_eq!(nats.read_stream("CAPTURE", Some("core.flaky.out")).await?.len(), 1, "one output");
-    weir.shutdown().await
+    shutdown_within(weir).await
 }
 
 // -------------------------------------------------------------------------------------------
@@ -1080,7 +1095,7 @@ max = 8
     assert_eq!(nats.stream_count("DLQ").await?, 0, "nothing was dead-lettered");
     let echo = runner(&weir, "echo")?;
     assert!(echo.counters.succeeded.load(Relaxed) >= total, "every event succeeded at least once");
-    weir.shutdown().await
+    shutdown_within(weir).await
 }
 
 // -------------------------------------------------------------------------------------------

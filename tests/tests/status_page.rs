@@ -71,7 +71,10 @@ const WARM_UP: Duration = Duration::from_secs(20);
 /// the page's origin.
 async fn chromium(extra: &[OsString], url: &str) -> anyhow::Result<std::process::Output> {
     let bin = std::env::var_os("WEIR_CHROMIUM").unwrap_or_else(|| "chromium".into());
-    let profile = tempfile::Builder::new().prefix("weir-chromium-").tempdir().context("creating a profile dir")?;
+    let profile = tempfile::Builder::new()
+        .prefix("weir-chromium-")
+        .tempdir()
+        .context("creating a profile dir")?;
     let mut command = tokio::process::Command::new(&bin);
     command
         .args([
@@ -114,7 +117,11 @@ async fn chromium(extra: &[OsString], url: &str) -> anyhow::Result<std::process:
 }
 
 /// Posts to the three topics until stopped (at most `limit`).
-fn start_load(weir: &InProcess, stop: Arc<AtomicBool>, limit: Duration) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+fn start_load(
+    weir: &InProcess,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let client = weir.client().clone();
     let base = weir.base_url();
     tokio::spawn(async move {
@@ -122,7 +129,7 @@ fn start_load(weir: &InProcess, stop: Arc<AtomicBool>, limit: Duration) -> tokio
         let mut n: u64 = 0;
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             n += 1;
-            let topics: &[&str] = if n % 4 == 0 {
+            let topics: &[&str] = if n.is_multiple_of(4) {
                 &["status.echo", "status.flaky", "status.reject"]
             } else {
                 &["status.echo", "status.echo", "status.flaky"]
@@ -135,7 +142,11 @@ fn start_load(weir: &InProcess, stop: Arc<AtomicBool>, limit: Duration) -> tokio
                     .send()
                     .await
                     .with_context(|| format!("POST /v1/topics/{topic}"))?;
-                ensure!(response.status().as_u16() == 202, "POST /v1/topics/{topic}: {}", response.status());
+                ensure!(
+                    response.status().as_u16() == 202,
+                    "POST /v1/topics/{topic}: {}",
+                    response.status()
+                );
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
@@ -150,9 +161,14 @@ async fn wait_for_activity(weir: &InProcess) -> anyhow::Result<()> {
         let view = weir.get_json("/v1/functions").await?;
         let functions = view["functions"].as_array().cloned().unwrap_or_default();
         let ready = FUNCTIONS.iter().all(|name| {
-            functions.iter().any(|f| f["name"] == *name && f["counters"]["received"].as_u64().unwrap_or(0) > 0)
+            functions
+                .iter()
+                .any(|f| f["name"] == *name && f["counters"]["received"].as_u64().unwrap_or(0) > 0)
         }) && functions.iter().any(|f| {
-            f["recent_failures"].as_array().is_some_and(|fs| fs.iter().any(|x| x["error"].as_str().unwrap_or("").contains(REJECT_REASON)))
+            f["recent_failures"].as_array().is_some_and(|fs| {
+                fs.iter()
+                    .any(|x| x["error"].as_str().unwrap_or("").contains(REJECT_REASON))
+            })
         });
         if ready {
             return Ok(());
@@ -168,7 +184,9 @@ async fn wait_for_activity(weir: &InProcess) -> anyhow::Result<()> {
 /// next card (or the end of `<main>`).
 fn card<'a>(dom: &'a str, function: &str) -> anyhow::Result<&'a str> {
     let marker = format!(r#"data-function="{function}""#);
-    let start = dom.find(&marker).with_context(|| format!("no card for {function} in the page:\n{dom}"))?;
+    let start = dom
+        .find(&marker)
+        .with_context(|| format!("no card for {function} in the page:\n{dom}"))?;
     let rest = &dom[start..];
     let end = rest[marker.len()..]
         .find("data-function=\"")
@@ -181,7 +199,9 @@ fn card<'a>(dom: &'a str, function: &str) -> anyhow::Result<&'a str> {
 /// The `data-value` of the element with `data-counter="name"` inside `html`.
 fn counter(html: &str, name: &str) -> anyhow::Result<u64> {
     let marker = format!(r#"data-counter="{name}""#);
-    let at = html.find(&marker).with_context(|| format!("no counter {name} in:\n{html}"))?;
+    let at = html
+        .find(&marker)
+        .with_context(|| format!("no counter {name} in:\n{html}"))?;
     let tag_end = html[at..].find('>').map_or(html.len(), |i| at + i);
     let tag = &html[at..tag_end];
     let value = tag
@@ -189,20 +209,33 @@ fn counter(html: &str, name: &str) -> anyhow::Result<u64> {
         .nth(1)
         .and_then(|v| v.split('"').next())
         .with_context(|| format!("counter {name} has no data-value: {tag}"))?;
-    value.parse().with_context(|| format!("counter {name}: {value:?} is not a number"))
+    value
+        .parse()
+        .with_context(|| format!("counter {name}: {value:?} is not a number"))
 }
 
 /// The text of the first element with `data-field="name"` inside `html`.
 fn field<'a>(html: &'a str, name: &str) -> anyhow::Result<&'a str> {
     let marker = format!(r#"data-field="{name}""#);
-    let at = html.find(&marker).with_context(|| format!("no field {name} in:\n{html}"))?;
-    let open_end = html[at..].find('>').map(|i| at + i + 1).context("unterminated tag")?;
-    let close = html[open_end..].find('<').map_or(html.len(), |i| open_end + i);
+    let at = html
+        .find(&marker)
+        .with_context(|| format!("no field {name} in:\n{html}"))?;
+    let open_end = html[at..]
+        .find('>')
+        .map(|i| at + i + 1)
+        .context("unterminated tag")?;
+    let close = html[open_end..]
+        .find('<')
+        .map_or(html.len(), |i| open_end + i);
     Ok(html[open_end..close].trim())
 }
 
 fn is_number(text: &str) -> bool {
-    !text.is_empty() && text.replace([',', '.'], "").chars().all(|c| c.is_ascii_digit())
+    !text.is_empty()
+        && text
+            .replace([',', '.'], "")
+            .chars()
+            .all(|c| c.is_ascii_digit())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,30 +248,70 @@ async fn the_status_page_shows_live_functions_counts_and_failures() -> anyhow::R
 
     // The page as served: self-contained.
     let html = weir.client().get(&url).send().await?.text().await?;
-    ensure!(html.contains("<title>Weir · status</title>"), "GET / is not the status page:\n{html}");
+    ensure!(
+        html.contains("<title>Weir · status</title>"),
+        "GET / is not the status page:\n{html}"
+    );
 
-    let dump = chromium(&["--dump-dom".into(), "--virtual-time-budget=5000".into()], &url).await?;
+    let dump = chromium(
+        &["--dump-dom".into(), "--virtual-time-budget=5000".into()],
+        &url,
+    )
+    .await?;
     let dom = String::from_utf8(dump.stdout).context("the DOM is not UTF-8")?;
-    ensure!(dom.contains(r#"class="conn live""#), "the page did not reach the API:\n{dom}");
+    ensure!(
+        dom.contains(r#"class="conn live""#),
+        "the page did not reach the API:\n{dom}"
+    );
     for function in FUNCTIONS {
         let html = card(&dom, function)?;
-        ensure!(html.contains(&format!("<h2>{function}</h2>")), "the card of {function} has no title:\n{html}");
-        ensure!(counter(html, "received")? > 0, "{function} shows no received events:\n{html}");
-        ensure!(is_number(field(html, "lag")?), "{function} shows no lag:\n{html}");
-        ensure!(is_number(field(html, "rate")?), "{function} shows no rate:\n{html}");
-        ensure!(field(html, "instances")?.contains(" / "), "{function} shows no instances:\n{html}");
-        ensure!(html.contains(r#"data-spark="rate""#) && html.contains("<path"), "{function} has no sparkline:\n{html}");
+        ensure!(
+            html.contains(&format!("<h2>{function}</h2>")),
+            "the card of {function} has no title:\n{html}"
+        );
+        ensure!(
+            counter(html, "received")? > 0,
+            "{function} shows no received events:\n{html}"
+        );
+        ensure!(
+            is_number(field(html, "lag")?),
+            "{function} shows no lag:\n{html}"
+        );
+        ensure!(
+            is_number(field(html, "rate")?),
+            "{function} shows no rate:\n{html}"
+        );
+        ensure!(
+            field(html, "instances")?.contains(" / "),
+            "{function} shows no instances:\n{html}"
+        );
+        ensure!(
+            html.contains(r#"data-spark="rate""#) && html.contains("<path"),
+            "{function} has no sparkline:\n{html}"
+        );
     }
     let echo = card(&dom, "echo")?;
-    ensure!(counter(echo, "succeeded")? > 0 && counter(echo, "outputs")? > 0, "echo shows no successes:\n{echo}");
-    ensure!(counter(card(&dom, "flaky")?, "retried")? > 0, "flaky shows no retries");
+    ensure!(
+        counter(echo, "succeeded")? > 0 && counter(echo, "outputs")? > 0,
+        "echo shows no successes:\n{echo}"
+    );
+    ensure!(
+        counter(card(&dom, "flaky")?, "retried")? > 0,
+        "flaky shows no retries"
+    );
     let reject = card(&dom, "reject-all")?;
-    ensure!(counter(reject, "dead_lettered")? > 0, "reject-all shows no dead letters:\n{reject}");
+    ensure!(
+        counter(reject, "dead_lettered")? > 0,
+        "reject-all shows no dead letters:\n{reject}"
+    );
     ensure!(
         reject.contains("data-failure") && reject.contains(REJECT_REASON),
         "reject-all's failure reason {REJECT_REASON:?} is not on the page:\n{reject}"
     );
-    ensure!(!dom.contains(r#"id="total-received">–<"#), "the header shows no totals:\n{dom}");
+    ensure!(
+        !dom.contains(r#"id="total-received">–<"#),
+        "the header shows no totals:\n{dom}"
+    );
 
     // A screenshot after ~20 polls, so the sparklines have a history.
     let shots = tempfile::Builder::new().prefix("weir-status-").tempdir()?;
@@ -252,9 +325,17 @@ async fn the_status_page_shows_live_functions_counts_and_failures() -> anyhow::R
         &url,
     )
     .await?;
-    let png = std::fs::read(&shot).with_context(|| format!("chromium wrote no screenshot at {}", shot.display()))?;
-    ensure!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "the screenshot is not a PNG");
-    ensure!(png.len() > 20_000, "the screenshot is suspiciously small ({} bytes): a blank page?", png.len());
+    let png = std::fs::read(&shot)
+        .with_context(|| format!("chromium wrote no screenshot at {}", shot.display()))?;
+    ensure!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "the screenshot is not a PNG"
+    );
+    ensure!(
+        png.len() > 20_000,
+        "the screenshot is suspiciously small ({} bytes): a blank page?",
+        png.len()
+    );
     if std::env::var_os("WEIR_UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
         let target = repo_root().join("docs/screenshots/status.png");
         std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
