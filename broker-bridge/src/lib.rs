@@ -225,8 +225,22 @@ pub trait Subscription: Send {
         None
     }
 
+    /// A handle to change how many deliveries the transport may hold unsettled (fetched and
+    /// not yet settled), for transports whose messages time out while they wait: the autoscaler
+    /// keeps it equal to the function's current slots so nothing sits in a local buffer past
+    /// its ack deadline. `None` where waiting costs nothing.
+    fn flow_control(&self) -> Option<std::sync::Arc<dyn FlowControl>> {
+        None
+    }
+
     /// Stop fetching; deliveries already handed out may still be settled.
     async fn close(&mut self);
+}
+
+/// Resizes a subscription's bound on unsettled deliveries.
+pub trait FlowControl: Send + Sync {
+    /// At least 1 is always kept.
+    fn set_max_in_flight(&self, max: usize);
 }
 
 /// Reads a subscription's lag, detached from the subscription.

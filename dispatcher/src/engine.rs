@@ -382,6 +382,8 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// idles out.
 pub struct Instance {
     store: Store<HostState>,
+    /// A running guest is only interruptible while the epoch advances.
+    _ticker: Arc<EpochTicker>,
     bindings: bindings::Function,
     limits: SandboxLimits,
     invocations: u64,
@@ -446,6 +448,7 @@ impl FunctionModule {
             };
         Ok(Instance {
             store,
+            _ticker: self._ticker.clone(),
             bindings,
             limits,
             invocations: 0,

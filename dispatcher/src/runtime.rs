@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use weir_broker_bridge::kafka::{KafkaPublisher, KafkaTransport};
 use weir_broker_bridge::memory::{MemoryBus, SubscribeOptions};
 use weir_broker_bridge::nats::{JetStreamConsumerOptions, NatsTransport};
-use weir_broker_bridge::{BrokerKind, LagProbe, Publisher, Subscription};
+use weir_broker_bridge::{BrokerKind, FlowControl, LagProbe, Publisher, Subscription};
 
 use crate::chain::OutputRules;
 use crate::config::{Config, ConfigErrors, FunctionConfig};
@@ -162,7 +162,10 @@ impl Runtime {
                 transports.publisher(function.output_broker)?,
                 transports.publisher(function.dead_letter.broker)?,
             ));
-            let subscription = transports.subscribe(function).await?;
+            let subscription = transports.subscribe(function, pool.stats().slots).await?;
+            if let Some(flow) = subscription.flow_control() {
+                chores.spawn(follow_slots(pool.clone(), flow, shutdown.child_token()));
+            }
             let probe = subscription.lag_probe();
             if let Some(probe) = probe.clone() {
                 chores.spawn(sample_lag(
@@ -338,7 +341,11 @@ impl Transports {
         }
     }
 
-    async fn subscribe(&self, function: &FunctionConfig) -> anyhow::Result<Box<dyn Subscription>> {
+    /// Subscribe `function`'s trigger. `slots` is the pool's current concurrency: transports
+    /// whose fetched messages time out while they wait start with that bound (see
+    /// [`follow_slots`]), while the broker-side limit (JetStream `max_ack_pending`) stays at the
+    /// function's maximum so scaling up is never capped by the server.
+    async fn subscribe(&self, function: &FunctionConfig, slots: usize) -> anyhow::Result<Box<dyn Subscription>> {
         let trigger = &function.trigger;
         let max_in_flight = function.scaling.max.max(1) as usize;
         let context = || {
@@ -378,9 +385,10 @@ impl Transports {
                 let mut options = JetStreamConsumerOptions::new(jetstream.stream.clone());
                 options.durable = Some(trigger.group.clone());
                 options.ack_wait = jetstream.ack_wait;
+                options.max_ack_pending = Some(i64::from(function.scaling.max.max(1)));
                 let subscription = self
                     .nats(trigger.broker)?
-                    .subscribe_jetstream(&trigger.topic, &options, max_in_flight)
+                    .subscribe_jetstream(&trigger.topic, &options, slots.clamp(1, max_in_flight))
                     .await
                     .with_context(context)?;
                 Ok(Box::new(subscription))
@@ -433,6 +441,24 @@ async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = ticker.tick() => { pool.reap_idle(); }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps a transport's bound on unsettled deliveries equal to the pool's slots, so that no
+/// fetched message waits for a slot with its ack deadline running.
+async fn follow_slots(pool: Arc<InstancePool>, flow: Arc<dyn FlowControl>, shutdown: CancellationToken) {
+    let mut applied = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        let slots = pool.stats().slots.max(1);
+        if applied != Some(slots) {
+            flow.set_max_in_flight(slots);
+            applied = Some(slots);
+        }
+        tokio::select! {
+            _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
         }
     }

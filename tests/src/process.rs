@@ -55,12 +55,20 @@ impl WeirProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
-        let mut process = WeirProcess { child: Some(child), addr, config: config.to_path_buf(), log, client };
+        let mut process = WeirProcess {
+            child: Some(child),
+            addr,
+            config: config.to_path_buf(),
+            log,
+            client,
+        };
         process.wait_healthy().await?;
         Ok(process)
     }
@@ -69,15 +77,26 @@ impl WeirProcess {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if let Some(status) = self.try_wait()? {
-                bail!("weir run exited with {status} before serving; its log:\n{}", self.log_text());
+                bail!(
+                    "weir run exited with {status} before serving; its log:\n{}",
+                    self.log_text()
+                );
             }
-            if let Ok(response) = self.client.get(format!("{}/healthz", self.base_url())).send().await {
+            if let Ok(response) = self
+                .client
+                .get(format!("{}/healthz", self.base_url()))
+                .send()
+                .await
+            {
                 if response.status().is_success() {
                     return Ok(());
                 }
             }
             if Instant::now() >= deadline {
-                bail!("weir run did not answer /healthz within {STARTUP_TIMEOUT:?}; its log:\n{}", self.log_text());
+                bail!(
+                    "weir run did not answer /healthz within {STARTUP_TIMEOUT:?}; its log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -130,9 +149,13 @@ impl WeirProcess {
     }
 
     fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let child = self.child.as_ref().context("the weir process was already reaped")?;
+        let child = self
+            .child
+            .as_ref()
+            .context("the weir process was already reaped")?;
         let pid = i32::try_from(child.id()).context("the process id does not fit a pid_t")?;
-        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to weir (pid {pid})"))
+        kill(Pid::from_raw(pid), signal)
+            .with_context(|| format!("sending {signal} to weir (pid {pid})"))
     }
 
     async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
@@ -147,7 +170,10 @@ impl WeirProcess {
                 if let Some(mut child) = self.child.take() {
                     let _ = child.wait();
                 }
-                bail!("weir did not exit within {timeout:?}; killed it. Its log:\n{}", self.log_text());
+                bail!(
+                    "weir did not exit within {timeout:?}; killed it. Its log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -156,9 +182,17 @@ impl WeirProcess {
     /// `GET path` as text (e.g. `/metrics`).
     pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let url = format!("{}{path}", self.base_url());
-        let response = self.client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let response = self
+            .client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
         let status = response.status();
-        let text = response.text().await.with_context(|| format!("reading GET {url}"))?;
+        let text = response
+            .text()
+            .await
+            .with_context(|| format!("reading GET {url}"))?;
         if !status.is_success() {
             bail!("GET {url}: {status}: {text}");
         }
@@ -193,10 +227,13 @@ impl WeirProcess {
 
 /// One sample's value from Prometheus text exposition.
 pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (name, value) = line.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok()).flatten()
-    })
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
 }
 
 impl Drop for WeirProcess {
@@ -215,8 +252,14 @@ mod tests {
     #[test]
     fn reads_a_sample_by_its_exact_series() {
         let text = "# TYPE weir_lane_paused gauge\nweir_lane_paused{function=\"a\"} 1\nweir_lane_paused{function=\"ab\"} 0\n";
-        assert_eq!(metric_value(text, "weir_lane_paused{function=\"a\"}"), Some(1.0));
-        assert_eq!(metric_value(text, "weir_lane_paused{function=\"ab\"}"), Some(0.0));
+        assert_eq!(
+            metric_value(text, "weir_lane_paused{function=\"a\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric_value(text, "weir_lane_paused{function=\"ab\"}"),
+            Some(0.0)
+        );
         assert_eq!(metric_value(text, "weir_lane_paused{function=\"b\"}"), None);
     }
 }

@@ -99,13 +99,24 @@ impl Nats {
     }
 
     async fn stream_count(&self, stream: &str) -> anyhow::Result<u64> {
-        let stream = self.js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
+        let stream = self
+            .js
+            .get_stream(stream)
+            .await
+            .with_context(|| format!("stream {stream}"))?;
         Ok(stream.cached_info().state.messages)
     }
 
     async fn consumer(&self, stream: &str, durable: &str) -> anyhow::Result<consumer::Info> {
-        let handle = self.js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
-        handle.consumer_info(durable).await.with_context(|| format!("consumer {durable} on {stream}"))
+        let handle = self
+            .js
+            .get_stream(stream)
+            .await
+            .with_context(|| format!("stream {stream}"))?;
+        handle
+            .consumer_info(durable)
+            .await
+            .with_context(|| format!("consumer {durable} on {stream}"))
     }
 
     /// Publishes a binary-mode CloudEvent (JSON data) to JetStream; returns its stream sequence.
@@ -129,8 +140,17 @@ impl Nats {
     }
 
     /// Publishes raw bytes with raw headers to JetStream; returns the stream sequence.
-    async fn publish_raw(&self, subject: &str, headers: HeaderMap, payload: Bytes) -> anyhow::Result<u64> {
-        let ack = self.js.publish_with_headers(subject.to_owned(), headers, payload).await?.await?;
+    async fn publish_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> anyhow::Result<u64> {
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await?
+            .await?;
         Ok(ack.sequence)
     }
 
@@ -142,7 +162,11 @@ impl Nats {
                 let data = format!("{{\"id\":\"{id}\"}}");
                 let ack = self
                     .js
-                    .publish_with_headers(subject.to_owned(), ce_headers(id, "com.example.load", &[]), Bytes::from(data))
+                    .publish_with_headers(
+                        subject.to_owned(),
+                        ce_headers(id, "com.example.load", &[]),
+                        Bytes::from(data),
+                    )
                     .await
                     .with_context(|| format!("publishing {id}"))?;
                 acks.push(ack);
@@ -155,9 +179,19 @@ impl Nats {
     }
 
     /// A core NATS publish of a binary-mode CloudEvent, flushed.
-    async fn publish_core(&self, subject: &str, id: &str, ty: &str, data: &str) -> anyhow::Result<()> {
+    async fn publish_core(
+        &self,
+        subject: &str,
+        id: &str,
+        ty: &str,
+        data: &str,
+    ) -> anyhow::Result<()> {
         self.client
-            .publish_with_headers(subject.to_owned(), ce_headers(id, ty, &[]), Bytes::from(data.to_owned()))
+            .publish_with_headers(
+                subject.to_owned(),
+                ce_headers(id, ty, &[]),
+                Bytes::from(data.to_owned()),
+            )
             .await?;
         self.client.flush().await?;
         Ok(())
@@ -165,7 +199,11 @@ impl Nats {
 
     /// Every message of `stream` (optionally only `filter`), oldest first.
     async fn read_stream(&self, stream: &str, filter: Option<&str>) -> anyhow::Result<Vec<Stored>> {
-        let handle = self.js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
+        let handle = self
+            .js
+            .get_stream(stream)
+            .await
+            .with_context(|| format!("stream {stream}"))?;
         let mut reader: PullConsumer = handle
             .create_consumer(pull::Config {
                 filter_subject: filter.unwrap_or_default().to_owned(),
@@ -180,7 +218,11 @@ impl Nats {
         let mut stored = Vec::new();
         let deadline = Instant::now() + WAIT;
         while (stored.len() as u64) < expected {
-            ensure!(Instant::now() < deadline, "reading {stream}: {} of {expected} after {WAIT:?}", stored.len());
+            ensure!(
+                Instant::now() < deadline,
+                "reading {stream}: {} of {expected} after {WAIT:?}",
+                stored.len()
+            );
             let mut batch = reader
                 .batch()
                 .max_messages(1000)
@@ -190,7 +232,10 @@ impl Nats {
                 .context("fetching")?;
             while let Some(message) = batch.next().await {
                 let message = message.map_err(|e| anyhow::anyhow!("reading {stream}: {e}"))?;
-                let sequence = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+                let sequence = message
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .stream_sequence;
                 stored.push(Stored {
                     sequence,
                     subject: message.subject.to_string(),
@@ -207,7 +252,12 @@ impl Nats {
 
     /// The events of `stream` on `subject`, decoded and shown as `weir tail` shows them.
     async fn events(&self, stream: &str, subject: &str) -> anyhow::Result<Vec<Value>> {
-        Ok(self.read_stream(stream, Some(subject)).await?.iter().map(|m| m.event(stream)).collect())
+        Ok(self
+            .read_stream(stream, Some(subject))
+            .await?
+            .iter()
+            .map(|m| m.event(stream))
+            .collect())
     }
 
     /// The first event on `subject` of `stream` for which `matches` holds; fails after
@@ -252,7 +302,12 @@ impl Nats {
     }
 
     /// Waits until the consumer has nothing pending or unacknowledged.
-    async fn wait_drained(&self, stream: &str, durable: &str, timeout: Duration) -> anyhow::Result<()> {
+    async fn wait_drained(
+        &self,
+        stream: &str,
+        durable: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.consumer(stream, durable).await?;
@@ -281,7 +336,10 @@ struct Stored {
 
 impl Stored {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// Decoded with Weir's own codec and shown as `weir tail` / the admin API show events.
@@ -304,12 +362,16 @@ impl Stored {
 }
 
 fn header_pairs(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
-    let Some(headers) = headers else { return Vec::new() };
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
     headers
         .iter()
         .flat_map(|(name, values)| {
             let name: &str = name.as_ref();
-            values.iter().map(move |v| (name.to_owned(), v.as_str().to_owned()))
+            values
+                .iter()
+                .map(move |v| (name.to_owned(), v.as_str().to_owned()))
         })
         .collect()
 }
@@ -336,13 +398,19 @@ fn parse_time(text: &str) -> anyhow::Result<SystemTime> {
 }
 
 fn since(later: SystemTime, earlier: SystemTime) -> anyhow::Result<Duration> {
-    later.duration_since(earlier).with_context(|| format!("{later:?} is before {earlier:?}"))
+    later
+        .duration_since(earlier)
+        .with_context(|| format!("{later:?} is before {earlier:?}"))
 }
 
 /// The absolute path of a component, for configurations written to a temp dir.
 fn module(file: &str) -> anyhow::Result<String> {
     let path = functions_dir()?.join(file);
-    ensure!(path.is_file(), "{} is missing: run `make functions`", path.display());
+    ensure!(
+        path.is_file(),
+        "{} is missing: run `make functions`",
+        path.display()
+    );
     Ok(path.display().to_string())
 }
 
@@ -353,7 +421,10 @@ fn brokers(url: &str, streams: &[(&str, &[&str])]) -> String {
     );
     for (name, subjects) in streams {
         let subjects: Vec<String> = subjects.iter().map(|s| format!("\"{s}\"")).collect();
-        text.push_str(&format!("\n[[brokers.nats_streams]]\nname = \"{name}\"\nsubjects = [{}]\n", subjects.join(", ")));
+        text.push_str(&format!(
+            "\n[[brokers.nats_streams]]\nname = \"{name}\"\nsubjects = [{}]\n",
+            subjects.join(", ")
+        ));
     }
     text
 }
@@ -364,8 +435,14 @@ fn write_config(dir: &Path, text: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-fn runner(weir: &InProcess, function: &str) -> anyhow::Result<std::sync::Arc<weir_dispatcher::runner::FunctionRunner>> {
-    weir.shared().function(function).cloned().with_context(|| format!("no function {function}"))
+fn runner(
+    weir: &InProcess,
+    function: &str,
+) -> anyhow::Result<std::sync::Arc<weir_dispatcher::runner::FunctionRunner>> {
+    weir.shared()
+        .function(function)
+        .cloned()
+        .with_context(|| format!("no function {function}"))
 }
 
 /// The sum of `weir_nats_publish_total` samples with these labels in a metrics exposition.
@@ -373,7 +450,9 @@ fn publish_count(metrics: &str, outcome: &str) -> u64 {
     metrics
         .lines()
         .filter(|l| l.starts_with("weir_nats_publish_total{"))
-        .filter(|l| l.contains("broker=\"jetstream\"") && l.contains(&format!("outcome=\"{outcome}\"")))
+        .filter(|l| {
+            l.contains("broker=\"jetstream\"") && l.contains(&format!("outcome=\"{outcome}\""))
+        })
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum::<f64>() as u64
 }
@@ -391,8 +470,11 @@ async fn shutdown_within(weir: InProcess) -> anyhow::Result<()> {
 // -------------------------------------------------------------------------------------------
 
 fn jetstream_config(url: &str) -> String {
-    let streams: [(&str, &[&str]); 3] =
-        [("ORDERS", &["orders", "orders.>"]), ("TEST", &["js.>"]), ("DLQ", &["weir.dlq.>"])];
+    let streams: [(&str, &[&str]); 3] = [
+        ("ORDERS", &["orders", "orders.>"]),
+        ("TEST", &["js.>"]),
+        ("DLQ", &["weir.dlq.>"]),
+    ];
     format!(
         r#"
 [defaults]
@@ -528,15 +610,24 @@ async fn jetstream_foundation_scenarios() -> anyhow::Result<()> {
     let weir = InProcess::start(&jetstream_config(&nats.server.url())).await?;
     js_chain(&nats).await.context("chain")?;
     println!("chain ok");
-    js_flaky_retries_by_nak_with_delay(&nats, &weir).await.context("flaky")?;
+    js_flaky_retries_by_nak_with_delay(&nats, &weir)
+        .await
+        .context("flaky")?;
     println!("flaky ok");
-    js_exhaustion_dead_letters_once(&nats, &weir).await.context("exhaustion")?;
+    js_exhaustion_dead_letters_once(&nats, &weir)
+        .await
+        .context("exhaustion")?;
     println!("exhaustion ok");
     js_reject(&nats, &weir).await.context("reject")?;
     println!("reject ok");
-    js_timeout_and_traps(&nats).await.context("timeout and traps")?;
+    if let Err(e) = js_timeout_and_traps(&nats).await {
+        eprintln!("timeout and traps failed: {e:#}");
+        return Err(e);
+    }
     println!("timeout and traps ok");
-    js_forbidden_output(&nats, &weir).await.context("bad output")?;
+    js_forbidden_output(&nats, &weir)
+        .await
+        .context("bad output")?;
     println!("bad output ok");
     js_undecodable(&nats).await.context("undecodable")?;
     println!("undecodable ok");
@@ -544,13 +635,24 @@ async fn jetstream_foundation_scenarios() -> anyhow::Result<()> {
 }
 
 async fn js_chain(nats: &Nats) -> anyhow::Result<()> {
-    nats.publish_event("orders", "order-1", "com.example.order", r#"{"id":"o-1","amount":42}"#, &[(
-        "ce-traceparent",
-        TRACEPARENT,
-    )])
+    nats.publish_event(
+        "orders",
+        "order-1",
+        "com.example.order",
+        r#"{"id":"o-1","amount":42}"#,
+        &[("ce-traceparent", TRACEPARENT)],
+    )
     .await?;
-    let validated = nats.wait_event("ORDERS", "orders.validated", WAIT, |e| e["weircausation"] == "order-1").await?;
-    let enriched = nats.wait_event("ORDERS", "orders.enriched", WAIT, |e| e["data"]["id"] == "o-1").await?;
+    let validated = nats
+        .wait_event("ORDERS", "orders.validated", WAIT, |e| {
+            e["weircausation"] == "order-1"
+        })
+        .await?;
+    let enriched = nats
+        .wait_event("ORDERS", "orders.enriched", WAIT, |e| {
+            e["data"]["id"] == "o-1"
+        })
+        .await?;
     assert_eq!(
         enriched["data"],
         json!({"id": "o-1", "amount": 42, "validated": true, "tier": "small", "currency": "EUR"})
@@ -558,17 +660,26 @@ async fn js_chain(nats: &Nats) -> anyhow::Result<()> {
     assert_eq!(enriched["type"], "weir.order.enriched");
     assert_eq!(ext(&validated, "weirhops"), "1");
     assert_eq!(ext(&enriched, "weirhops"), "2");
-    assert_eq!(ext(&enriched, "weircausation"), ext(&validated, "id"), "causation names the validated event");
+    assert_eq!(
+        ext(&enriched, "weircausation"),
+        ext(&validated, "id"),
+        "causation names the validated event"
+    );
     for event in [&validated, &enriched] {
         let traceparent = ext(event, "traceparent");
-        assert_eq!(traceparent.split('-').nth(1), Some(TRACE_ID), "trace id carried: {event}");
+        assert_eq!(
+            traceparent.split('-').nth(1),
+            Some(TRACE_ID),
+            "trace id carried: {event}"
+        );
         assert_ne!(traceparent, TRACEPARENT, "each hop has its own span id");
     }
     // The output ids are the JetStream de-duplication ids.
     let stored = nats.read_stream("ORDERS", Some("orders.enriched")).await?;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].header("Nats-Msg-Id"), Some(ext(&enriched, "id")));
-    nats.wait_drained("ORDERS", "weir-order-validate", WAIT).await?;
+    nats.wait_drained("ORDERS", "weir-order-validate", WAIT)
+        .await?;
     nats.wait_drained("ORDERS", "weir-order-enrich", WAIT).await
 }
 
@@ -582,23 +693,59 @@ async fn js_flaky_retries_by_nak_with_delay(nats: &Nats, weir: &InProcess) -> an
         max_age: None,
     };
     let flaky = runner(weir, "flaky")?;
-    assert_eq!(flaky.spec.retry, policy, "the configured policy is the one checked here");
-    nats.publish_event("js.flaky.in", "flaky-1", "com.example.flaky", r#"{"n":1}"#, &[]).await?;
-    let output = nats.wait_event("TEST", "js.flaky.out", WAIT, |e| e["weircausation"] == "flaky-1").await?;
+    assert_eq!(
+        flaky.spec.retry, policy,
+        "the configured policy is the one checked here"
+    );
+    nats.publish_event(
+        "js.flaky.in",
+        "flaky-1",
+        "com.example.flaky",
+        r#"{"n":1}"#,
+        &[],
+    )
+    .await?;
+    let output = nats
+        .wait_event("TEST", "js.flaky.out", WAIT, |e| {
+            e["weircausation"] == "flaky-1"
+        })
+        .await?;
     assert_eq!(output["data"], json!({"n": 1}), "flaky echoes its input");
 
-    let failures: Vec<_> = flaky.recent_failures().into_iter().filter(|f| f.event_id == "flaky-1").collect();
-    assert_eq!(failures.len(), 2, "exactly two failed attempts: {failures:?}");
+    let failures: Vec<_> = flaky
+        .recent_failures()
+        .into_iter()
+        .filter(|f| f.event_id == "flaky-1")
+        .collect();
+    assert_eq!(
+        failures.len(),
+        2,
+        "exactly two failed attempts: {failures:?}"
+    );
     // flaky fails while `attempt <= 2`: attempts come from JetStream's delivery count.
-    assert_eq!(failures[0].error, "function asked to retry: attempt 1 failed");
-    assert_eq!(failures[1].error, "function asked to retry: attempt 2 failed");
+    assert_eq!(
+        failures[0].error,
+        "function asked to retry: attempt 1 failed"
+    );
+    assert_eq!(
+        failures[1].error,
+        "function asked to retry: attempt 2 failed"
+    );
     assert_eq!(flaky.counters.succeeded.load(Relaxed), 1);
     assert_eq!(flaky.counters.retried.load(Relaxed), 2);
-    assert_eq!(flaky.counters.received.load(Relaxed), 3, "three deliveries of one message");
+    assert_eq!(
+        flaky.counters.received.load(Relaxed),
+        3,
+        "three deliveries of one message"
+    );
 
     // Each gap is a NAK delay: at least the policy's lower bound (a bare NAK would redeliver
     // at once) and far below the 30 s ack wait (it was not an ack timeout).
-    let attempts = [parse_time(&failures[0].at)?, parse_time(&failures[1].at)?, parse_time(ext(&output, "time"))?];
+    let attempts = [
+        parse_time(&failures[0].at)?,
+        parse_time(&failures[1].at)?,
+        parse_time(ext(&output, "time"))?,
+    ];
     for (index, pair) in attempts.windows(2).enumerate() {
         let failed_attempt = index as u32 + 1;
         let gap = since(pair[1], pair[0])?;
@@ -611,33 +758,59 @@ async fn js_flaky_retries_by_nak_with_delay(nats: &Nats, weir: &InProcess) -> an
     }
     nats.wait_drained("TEST", "weir-flaky", WAIT).await?;
     let info = nats.consumer("TEST", "weir-flaky").await?;
-    assert_eq!(info.delivered.consumer_sequence, 3, "the server delivered the message exactly 3 times");
-    assert_eq!(info.ack_floor.stream_sequence, info.delivered.stream_sequence, "acked");
+    assert_eq!(
+        info.delivered.consumer_sequence, 3,
+        "the server delivered the message exactly 3 times"
+    );
+    assert_eq!(
+        info.ack_floor.stream_sequence, info.delivered.stream_sequence,
+        "acked"
+    );
     Ok(())
 }
 
 async fn js_exhaustion_dead_letters_once(nats: &Nats, weir: &InProcess) -> anyhow::Result<()> {
     let data = json!({"order": "o-77", "lines": [1, 2, 3]});
     let sequence = nats
-        .publish_event("js.forever.in", "forever-1", "com.example.forever", &data.to_string(), &[(
-            "ce-subject",
-            "orders/o-77",
-        )])
+        .publish_event(
+            "js.forever.in",
+            "forever-1",
+            "com.example.forever",
+            &data.to_string(),
+            &[("ce-subject", "orders/o-77")],
+        )
         .await?;
-    let record = nats.wait_event("DLQ", "weir.dlq.flaky-forever", WAIT, |e| e["id"] == "forever-1").await?;
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.flaky-forever", WAIT, |e| {
+            e["id"] == "forever-1"
+        })
+        .await?;
     let runner = runner(weir, "flaky-forever")?;
-    assert_eq!(ext(&record, "weirdlqreason"), "retries-exhausted", "{record}");
+    assert_eq!(
+        ext(&record, "weirdlqreason"),
+        "retries-exhausted",
+        "{record}"
+    );
     assert_eq!(ext(&record, "weirdlqattempts"), "3");
     assert_eq!(ext(&record, "weirdlqfunction"), "flaky-forever");
     assert_eq!(ext(&record, "weirdlqmodule"), runner.pool.module().sha256());
     assert_eq!(ext(&record, "weirdlqmodule").len(), 64);
-    assert_eq!(ext(&record, "weirdlqorigin"), format!("jetstream://TEST/{sequence}"));
-    assert_eq!(ext(&record, "weirdlqerror"), "function asked to retry: attempt 3 failed");
+    assert_eq!(
+        ext(&record, "weirdlqorigin"),
+        format!("jetstream://TEST/{sequence}")
+    );
+    assert_eq!(
+        ext(&record, "weirdlqerror"),
+        "function asked to retry: attempt 3 failed"
+    );
     let first = parse_time(ext(&record, "weirdlqfirstfailure"))?;
     let last = parse_time(ext(&record, "weirdlqlastfailure"))?;
     let span = since(last, first)?;
     // Two NAK delays of at least 40 ms and 80 ms separate the first and the last failure.
-    assert!(span >= Duration::from_millis(115), "first..last failure spans only {span:?}");
+    assert!(
+        span >= Duration::from_millis(115),
+        "first..last failure spans only {span:?}"
+    );
     assert_eq!(record["id"], "forever-1");
     assert_eq!(record["type"], "com.example.forever");
     assert_eq!(record["source"], "weir-tests");
@@ -646,52 +819,95 @@ async fn js_exhaustion_dead_letters_once(nats: &Nats, weir: &InProcess) -> anyho
     assert_eq!(record["data"], data);
 
     // Exactly one record, the input terminated (not pending, not redelivered).
-    nats.wait_drained("TEST", "weir-flaky-forever", WAIT).await?;
+    nats.wait_drained("TEST", "weir-flaky-forever", WAIT)
+        .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let records = nats.events("DLQ", "weir.dlq.flaky-forever").await?;
     assert_eq!(records.len(), 1, "exactly one DLQ record: {records:?}");
     let info = nats.consumer("TEST", "weir-flaky-forever").await?;
-    assert_eq!(info.delivered.consumer_sequence, 3, "3 deliveries, then +TERM");
+    assert_eq!(
+        info.delivered.consumer_sequence, 3,
+        "3 deliveries, then +TERM"
+    );
     assert!(nats.events("TEST", "js.forever.out").await?.is_empty());
     assert_eq!(runner.counters.dead_lettered.load(Relaxed), 1);
     Ok(())
 }
 
 async fn js_reject(nats: &Nats, weir: &InProcess) -> anyhow::Result<()> {
-    let sequence = nats.publish_event("js.reject.in", "reject-1", "com.example.x", "{}", &[]).await?;
-    let record = nats.wait_event("DLQ", "weir.dlq.reject-all", WAIT, |e| e["id"] == "reject-1").await?;
+    let sequence = nats
+        .publish_event("js.reject.in", "reject-1", "com.example.x", "{}", &[])
+        .await?;
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.reject-all", WAIT, |e| {
+            e["id"] == "reject-1"
+        })
+        .await?;
     assert_eq!(ext(&record, "weirdlqreason"), "rejected", "{record}");
     assert_eq!(ext(&record, "weirdlqattempts"), "1");
     assert_eq!(ext(&record, "weirdlqerror"), "rejected by test");
-    assert_eq!(ext(&record, "weirdlqorigin"), format!("jetstream://TEST/{sequence}"));
+    assert_eq!(
+        ext(&record, "weirdlqorigin"),
+        format!("jetstream://TEST/{sequence}")
+    );
     nats.wait_drained("TEST", "weir-reject-all", WAIT).await?;
     let info = nats.consumer("TEST", "weir-reject-all").await?;
-    assert_eq!(info.delivered.consumer_sequence, 1, "a reject burns no retries");
-    assert_eq!(runner(weir, "reject-all")?.counters.retried.load(Relaxed), 0);
+    assert_eq!(
+        info.delivered.consumer_sequence, 1,
+        "a reject burns no retries"
+    );
+    assert_eq!(
+        runner(weir, "reject-all")?.counters.retried.load(Relaxed),
+        0
+    );
     Ok(())
 }
 
 async fn js_timeout_and_traps(nats: &Nats) -> anyhow::Result<()> {
     let published = Instant::now();
-    nats.publish_event("js.spin.in", "spin-1", "com.example.x", "{}", &[]).await?;
-    let record = nats.wait_event("DLQ", "weir.dlq.spin", WAIT, |e| e["id"] == "spin-1").await?;
+    nats.publish_event("js.spin.in", "spin-1", "com.example.x", "{}", &[])
+        .await?;
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.spin", WAIT, |e| e["id"] == "spin-1")
+        .await?;
     let elapsed = published.elapsed();
     assert_eq!(ext(&record, "weirdlqreason"), "timeout", "{record}");
     assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    assert!(ext(&record, "weirdlqerror").contains("timed out after 300ms"), "{record}");
-    assert!(elapsed >= SPIN_TIMEOUT, "dead-lettered after {elapsed:?}, before the timeout");
-    assert!(elapsed <= SPIN_TIMEOUT + TIMEOUT_BOUND_SLACK, "dead-lettered only after {elapsed:?}");
+    assert!(
+        ext(&record, "weirdlqerror").contains("timed out after 300ms"),
+        "{record}"
+    );
+    assert!(
+        elapsed >= SPIN_TIMEOUT,
+        "dead-lettered after {elapsed:?}, before the timeout"
+    );
+    assert!(
+        elapsed <= SPIN_TIMEOUT + TIMEOUT_BOUND_SLACK,
+        "dead-lettered only after {elapsed:?}"
+    );
 
-    nats.publish_event("js.hog.in", "hog-1", "com.example.x", "{}", &[]).await?;
-    let record = nats.wait_event("DLQ", "weir.dlq.memory-hog", WAIT, |e| e["id"] == "hog-1").await?;
+    nats.publish_event("js.hog.in", "hog-1", "com.example.x", "{}", &[])
+        .await?;
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.memory-hog", WAIT, |e| e["id"] == "hog-1")
+        .await?;
     assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
     let error = ext(&record, "weirdlqerror");
-    assert!(error.contains("memory limit") && error.contains("32"), "error names the 32 MiB limit: {error}");
+    assert!(
+        error.contains("memory limit") && error.contains("32"),
+        "error names the 32 MiB limit: {error}"
+    );
 
-    nats.publish_event("js.trap.in", "trap-1", "com.example.x", "{}", &[]).await?;
-    let record = nats.wait_event("DLQ", "weir.dlq.always-trap", WAIT, |e| e["id"] == "trap-1").await?;
+    nats.publish_event("js.trap.in", "trap-1", "com.example.x", "{}", &[])
+        .await?;
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.always-trap", WAIT, |e| e["id"] == "trap-1")
+        .await?;
     assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
-    assert!(ext(&record, "weirdlqerror").starts_with("trapped: "), "{record}");
+    assert!(
+        ext(&record, "weirdlqerror").starts_with("trapped: "),
+        "{record}"
+    );
     for durable in ["weir-spin", "weir-memory-hog", "weir-always-trap"] {
         nats.wait_drained("TEST", durable, WAIT).await?;
     }
@@ -699,20 +915,37 @@ async fn js_timeout_and_traps(nats: &Nats) -> anyhow::Result<()> {
 }
 
 async fn js_forbidden_output(nats: &Nats, weir: &InProcess) -> anyhow::Result<()> {
-    nats.publish_event("js.bad.in", "bad-1", "com.example.x", "{}", &[]).await?;
-    let record = nats.wait_event("DLQ", "weir.dlq.bad-output", WAIT, |e| e["id"] == "bad-1").await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "retries-exhausted", "{record}");
+    nats.publish_event("js.bad.in", "bad-1", "com.example.x", "{}", &[])
+        .await?;
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.bad-output", WAIT, |e| e["id"] == "bad-1")
+        .await?;
+    assert_eq!(
+        ext(&record, "weirdlqreason"),
+        "retries-exhausted",
+        "{record}"
+    );
     assert_eq!(ext(&record, "weirdlqattempts"), "2");
     let error = ext(&record, "weirdlqerror");
     assert!(
-        error.contains("\"js.forbidden.topic\"") && error.contains("not in the function's allowed outputs"),
+        error.contains("\"js.forbidden.topic\"")
+            && error.contains("not in the function's allowed outputs"),
         "{error}"
     );
     let failures = runner(weir, "bad-output")?.recent_failures();
-    assert!(failures.iter().all(|f| f.outcome == "output_rule"), "{failures:?}");
+    assert!(
+        failures.iter().all(|f| f.outcome == "output_rule"),
+        "{failures:?}"
+    );
     // The TEST stream captures js.>: nothing was ever published to either output subject.
-    assert!(nats.read_stream("TEST", Some("js.forbidden.topic")).await?.is_empty());
-    assert!(nats.read_stream("TEST", Some("js.ok.topic")).await?.is_empty());
+    assert!(nats
+        .read_stream("TEST", Some("js.forbidden.topic"))
+        .await?
+        .is_empty());
+    assert!(nats
+        .read_stream("TEST", Some("js.ok.topic"))
+        .await?
+        .is_empty());
     Ok(())
 }
 
@@ -726,16 +959,34 @@ async fn js_undecodable(nats: &Nats) -> anyhow::Result<()> {
     headers.insert("content-type", "application/octet-stream");
     let sequence = nats.publish_raw("js.echo.in", headers, raw.clone()).await?;
     let origin = format!("jetstream://TEST/{sequence}");
-    let record = nats.wait_event("DLQ", "weir.dlq.echo", WAIT, |e| e["weirdlqorigin"] == origin.as_str()).await?;
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.echo", WAIT, |e| {
+            e["weirdlqorigin"] == origin.as_str()
+        })
+        .await?;
     assert_eq!(ext(&record, "weirdlqreason"), "undecodable", "{record}");
     assert_eq!(ext(&record, "weirdlqfunction"), "echo");
     assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    assert!(ext(&record, "weirdlqerror").contains("0.3"), "the error names the version: {record}");
+    assert!(
+        ext(&record, "weirdlqerror").contains("0.3"),
+        "the error names the version: {record}"
+    );
     assert_eq!(record["type"], "weir.undecodable");
     assert_eq!(record["datacontenttype"], "application/octet-stream");
-    let data = record["data_base64"].as_str().context("raw bytes are carried as data_base64")?;
-    assert_eq!(BASE64_STANDARD.decode(data)?, raw.as_ref(), "the raw bytes, unchanged");
-    assert!(nats.read_stream("TEST", Some("js.echo.out")).await?.is_empty(), "echo never ran on it");
+    let data = record["data_base64"]
+        .as_str()
+        .context("raw bytes are carried as data_base64")?;
+    assert_eq!(
+        BASE64_STANDARD.decode(data)?,
+        raw.as_ref(),
+        "the raw bytes, unchanged"
+    );
+    assert!(
+        nats.read_stream("TEST", Some("js.echo.out"))
+            .await?
+            .is_empty(),
+        "echo never ran on it"
+    );
     nats.wait_drained("TEST", "weir-echo", WAIT).await
 }
 
@@ -749,7 +1000,8 @@ async fn js_undecodable(nats: &Nats) -> anyhow::Result<()> {
 async fn core_nats_chain_reject_and_retries_in_place() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let nats = Nats::start().await?;
-    let streams: [(&str, &[&str]); 1] = [("CAPTURE", &["orders", "orders.>", "core.>", "weir.dlq.>"])];
+    let streams: [(&str, &[&str]); 1] =
+        [("CAPTURE", &["orders", "orders.>", "core.>", "weir.dlq.>"])];
     let config = format!(
         r#"
 [defaults]
@@ -799,10 +1051,23 @@ jitter = 0.2
     let weir = InProcess::start(&config).await?;
 
     // The chain.
-    nats.publish_core("orders", "core-order-1", "com.example.order", r#"{"id":"o-9","amount":4000}"#).await?;
-    let validated =
-        nats.wait_event("CAPTURE", "orders.validated", WAIT, |e| e["weircausation"] == "core-order-1").await?;
-    let enriched = nats.wait_event("CAPTURE", "orders.enriched", WAIT, |e| e["data"]["id"] == "o-9").await?;
+    nats.publish_core(
+        "orders",
+        "core-order-1",
+        "com.example.order",
+        r#"{"id":"o-9","amount":4000}"#,
+    )
+    .await?;
+    let validated = nats
+        .wait_event("CAPTURE", "orders.validated", WAIT, |e| {
+            e["weircausation"] == "core-order-1"
+        })
+        .await?;
+    let enriched = nats
+        .wait_event("CAPTURE", "orders.enriched", WAIT, |e| {
+            e["data"]["id"] == "o-9"
+        })
+        .await?;
     assert_eq!(enriched["data"]["tier"], "large", "{enriched}");
     assert_eq!(ext(&validated, "weirhops"), "1");
     assert_eq!(ext(&enriched, "weirhops"), "2");
@@ -814,25 +1079,58 @@ jitter = 0.2
     );
 
     // Reject → DLQ (on core NATS too) after one attempt.
-    nats.publish_core("core.reject.in", "core-reject-1", "com.example.x", "{}").await?;
-    let record = nats.wait_event("CAPTURE", "weir.dlq.reject-all", WAIT, |e| e["id"] == "core-reject-1").await?;
+    nats.publish_core("core.reject.in", "core-reject-1", "com.example.x", "{}")
+        .await?;
+    let record = nats
+        .wait_event("CAPTURE", "weir.dlq.reject-all", WAIT, |e| {
+            e["id"] == "core-reject-1"
+        })
+        .await?;
     assert_eq!(ext(&record, "weirdlqreason"), "rejected", "{record}");
     assert_eq!(ext(&record, "weirdlqattempts"), "1");
     assert_eq!(ext(&record, "weirdlqorigin"), "nats://core.reject.in");
-    assert_eq!(runner(&weir, "reject-all")?.counters.received.load(Relaxed), 1);
+    assert_eq!(
+        runner(&weir, "reject-all")?.counters.received.load(Relaxed),
+        1
+    );
 
     // Retries in place: one delivery, three invocations, gaps within the policy's bounds.
     let policy = runner(&weir, "flaky")?.spec.retry.clone();
-    nats.publish_core("core.flaky.in", "core-flaky-1", "com.example.flaky", r#"{"n":2}"#).await?;
-    let output = nats.wait_event("CAPTURE", "core.flaky.out", WAIT, |e| e["weircausation"] == "core-flaky-1").await?;
+    nats.publish_core(
+        "core.flaky.in",
+        "core-flaky-1",
+        "com.example.flaky",
+        r#"{"n":2}"#,
+    )
+    .await?;
+    let output = nats
+        .wait_event("CAPTURE", "core.flaky.out", WAIT, |e| {
+            e["weircausation"] == "core-flaky-1"
+        })
+        .await?;
     assert_eq!(output["data"], json!({"n": 2}));
     let flaky = runner(&weir, "flaky")?;
-    assert_eq!(flaky.counters.received.load(Relaxed), 1, "core NATS delivered it once; retries were in place");
+    assert_eq!(
+        flaky.counters.received.load(Relaxed),
+        1,
+        "core NATS delivered it once; retries were in place"
+    );
     assert_eq!(flaky.counters.retried.load(Relaxed), 2);
-    let failures: Vec<_> = flaky.recent_failures().into_iter().filter(|f| f.event_id == "core-flaky-1").collect();
+    let failures: Vec<_> = flaky
+        .recent_failures()
+        .into_iter()
+        .filter(|f| f.event_id == "core-flaky-1")
+        .collect();
     assert_eq!(failures.len(), 2, "{failures:?}");
-    assert_eq!(failures[1].error, "function asked to retry: attempt 2 failed", "the attempt number grows in place");
-    let attempts = [parse_time(&failures[0].at)?, parse_time(&failures[1].at)?, parse_time(ext(&output, "time"))?];
+    assert_eq!(
+        failures[1].error, "function asked to retry: attempt 2 failed",
+        "the attempt number grows in place"
+    );
+    let attempts = [
+        parse_time(&failures[0].at)?,
+        parse_time(&failures[1].at)?,
+        parse_time(ext(&output, "time"))?,
+    ];
     for (index, pair) in attempts.windows(2).enumerate() {
         let failed_attempt = index as u32 + 1;
         let gap = since(pair[1], pair[0])?;
@@ -842,7 +1140,13 @@ jitter = 0.2
             "in-place delay after attempt {failed_attempt} was {gap:?}, outside {low:?}..{high:?}"
         );
     }
-    assert_eq!(nats.read_stream("CAPTURE", Some("core.flaky.out")).await?.len(), 1, "one output");
+    assert_eq!(
+        nats.read_stream("CAPTURE", Some("core.flaky.out"))
+            .await?
+            .len(),
+        1,
+        "one output"
+    );
     shutdown_within(weir).await
 }
 
@@ -850,7 +1154,11 @@ jitter = 0.2
 // 2 and 3. kill -9 and SIGTERM under load
 // -------------------------------------------------------------------------------------------
 
-const LOAD_STREAMS: [(&str, &[&str]); 3] = [("IN", &["load.in"]), ("OUT", &["load.out"]), ("DLQ", &["weir.dlq.>"])];
+const LOAD_STREAMS: [(&str, &[&str]); 3] = [
+    ("IN", &["load.in"]),
+    ("OUT", &["load.out"]),
+    ("DLQ", &["weir.dlq.>"]),
+];
 const LOAD_MAX_IN_FLIGHT: usize = 8;
 
 fn load_config(url: &str) -> anyhow::Result<String> {
@@ -911,7 +1219,15 @@ async fn load_with_stop(
     let mut first = WeirProcess::start(&config, &[]).await?;
     let started = Instant::now();
     let threshold = (LOAD_EVENTS / 10) as u64;
-    nats.wait_count("OUT", threshold, LOAD_WAIT).await.with_context(|| first.log_text())?;
+    nats.wait_count("OUT", threshold, LOAD_WAIT)
+        .await
+        .with_context(|| first.log_text())?;
+    // Stop while deliveries are out: the transport fetches in batches with short pauses in
+    // between, so wait (bounded) until the server reports some unacknowledged.
+    let deadline = Instant::now() + WAIT;
+    while nats.consumer("IN", "load").await?.num_ack_pending == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let status = if graceful {
         first.terminate(Duration::from_secs(30)).await?
     } else {
@@ -935,8 +1251,14 @@ async fn load_with_stop(
         started.elapsed()
     );
     if graceful {
-        assert!(status.success(), "weir exited with {status} on SIGTERM; log:\n{log}");
-        assert!(log.contains("all functions stopped"), "the graceful path ran; log:\n{log}");
+        assert!(
+            status.success(),
+            "weir exited with {status} on SIGTERM; log:\n{log}"
+        );
+        assert!(
+            log.contains("all functions stopped"),
+            "the graceful path ran; log:\n{log}"
+        );
     } else {
         assert_eq!(status.code(), None, "killed by a signal");
     }
@@ -944,11 +1266,19 @@ async fn load_with_stop(
         at_stop.outputs < LOAD_EVENTS as u64,
         "all {LOAD_EVENTS} events were done before the stop; the test proves nothing (make it bigger)"
     );
-    assert!(at_stop.acked >= threshold.saturating_sub(LOAD_MAX_IN_FLIGHT as u64), "{at_stop:?}");
-    assert!(at_stop.outputs >= at_stop.acked, "an acked input always has its output first: {at_stop:?}");
+    assert!(
+        at_stop.acked >= threshold.saturating_sub(LOAD_MAX_IN_FLIGHT as u64),
+        "{at_stop:?}"
+    );
+    assert!(
+        at_stop.outputs >= at_stop.acked,
+        "an acked input always has its output first: {at_stop:?}"
+    );
 
     let second = WeirProcess::start(&config, &[]).await?;
-    nats.wait_count("OUT", LOAD_EVENTS as u64, LOAD_WAIT).await.with_context(|| second.log_text())?;
+    nats.wait_count("OUT", LOAD_EVENTS as u64, LOAD_WAIT)
+        .await
+        .with_context(|| second.log_text())?;
     nats.wait_drained("IN", "load", LOAD_WAIT).await?;
     Ok((at_stop, second))
 }
@@ -957,16 +1287,37 @@ async fn load_with_stop(
 /// absorbed by `Nats-Msg-Id`.
 async fn assert_every_input_has_one_output(nats: &Nats) -> anyhow::Result<()> {
     let outputs = nats.read_stream("OUT", None).await?;
-    assert_eq!(outputs.len(), LOAD_EVENTS, "OUT holds exactly one message per input");
-    let causes: HashSet<&str> = outputs.iter().filter_map(|m| m.header("ce-weircausation")).collect();
+    assert_eq!(
+        outputs.len(),
+        LOAD_EVENTS,
+        "OUT holds exactly one message per input"
+    );
+    let causes: HashSet<&str> = outputs
+        .iter()
+        .filter_map(|m| m.header("ce-weircausation"))
+        .collect();
     let expected = load_ids();
     let expected: HashSet<&str> = expected.iter().map(String::as_str).collect();
     let lost: Vec<&&str> = expected.difference(&causes).take(10).collect();
-    assert!(lost.is_empty(), "inputs without an output (first 10): {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "inputs without an output (first 10): {lost:?}"
+    );
     assert_eq!(causes.len(), LOAD_EVENTS, "distinct causes");
-    let msg_ids: HashSet<&str> = outputs.iter().filter_map(|m| m.header("Nats-Msg-Id")).collect();
-    assert_eq!(msg_ids.len(), LOAD_EVENTS, "every output carries its own de-duplication id");
-    assert_eq!(nats.stream_count("DLQ").await?, 0, "nothing was dead-lettered");
+    let msg_ids: HashSet<&str> = outputs
+        .iter()
+        .filter_map(|m| m.header("Nats-Msg-Id"))
+        .collect();
+    assert_eq!(
+        msg_ids.len(),
+        LOAD_EVENTS,
+        "every output carries its own de-duplication id"
+    );
+    assert_eq!(
+        nats.stream_count("DLQ").await?,
+        0,
+        "nothing was dead-lettered"
+    );
     Ok(())
 }
 
@@ -979,7 +1330,10 @@ async fn kill_9_under_load_loses_nothing_and_dedups_outputs() -> anyhow::Result<
     let dir = tempfile::tempdir()?;
     let (at_stop, second) = load_with_stop(&nats, dir.path(), false).await?;
     // Deliveries the killed process held: bounded by the consumer's max_ack_pending.
-    assert!(at_stop.ack_pending <= LOAD_MAX_IN_FLIGHT as u64, "{at_stop:?}");
+    assert!(
+        at_stop.ack_pending <= LOAD_MAX_IN_FLIGHT as u64,
+        "{at_stop:?}"
+    );
     // Outputs published whose input was not acked: the invocations that run twice.
     let duplicated = at_stop.outputs - at_stop.acked;
     assert!(duplicated <= at_stop.ack_pending, "{at_stop:?}");
@@ -999,8 +1353,14 @@ async fn kill_9_under_load_loses_nothing_and_dedups_outputs() -> anyhow::Result<
          and came back as JetStream duplicates ({duplicates} seen by the second process)",
         at_stop.ack_pending
     );
-    assert_eq!(duplicates, duplicated, "each re-run output was de-duplicated by Nats-Msg-Id");
-    assert_eq!(publish_count(&metrics, "ok"), LOAD_EVENTS as u64 - at_stop.outputs);
+    assert_eq!(
+        duplicates, duplicated,
+        "each re-run output was de-duplicated by Nats-Msg-Id"
+    );
+    assert_eq!(
+        publish_count(&metrics, "ok"),
+        LOAD_EVENTS as u64 - at_stop.outputs
+    );
     Ok(())
 }
 
@@ -1012,7 +1372,10 @@ async fn sigterm_under_load_loses_nothing_and_duplicates_nothing() -> anyhow::Re
     let nats = Nats::start().await?;
     let dir = tempfile::tempdir()?;
     let (at_stop, second) = load_with_stop(&nats, dir.path(), true).await?;
-    assert_eq!(at_stop.outputs, at_stop.acked, "no output without its ack: {at_stop:?}");
+    assert_eq!(
+        at_stop.outputs, at_stop.acked,
+        "no output without its ack: {at_stop:?}"
+    );
     assert_every_input_has_one_output(&nats).await?;
     let view = second.function_view("echo").await?;
     assert_eq!(
@@ -1021,7 +1384,11 @@ async fn sigterm_under_load_loses_nothing_and_duplicates_nothing() -> anyhow::Re
         "nothing delivered twice: {view}"
     );
     let metrics = second.get_text("/metrics").await?;
-    assert_eq!(publish_count(&metrics, "duplicate"), 0, "no output was published twice");
+    assert_eq!(
+        publish_count(&metrics, "duplicate"),
+        0,
+        "no output was published twice"
+    );
     let info = nats.consumer("IN", "load").await?;
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
     Ok(())
@@ -1039,7 +1406,11 @@ async fn nats_server_restart_mid_stream_loses_nothing() -> anyhow::Result<()> {
     let mut nats = Nats::start().await?;
     const BEFORE: usize = 3000;
     const AFTER: usize = 1000;
-    let streams: [(&str, &[&str]); 3] = [("RIN", &["restart.in"]), ("ROUT", &["restart.out"]), ("DLQ", &["weir.dlq.>"])];
+    let streams: [(&str, &[&str]); 3] = [
+        ("RIN", &["restart.in"]),
+        ("ROUT", &["restart.out"]),
+        ("DLQ", &["weir.dlq.>"]),
+    ];
     nats.ensure_streams(&streams).await?;
     let before: Vec<String> = (0..BEFORE).map(|i| format!("before-{i:05}")).collect();
     nats.publish_many("restart.in", &before).await?;
@@ -1069,32 +1440,57 @@ max = 8
         brokers = brokers(&nats.server.url(), &streams)
     );
     let weir = InProcess::start(&config).await?;
-    let done_at_restart = nats.wait_count("ROUT", (BEFORE / 5) as u64, LOAD_WAIT).await?;
+    let done_at_restart = nats
+        .wait_count("ROUT", (BEFORE / 5) as u64, LOAD_WAIT)
+        .await?;
     let restarted = Instant::now();
     tokio::task::block_in_place(|| nats.server.restart())?;
-    println!("nats-server restarted after {done_at_restart} outputs, in {:?}", restarted.elapsed());
+    println!(
+        "nats-server restarted after {done_at_restart} outputs, in {:?}",
+        restarted.elapsed()
+    );
     let stored = nats.stream_count("RIN").await?;
-    assert_eq!(stored, BEFORE as u64, "file storage kept every input across the restart");
+    assert_eq!(
+        stored, BEFORE as u64,
+        "file storage kept every input across the restart"
+    );
 
     let after: Vec<String> = (0..AFTER).map(|i| format!("after-{i:05}")).collect();
     let deadline = Instant::now() + WAIT;
     // The test's own client reconnects too; retry until it has.
     while let Err(e) = nats.publish_many("restart.in", &after).await {
-        ensure!(Instant::now() < deadline, "publishing after the restart: {e:#}");
+        ensure!(
+            Instant::now() < deadline,
+            "publishing after the restart: {e:#}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let total = (BEFORE + AFTER) as u64;
     nats.wait_count("ROUT", total, LOAD_WAIT).await?;
     nats.wait_drained("RIN", "restart", LOAD_WAIT).await?;
     let outputs = nats.read_stream("ROUT", None).await?;
-    let causes: HashSet<&str> = outputs.iter().filter_map(|m| m.header("ce-weircausation")).collect();
+    let causes: HashSet<&str> = outputs
+        .iter()
+        .filter_map(|m| m.header("ce-weircausation"))
+        .collect();
     for id in before.iter().chain(&after) {
         assert!(causes.contains(id.as_str()), "{id} has no output");
     }
-    assert_eq!(outputs.len() as u64, total, "one output per input (duplicates de-duplicated)");
-    assert_eq!(nats.stream_count("DLQ").await?, 0, "nothing was dead-lettered");
+    assert_eq!(
+        outputs.len() as u64,
+        total,
+        "one output per input (duplicates de-duplicated)"
+    );
+    assert_eq!(
+        nats.stream_count("DLQ").await?,
+        0,
+        "nothing was dead-lettered"
+    );
     let echo = runner(&weir, "echo")?;
-    assert!(echo.counters.succeeded.load(Relaxed) >= total, "every event succeeded at least once");
+    assert!(
+        echo.counters.succeeded.load(Relaxed) >= total,
+        "every event succeeded at least once"
+    );
     shutdown_within(weir).await
 }
 
@@ -1129,6 +1525,11 @@ timeout = "1s"
 [defaults.trigger]
 broker = "jetstream"
 ack_wait = "2s"
+# Fixed slots: every held delivery sits in its own slot (and gets heartbeats); see
+# `queued_deliveries_beyond_the_slot_count_are_not_redelivered` for what happens otherwise.
+[defaults.scaling]
+min = 4
+max = 4
 
 {brokers}
 [[functions]]
@@ -1152,13 +1553,16 @@ topic = "lost.dlq.reject-nostream"
     let config = write_config(dir.path(), &config)?;
     let weir = WeirProcess::start(&config, &[]).await?;
 
-    nats.publish_event("dlq.in.full", "full-1", "com.example.x", "{}", &[]).await?;
+    nats.publish_event("dlq.in.full", "full-1", "com.example.x", "{}", &[])
+        .await?;
     nats.wait_count("DLQFULL", 1, WAIT).await?;
     nats.wait_drained("DIN", "weir-reject-full", WAIT).await?;
     for id in ["full-2", "full-3"] {
-        nats.publish_event("dlq.in.full", id, "com.example.x", "{}", &[]).await?;
+        nats.publish_event("dlq.in.full", id, "com.example.x", "{}", &[])
+            .await?;
     }
-    nats.publish_event("dlq.in.none", "none-1", "com.example.x", "{}", &[]).await?;
+    nats.publish_event("dlq.in.none", "none-1", "com.example.x", "{}", &[])
+        .await?;
 
     let deadline = Instant::now() + WAIT;
     loop {
@@ -1167,31 +1571,67 @@ topic = "lost.dlq.reject-nostream"
         if full["dead_letter_paused"] == true && none["dead_letter_paused"] == true {
             break;
         }
-        ensure!(Instant::now() < deadline, "lanes not paused: {full}\n{none}\nlog:\n{}", weir.log_text());
+        ensure!(
+            Instant::now() < deadline,
+            "lanes not paused: {full}\n{none}\nlog:\n{}",
+            weir.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let paused = |function: &str| format!("weir_lane_paused{{function=\"{function}\"}}");
-    assert!(weir.metric(&paused("reject-full")).await?.unwrap_or(0.0) >= 1.0, "metric shows the pause");
-    assert!(weir.metric(&paused("reject-nostream")).await?.unwrap_or(0.0) >= 1.0, "metric shows the pause");
+    assert!(
+        weir.metric(&paused("reject-full")).await?.unwrap_or(0.0) >= 1.0,
+        "metric shows the pause"
+    );
+    assert!(
+        weir.metric(&paused("reject-nostream"))
+            .await?
+            .unwrap_or(0.0)
+            >= 1.0,
+        "metric shows the pause"
+    );
 
     // Held for two ack waits: nothing acked, nothing terminated, nothing redelivered (the
     // in-progress heartbeats keep the deliveries), and the full DLQ still has its one record.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let full = nats.consumer("DIN", "weir-reject-full").await?;
-    assert_eq!(full.num_ack_pending, 2, "full-2 and full-3 are held unacknowledged");
-    assert_eq!(full.delivered.consumer_sequence, 3, "each delivered once, none redelivered");
+    assert_eq!(
+        full.num_ack_pending, 2,
+        "full-2 and full-3 are held unacknowledged"
+    );
+    assert_eq!(
+        full.delivered.consumer_sequence,
+        3,
+        "each delivered once, none redelivered; log:\n{}",
+        weir.log_text()
+    );
     assert_eq!(full.num_redelivered, 0);
     let none = nats.consumer("DIN", "weir-reject-nostream").await?;
-    assert_eq!((none.num_ack_pending, none.delivered.consumer_sequence), (1, 1));
+    assert_eq!(
+        (none.num_ack_pending, none.delivered.consumer_sequence),
+        (1, 1)
+    );
     assert_eq!(nats.stream_count("DLQFULL").await?, 1);
     let metrics = weir.get_text("/metrics").await?;
     for function in ["reject-full", "reject-nostream"] {
-        let failures = metric_value(&metrics, &format!("weir_dlq_publish_failures_total{{function=\"{function}\"}}"));
-        assert!(failures.unwrap_or(0.0) >= 2.0, "{function}: DLQ publish failures are counted: {failures:?}");
+        let failures = metric_value(
+            &metrics,
+            &format!("weir_dlq_publish_failures_total{{function=\"{function}\"}}"),
+        );
+        assert!(
+            failures.unwrap_or(0.0) >= 2.0,
+            "{function}: DLQ publish failures are counted: {failures:?}"
+        );
     }
 
     // Recover: lift the limit, and create a stream for the other DLQ subject.
-    let mut limited = nats.js.get_stream("DLQFULL").await?.cached_info().config.clone();
+    let mut limited = nats
+        .js
+        .get_stream("DLQFULL")
+        .await?
+        .cached_info()
+        .config
+        .clone();
     limited.max_messages = -1;
     nats.js.update_stream(limited).await?;
     nats.js
@@ -1204,14 +1644,18 @@ topic = "lost.dlq.reject-nostream"
     nats.wait_count("DLQFULL", 3, WAIT).await?;
     nats.wait_count("LOST", 1, WAIT).await?;
     nats.wait_drained("DIN", "weir-reject-full", WAIT).await?;
-    nats.wait_drained("DIN", "weir-reject-nostream", WAIT).await?;
+    nats.wait_drained("DIN", "weir-reject-nostream", WAIT)
+        .await?;
     let ids: HashSet<String> = nats
         .events("DLQFULL", "weir.dlq.reject-full")
         .await?
         .iter()
         .map(|e| ext(e, "id").to_owned())
         .collect();
-    assert_eq!(ids, HashSet::from(["full-1", "full-2", "full-3"].map(String::from)));
+    assert_eq!(
+        ids,
+        HashSet::from(["full-1", "full-2", "full-3"].map(String::from))
+    );
     let lost = nats.events("LOST", "lost.dlq.reject-nostream").await?;
     assert_eq!(lost.len(), 1);
     assert_eq!(ext(&lost[0], "id"), "none-1");
@@ -1219,7 +1663,11 @@ topic = "lost.dlq.reject-nostream"
     for function in ["reject-full", "reject-nostream"] {
         let view = weir.function_view(function).await?;
         assert_eq!(view["dead_letter_paused"], false, "{view}");
-        assert_eq!(weir.metric(&paused(function)).await?, Some(0.0), "{function} resumed");
+        assert_eq!(
+            weir.metric(&paused(function)).await?,
+            Some(0.0),
+            "{function} resumed"
+        );
     }
     Ok(())
 }
@@ -1259,30 +1707,52 @@ max_attempts = 1
     );
     let mut config = weir_dispatcher::config::from_toml_str(&text, &functions_dir()?)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let trigger = config.functions[0].trigger.jetstream.as_mut().context("a jetstream trigger")?;
+    let trigger = config.functions[0]
+        .trigger
+        .jetstream
+        .as_mut()
+        .context("a jetstream trigger")?;
     trigger.ack_wait = Duration::from_secs(1);
     let runtime = Runtime::start(config).await?;
     let shared = runtime.shared();
     let sleepy = shared.function("sleepy").context("sleepy")?.clone();
     let info = nats.consumer("SLOW", "weir-sleepy").await?;
-    assert_eq!(info.config.ack_wait, Duration::from_secs(1), "the consumer really has a 1 s ack wait");
+    assert_eq!(
+        info.config.ack_wait,
+        Duration::from_secs(1),
+        "the consumer really has a 1 s ack wait"
+    );
 
     let published = Instant::now();
-    nats.publish_event("slow.in", "slow-1", "com.example.x", "{}", &[]).await?;
+    nats.publish_event("slow.in", "slow-1", "com.example.x", "{}", &[])
+        .await?;
     let deadline = Instant::now() + WAIT;
     while sleepy.counters.succeeded.load(Relaxed) == 0 {
-        ensure!(Instant::now() < deadline, "sleepy did not finish within {WAIT:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "sleepy did not finish within {WAIT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = published.elapsed();
-    assert!(took >= Duration::from_secs(3), "the invocation outlived the ack wait: {took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "the invocation outlived the ack wait: {took:?}"
+    );
     // Two more ack waits: a redelivery would show up now.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(sleepy.counters.received.load(Relaxed), 1, "one delivery reached the function");
+    assert_eq!(
+        sleepy.counters.received.load(Relaxed),
+        1,
+        "one delivery reached the function"
+    );
     assert_eq!(sleepy.counters.succeeded.load(Relaxed), 1, "one invocation");
     assert_eq!(sleepy.counters.failed.load(Relaxed), 0);
     let info = nats.consumer("SLOW", "weir-sleepy").await?;
-    assert_eq!(info.delivered.consumer_sequence, 1, "the server delivered it once");
+    assert_eq!(
+        info.delivered.consumer_sequence, 1,
+        "the server delivered it once"
+    );
     assert_eq!(info.num_redelivered, 0);
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "acked");
     runtime.shutdown().await;
@@ -1301,7 +1771,11 @@ async fn two_processes_share_one_durable_consumer() -> anyhow::Result<()> {
     let nats = Nats::start().await?;
     let dir = tempfile::tempdir()?;
     const EVENTS: usize = 2000;
-    let streams: [(&str, &[&str]); 3] = [("SIN", &["share.in"]), ("SOUT", &["share.out"]), ("DLQ", &["weir.dlq.>"])];
+    let streams: [(&str, &[&str]); 3] = [
+        ("SIN", &["share.in"]),
+        ("SOUT", &["share.out"]),
+        ("DLQ", &["weir.dlq.>"]),
+    ];
     let config = format!(
         r#"
 {brokers}
@@ -1331,14 +1805,94 @@ max = 4
     nats.wait_drained("SIN", "shared", WAIT).await?;
 
     let received = |view: &Value| view["counters"]["received"].as_u64().unwrap_or(0);
-    let (view_a, view_b) = (a.function_view("echo").await?, b.function_view("echo").await?);
+    let (view_a, view_b) = (
+        a.function_view("echo").await?,
+        b.function_view("echo").await?,
+    );
     let (from_a, from_b) = (received(&view_a), received(&view_b));
     println!("two processes on one durable consumer: {from_a} + {from_b}");
-    assert!(from_a > 0 && from_b > 0, "both processes took work: {from_a} and {from_b}");
-    assert_eq!(from_a + from_b, EVENTS as u64, "each event was delivered to exactly one process");
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both processes took work: {from_a} and {from_b}"
+    );
+    assert_eq!(
+        from_a + from_b,
+        EVENTS as u64,
+        "each event was delivered to exactly one process"
+    );
     let outputs = nats.read_stream("SOUT", None).await?;
-    let causes: HashSet<&str> = outputs.iter().filter_map(|m| m.header("ce-weircausation")).collect();
+    let causes: HashSet<&str> = outputs
+        .iter()
+        .filter_map(|m| m.header("ce-weircausation"))
+        .collect();
     assert_eq!(outputs.len(), EVENTS);
-    assert!(ids.iter().all(|id| causes.contains(id.as_str())), "the union covers every event");
+    assert!(
+        ids.iter().all(|id| causes.contains(id.as_str())),
+        "the union covers every event"
+    );
     Ok(())
+}
+
+/// A JetStream trigger fetches up to `scaling.max` deliveries, but the runner only takes one
+/// when a pool slot is free. When the autoscaler runs fewer slots than `max` (here: lag 3 is
+/// below `target_lag`, so 1 slot), fetched deliveries wait in the subscription's buffer with no
+/// in-progress heartbeat, and the server redelivers them after `ack_wait` although Weir holds
+/// them: the same event is then delivered (and run) more than once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_deliveries_beyond_the_slot_count_are_not_redelivered() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let streams: [(&str, &[&str]); 1] = [("QUEUE", &["queue.in"])];
+    let text = format!(
+        r#"
+{brokers}
+[[functions]]
+name = "sleepy"
+module = "sleepy.wasm"
+timeout = "5s"
+config = {{ sleep_ms = "1500" }}
+[functions.trigger]
+broker = "jetstream"
+topic = "queue.in"
+stream = "QUEUE"
+ack_wait = "6s"
+[functions.scaling]
+min = 1
+max = 4
+"#,
+        brokers = brokers(&nats.server.url(), &streams)
+    );
+    let mut config = weir_dispatcher::config::from_toml_str(&text, &functions_dir()?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let trigger = config.functions[0]
+        .trigger
+        .jetstream
+        .as_mut()
+        .context("a jetstream trigger")?;
+    trigger.ack_wait = Duration::from_secs(1);
+    let runtime = Runtime::start(config).await?;
+    for id in ["q-1", "q-2", "q-3"] {
+        nats.publish_event("queue.in", id, "com.example.x", "{}", &[])
+            .await?;
+    }
+    let result = async {
+        nats.wait_drained("QUEUE", "weir-sleepy", Duration::from_secs(30))
+            .await?;
+        let info = nats.consumer("QUEUE", "weir-sleepy").await?;
+        let sleepy = runtime
+            .shared()
+            .function("sleepy")
+            .context("sleepy")?
+            .clone();
+        ensure!(
+            info.delivered.consumer_sequence == 3,
+            "3 events were delivered {} times ({} invocations)",
+            info.delivered.consumer_sequence,
+            sleepy.counters.received.load(Relaxed)
+        );
+        Ok(())
+    }
+    .await;
+    runtime.shutdown().await;
+    result
 }

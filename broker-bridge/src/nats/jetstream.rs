@@ -32,8 +32,8 @@ use super::config::{
 };
 use super::{events, headers_to_pairs, pairs_to_headers, NatsTransport};
 use crate::{
-    BrokerKind, Delivery, InboundMessage, LagProbe, Origin, OutboundMessage, Publisher, RetryStyle,
-    Settle, Subscription, TransportError,
+    BrokerKind, Delivery, FlowControl, InboundMessage, LagProbe, Origin, OutboundMessage,
+    Publisher, RetryStyle, Settle, Subscription, TransportError,
 };
 
 /// How long one pull request waits on the server for messages.
@@ -141,6 +141,7 @@ impl NatsTransport {
             .map_err(|err| subscribe_error(format!("creating consumer {name}: {err}")))?;
 
         let permits = Arc::new(Semaphore::new(max_in_flight));
+        let flow_permits = Arc::clone(&permits);
         let (sender, receiver) = mpsc::channel(max_in_flight);
         let cancel = CancellationToken::new();
         let fetcher = Fetcher {
@@ -156,6 +157,7 @@ impl NatsTransport {
         Ok(JetStreamSubscription {
             topic,
             ack_wait: options.ack_wait,
+            flow: Arc::new(InFlightBound { permits: Arc::clone(&flow_permits), total: std::sync::Mutex::new(max_in_flight) }),
             stream,
             consumer_name: name,
             receiver,
@@ -179,7 +181,8 @@ fn retry_delay(failures: u32) -> Duration {
 }
 
 enum PullOutcome {
-    Finished,
+    /// The pull request ended; this many messages were handed on.
+    Finished(usize),
     Failed(String),
     Stopped,
 }
@@ -230,12 +233,14 @@ impl Fetcher {
             let started = Instant::now();
             match self.pull_once(&bound).await {
                 PullOutcome::Stopped => return,
-                PullOutcome::Finished => {
+                PullOutcome::Finished(delivered) => {
                     failures = 0;
                     consumer = Some(bound);
-                    // A pull that ended at once without error (should not happen with
-                    // `expires`) must not turn into a busy loop.
-                    if started.elapsed() < Duration::from_millis(20)
+                    // A pull that ended at once with nothing in it (should not happen with
+                    // `expires`) must not turn into a busy loop; one that delivered messages
+                    // ended early because it was full, and the next one starts at once.
+                    if delivered == 0
+                        && started.elapsed() < Duration::from_millis(20)
                         && !self.sleep(Duration::from_millis(50)).await
                     {
                         return;
@@ -293,6 +298,7 @@ impl Fetcher {
             Err(err) => return PullOutcome::Failed(format!("pull request: {err}")),
         };
         let deadline = Instant::now() + PULL_EXPIRES + PULL_GRACE;
+        let mut delivered = 0usize;
         loop {
             let item = tokio::select! {
                 () = self.cancel.cancelled() => return PullOutcome::Stopped,
@@ -304,7 +310,7 @@ impl Fetcher {
                         "the server did not end the pull request in time".into(),
                     )
                 }
-                Ok(None) => return PullOutcome::Finished,
+                Ok(None) => return PullOutcome::Finished(delivered),
                 Ok(Some(Err(err))) => return PullOutcome::Failed(err.to_string()),
                 Ok(Some(Ok(message))) => message,
             };
@@ -318,6 +324,7 @@ impl Fetcher {
             if self.sender.send(delivery).await.is_err() {
                 return PullOutcome::Stopped;
             }
+            delivered += 1;
         }
     }
 
@@ -355,6 +362,7 @@ impl Fetcher {
 pub struct JetStreamSubscription {
     topic: String,
     ack_wait: Duration,
+    flow: Arc<InFlightBound>,
     stream: stream::Stream,
     consumer_name: String,
     receiver: mpsc::Receiver<Delivery>,
@@ -402,6 +410,10 @@ impl Subscription for JetStreamSubscription {
 
     fn lag_probe(&self) -> Option<std::sync::Arc<dyn LagProbe>> {
         Some(std::sync::Arc::new(self.probe()))
+    }
+
+    fn flow_control(&self) -> Option<Arc<dyn FlowControl>> {
+        Some(Arc::clone(&self.flow) as Arc<dyn FlowControl>)
     }
 
     /// A third of the ack wait: two heartbeats may be lost before the server redelivers.
@@ -810,5 +822,36 @@ impl JetStreamSubscription {
             stream: self.stream.clone(),
             consumer_name: self.consumer_name.clone(),
         }
+    }
+}
+
+/// The bound on fetched-and-unsettled messages, resizable while the fetcher runs. A message
+/// fetched beyond the consumer's free slots would wait in the local buffer with its ack deadline
+/// running and be redelivered while still queued; keeping this bound equal to the slots means a
+/// fetched message always has a slot waiting for it.
+struct InFlightBound {
+    permits: Arc<Semaphore>,
+    total: std::sync::Mutex<usize>,
+}
+
+impl FlowControl for InFlightBound {
+    fn set_max_in_flight(&self, max: usize) {
+        let max = max.max(1);
+        let mut total = self.total.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match max.cmp(&*total) {
+            std::cmp::Ordering::Greater => self.permits.add_permits(max - *total),
+            std::cmp::Ordering::Less => {
+                // Permits held by unsettled deliveries come back later; take them as they do.
+                let owed = u32::try_from(*total - max).unwrap_or(u32::MAX);
+                let permits = Arc::clone(&self.permits);
+                tokio::spawn(async move {
+                    if let Ok(taken) = permits.acquire_many_owned(owed).await {
+                        taken.forget();
+                    }
+                });
+            }
+            std::cmp::Ordering::Equal => {}
+        }
+        *total = max;
     }
 }
