@@ -38,7 +38,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 use rdkafka::Offset;
 use serde::Deserialize;
@@ -667,7 +667,8 @@ impl KafkaTransport {
             .create_with_context(LogContext)
             .map_err(connect_error)?;
         Ok(KafkaPublisher {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            client_config: client,
             timeout: self.config.publish_timeout,
         })
     }
@@ -716,8 +717,14 @@ impl KafkaTransport {
 }
 
 /// Confirmed publishing to Kafka: `publish` returns once the delivery report arrived.
+///
+/// An idempotent producer can hit a *fatal* error (e.g. UnknownProducerId after a broker lost
+/// its state in a restart); librdkafka then refuses every later send. The publisher replaces
+/// such a producer with a fresh one, so the caller's retry (output retry, DLQ hold) succeeds
+/// once the broker is back instead of failing forever.
 pub struct KafkaPublisher {
-    producer: FutureProducer<LogContext>,
+    producer: std::sync::RwLock<FutureProducer<LogContext>>,
+    client_config: ClientConfig,
     timeout: Duration,
 }
 
@@ -760,7 +767,8 @@ impl KafkaPublisher {
         };
         // The queue wait and the delivery report are each bounded by `timeout`; the outer bound
         // only guards against a report that never comes.
-        let send = self.producer.send(record, Timeout::After(self.timeout));
+        let producer = self.current_producer();
+        let send = producer.send(record, Timeout::After(self.timeout));
         let outcome = tokio::time::timeout(self.timeout * 2 + Duration::from_secs(1), send)
             .await
             .map_err(|_| timeout_error());
@@ -776,7 +784,42 @@ impl KafkaPublisher {
             }),
         };
         metrics_events::published(if result.is_ok() { "ok" } else { "error" });
+        if result.is_err() {
+            self.replace_if_fatal(&producer);
+        }
         result
+    }
+
+    fn current_producer(&self) -> FutureProducer<LogContext> {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replace `failed` with a new producer when librdkafka declared it fatally broken (once,
+    /// even when several publishes fail on it at the same time).
+    fn replace_if_fatal(&self, failed: &FutureProducer<LogContext>) {
+        let Some((code, reason)) = failed.client().fatal_error() else {
+            return;
+        };
+        let mut current = self
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.client().fatal_error().is_none() {
+            return;
+        }
+        match self.client_config.create_with_context(LogContext) {
+            Ok(fresh) => {
+                tracing::warn!(?code, reason, "Kafka producer hit a fatal error; replaced it with a new one");
+                metrics_events::producer_replaced();
+                *current = fresh;
+            }
+            Err(error) => {
+                tracing::error!(%error, "Kafka producer hit a fatal error and a new one could not be created");
+            }
+        }
     }
 }
 
@@ -799,6 +842,11 @@ impl Publisher for KafkaPublisher {
 
 /// Every metric this module emits. Labels are bounded: no topic, key or offset.
 mod metrics_events {
+    /// A fatally broken idempotent producer was replaced.
+    pub(super) fn producer_replaced() {
+        metrics::counter!("weir_kafka_producer_replacements_total").increment(1);
+    }
+
     /// An offset commit finished (`outcome`: ok | error).
     pub(super) fn commit(outcome: &'static str) {
         metrics::counter!("weir_kafka_offset_commits_total", "outcome" => outcome).increment(1);

@@ -94,12 +94,18 @@ impl SlotGate {
     fn new(size: usize) -> Self {
         Self {
             semaphore: Arc::new(Semaphore::new(size)),
-            sizing: Mutex::new(Sizing { capacity: size, owed: 0, desired: size }),
+            sizing: Mutex::new(Sizing {
+                capacity: size,
+                owed: 0,
+                desired: size,
+            }),
         }
     }
 
     fn sizing(&self) -> std::sync::MutexGuard<'_, Sizing> {
-        self.sizing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.sizing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Make `desired` slots exist, now for free ones, later for held ones.
@@ -207,7 +213,10 @@ impl InstancePool {
     /// Wait for a free slot.
     pub async fn acquire(&self) -> Option<Slot> {
         let permit = self.gate.semaphore.clone().acquire_owned().await.ok()?;
-        Some(Slot { permit: Some(permit), gate: self.gate.clone() })
+        Some(Slot {
+            permit: Some(permit),
+            gate: self.gate.clone(),
+        })
     }
 
     /// The slot count asked for last.
@@ -254,7 +263,8 @@ impl InstancePool {
                 match started {
                     Ok(instance) => {
                         // A scale-down may have come while it started: keep it only if wanted.
-                        if pool.live.load(Ordering::Relaxed) > pool.desired().max(pool.settings.min) {
+                        if pool.live.load(Ordering::Relaxed) > pool.desired().max(pool.settings.min)
+                        {
                             pool.retire(instance, "idle");
                         } else {
                             pool.lock_idle().push(instance);
@@ -362,8 +372,14 @@ impl InstancePool {
 
     async fn start(&self) -> Result<Instance, InvocationError> {
         let started = Instant::now();
-        let instance =
-            self.module.instantiate(self.function.clone(), self.config.clone(), self.limits.clone()).await?;
+        let instance = self
+            .module
+            .instantiate(
+                self.function.clone(),
+                self.config.clone(),
+                self.limits.clone(),
+            )
+            .await?;
         self.live.fetch_add(1, Ordering::Relaxed);
         self.starts.fetch_add(1, Ordering::Relaxed);
         telemetry::instance_started(&self.function, started.elapsed());
@@ -382,7 +398,9 @@ impl InstancePool {
 
     /// Instances running an invocation right now.
     pub fn busy(&self) -> usize {
-        self.live.load(Ordering::Relaxed).saturating_sub(self.lock_idle().len())
+        self.live
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.lock_idle().len())
     }
 
     fn publish_gauges(&self) {
@@ -392,7 +410,9 @@ impl InstancePool {
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
         // A poisoned lock only means a panic elsewhere while holding it; the Vec is still valid.
-        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -402,7 +422,10 @@ mod tests {
 
     fn slot(gate: &Arc<SlotGate>) -> Option<Slot> {
         let permit = gate.semaphore.clone().try_acquire_owned().ok()?;
-        Some(Slot { permit: Some(permit), gate: gate.clone() })
+        Some(Slot {
+            permit: Some(permit),
+            gate: gate.clone(),
+        })
     }
 
     fn take_all(gate: &Arc<SlotGate>) -> Vec<Slot> {
@@ -423,7 +446,11 @@ mod tests {
         assert_eq!(held.len(), 4);
         held.truncate(3); // one comes back free
         gate.resize(1);
-        assert_eq!(gate.sizing().capacity, 3, "the free one is forgotten at once");
+        assert_eq!(
+            gate.sizing().capacity,
+            3,
+            "the free one is forgotten at once"
+        );
         assert_eq!(gate.sizing().owed, 2);
         held.truncate(1); // two come back: both forgotten
         assert_eq!(gate.sizing().capacity, 1);
@@ -439,8 +466,13 @@ mod tests {
         gate.resize(0);
         assert_eq!(gate.sizing().owed, 4);
         gate.resize(2);
-        assert_eq!((gate.sizing().capacity, gate.sizing().owed), (4, 2));
+        let sizing = *gate.sizing();
+        assert_eq!((sizing.capacity, sizing.owed), (4, 2));
         drop(held);
-        assert_eq!(take_all(&gate).len(), 2, "never more than the size asked for");
+        assert_eq!(
+            take_all(&gate).len(),
+            2,
+            "never more than the size asked for"
+        );
     }
 }

@@ -33,8 +33,48 @@ use crate::telemetry;
 
 /// How often the loop samples lag and decides (DESIGN.md: at most 250 ms).
 pub const TICK: Duration = Duration::from_millis(100);
-/// A lag read slower than this counts as failed for this tick (a Kafka broker that is away).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A successful lag reading older than this is not acted on (the broker is away).
+const STALE: Duration = Duration::from_secs(10);
+
+/// The latest lag reading and when it was taken.
+#[derive(Debug, Clone)]
+struct LagReading {
+    at: Instant,
+    lag: Result<u64, String>,
+}
+
+/// Read lag back to back, at most once per [`TICK`], into `readings` until `shutdown`.
+async fn read_lag(
+    probe: Arc<dyn LagProbe>,
+    readings: tokio::sync::watch::Sender<Option<LagReading>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let started = Instant::now();
+        let lag = tokio::select! {
+            lag = probe.lag() => lag.map_err(|e| e.to_string()),
+            () = shutdown.cancelled() => return,
+        };
+        // A failure replaces an older success only when the success has gone stale, so one
+        // slow or failed read does not freeze scaling.
+        readings.send_modify(|latest| {
+            let keep_success = lag.is_err()
+                && latest
+                    .as_ref()
+                    .is_some_and(|l| l.lag.is_ok() && l.at.elapsed() <= STALE);
+            if !keep_success {
+                *latest = Some(LagReading {
+                    at: Instant::now(),
+                    lag,
+                });
+            }
+        });
+        tokio::select! {
+            () = tokio::time::sleep_until((started + TICK).into()) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
 
 /// What the loop computes from one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +163,10 @@ pub async fn control_loop(
         return;
     };
     let mut scaler = Scaler::new(&settings);
+    // Lag is read on its own task: a slow read (a Kafka broker answering in seconds) delays
+    // only the next reading, never the loop, which decides on the latest value it has.
+    let (readings, mut latest) = tokio::sync::watch::channel(None);
+    tokio::spawn(read_lag(probe, readings, shutdown.clone()));
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_completed = pool.completed();
@@ -134,24 +178,22 @@ pub async fn control_loop(
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let lag = match tokio::time::timeout(PROBE_TIMEOUT, probe.lag()).await {
-            Ok(Ok(lag)) => {
+        let reading: Option<LagReading> = latest.borrow_and_update().clone();
+        let lag = match reading {
+            None => continue,
+            Some(LagReading { at, lag: Ok(lag) }) if at.elapsed() <= STALE => {
                 if failing {
                     tracing::info!(function = %function, "consumer lag readable again; autoscaling resumes");
                 }
                 failing = false;
                 lag
             }
-            Ok(Err(e)) => {
+            Some(LagReading { lag, at }) => {
                 if !failing {
-                    tracing::warn!(function = %function, error = %e, "cannot read consumer lag; keeping the current slot count");
-                }
-                failing = true;
-                continue;
-            }
-            Err(_) => {
-                if !failing {
-                    tracing::warn!(function = %function, timeout = ?PROBE_TIMEOUT, "reading consumer lag timed out; keeping the current slot count");
+                    let error = lag
+                        .err()
+                        .unwrap_or_else(|| format!("no reading for {:?}", at.elapsed()));
+                    tracing::warn!(function = %function, error = %error, "cannot read consumer lag; keeping the current slot count");
                 }
                 failing = true;
                 continue;
@@ -163,7 +205,10 @@ pub async fn control_loop(
         let rate = (completed.saturating_sub(last_completed)) as f64 / elapsed;
         (last_completed, last_at) = (completed, now);
 
-        let sample = Sample { lag, busy: pool.busy() };
+        let sample = Sample {
+            lag,
+            busy: pool.busy(),
+        };
         let current = pool.desired();
         let wanted = scaler.wanted(sample);
         let mut decision = scaler.decide(now, sample, current);
@@ -214,8 +259,18 @@ mod tests {
         assert_eq!(scaler.wanted(Sample { lag: 0, busy: 0 }), 1);
         assert_eq!(scaler.wanted(Sample { lag: 11, busy: 0 }), 2);
         assert_eq!(scaler.wanted(Sample { lag: 30, busy: 0 }), 3);
-        assert_eq!(scaler.wanted(Sample { lag: 20_000, busy: 0 }), 8);
-        assert_eq!(scaler.wanted(Sample { lag: 5, busy: 4 }), 4, "never below the busy count");
+        assert_eq!(
+            scaler.wanted(Sample {
+                lag: 20_000,
+                busy: 0
+            }),
+            8
+        );
+        assert_eq!(
+            scaler.wanted(Sample { lag: 5, busy: 4 }),
+            4,
+            "never below the busy count"
+        );
     }
 
     #[test]
@@ -229,7 +284,10 @@ mod tests {
     fn up_at_once_down_after_the_window() {
         let mut scaler = Scaler::new(&settings(1, 8, 10, 1000));
         let t0 = Instant::now();
-        assert_eq!(scaler.decide(t0, Sample { lag: 500, busy: 0 }, 1), Some(Decision::Up(8)));
+        assert_eq!(
+            scaler.decide(t0, Sample { lag: 500, busy: 0 }, 1),
+            Some(Decision::Up(8))
+        );
         // Lag gone: nothing changes until a whole window without demand has passed.
         let mut at = t0;
         let mut down = None;
@@ -242,8 +300,14 @@ mod tests {
         }
         let (after, decision) = down.expect("scaled down within 3 s");
         assert_eq!(decision, Decision::Down(1));
-        assert!(after >= Duration::from_millis(1000), "scaled down after {after:?}, before the window");
-        assert!(after <= Duration::from_millis(1200), "scaled down after {after:?}, long after the window");
+        assert!(
+            after >= Duration::from_millis(1000),
+            "scaled down after {after:?}, before the window"
+        );
+        assert!(
+            after <= Duration::from_millis(1200),
+            "scaled down after {after:?}, long after the window"
+        );
     }
 
     #[test]
@@ -253,7 +317,11 @@ mod tests {
         scaler.decide(t0, Sample { lag: 80, busy: 0 }, 1);
         for i in 1..=20u32 {
             let lag = if i % 5 == 0 { 80 } else { 0 };
-            assert_eq!(scaler.decide(t0 + TICK * i, Sample { lag, busy: 0 }, 8), None, "tick {i}");
+            assert_eq!(
+                scaler.decide(t0 + TICK * i, Sample { lag, busy: 0 }, 8),
+                None,
+                "tick {i}"
+            );
         }
     }
 

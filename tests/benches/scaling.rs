@@ -17,7 +17,9 @@ use anyhow::{ensure, Context as _};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use weir_broker_bridge::memory::{StartFrom, SubscribeOptions};
-use weir_broker_bridge::{BrokerKind, Ordering as Lanes, OutboundMessage, Publisher, Subscription as _};
+use weir_broker_bridge::{
+    BrokerKind, Ordering as Lanes, OutboundMessage, Publisher, Subscription as _,
+};
 use weir_dispatcher::runner::header_style;
 use weir_schemas::Event;
 use weir_tests::weir::InProcess;
@@ -56,11 +58,22 @@ struct Row {
     drain: Duration,
 }
 
-async fn measure(weir: &InProcess, name: &'static str, max: usize, events: usize) -> anyhow::Result<Row> {
+async fn measure(
+    weir: &InProcess,
+    name: &'static str,
+    max: usize,
+    events: usize,
+) -> anyhow::Result<Row> {
     let shared = weir.shared();
     let runner = shared.function(name).cloned().context("no such function")?;
-    let options = SubscribeOptions { ordering: Lanes::None, max_in_flight: 1024, start: StartFrom::Beginning };
-    let mut outputs = shared.memory.subscribe(&format!("{name}.out"), "bench", options)?;
+    let options = SubscribeOptions {
+        ordering: Lanes::None,
+        max_in_flight: 1024,
+        start: StartFrom::Beginning,
+    };
+    let mut outputs = shared
+        .memory
+        .subscribe(&format!("{name}.out"), "bench", options)?;
     let received = Arc::new(AtomicUsize::new(0));
     let counter = received.clone();
     tokio::spawn(async move {
@@ -89,7 +102,10 @@ async fn measure(weir: &InProcess, name: &'static str, max: usize, events: usize
     let mut reaction = None;
     let deadline = start + Duration::from_secs(600);
     while received.load(Ordering::Relaxed) < events {
-        ensure!(Instant::now() < deadline, "{name}: not drained within 600 s");
+        ensure!(
+            Instant::now() < deadline,
+            "{name}: not drained within 600 s"
+        );
         if reaction.is_none() && max > MIN && runner.pool.stats().live >= max {
             reaction = Some(start.elapsed());
         }
@@ -97,7 +113,11 @@ async fn measure(weir: &InProcess, name: &'static str, max: usize, events: usize
     }
     Ok(Row {
         name,
-        slots: if max > MIN { format!("{MIN}..{max}") } else { format!("{max}") },
+        slots: if max > MIN {
+            format!("{MIN}..{max}")
+        } else {
+            format!("{max}")
+        },
         reaction,
         drain: start.elapsed(),
     })
@@ -121,16 +141,31 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--quick");
     let events = if full { 20_000 } else { 2_000 };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
     runtime.block_on(async {
-        let config = format!("{}{}", function("autoscaled", MIN, MAX), function("fixed", MIN, MIN));
+        let config = format!(
+            "{}{}",
+            function("autoscaled", MIN, MAX),
+            function("fixed", MIN, MIN)
+        );
         let weir = InProcess::start(&config).await?;
-        let rows = [measure(&weir, "autoscaled", MAX, events).await?, measure(&weir, "fixed", MIN, events).await?];
-        println!("\nscaling: {events} events, probe sleeping {SLEEP_MS} ms per event, memory bus\n");
+        let rows = [
+            measure(&weir, "autoscaled", MAX, events).await?,
+            measure(&weir, "fixed", MIN, events).await?,
+        ];
+        println!(
+            "\nscaling: {events} events, probe sleeping {SLEEP_MS} ms per event, memory bus\n"
+        );
         println!("| pool       | slots | scale-up reaction (→ max) | drain time | events/s |");
         println!("|------------|-------|---------------------------|------------|----------|");
         for row in &rows {
-            let reaction = row.reaction.map_or_else(|| "n/a".to_owned(), |r| format!("{:.0} ms", r.as_secs_f64() * 1e3));
+            let reaction = row.reaction.map_or_else(
+                || "n/a".to_owned(),
+                |r| format!("{:.0} ms", r.as_secs_f64() * 1e3),
+            );
             println!(
                 "| {:<10} | {:<5} | {:<25} | {:>8.2} s | {:>8.0} |",
                 row.name,
@@ -141,7 +176,14 @@ fn main() -> anyhow::Result<()> {
             );
         }
         if let Some(reaction) = rows[0].reaction {
-            println!("\ngoal: reaction ≤ 1 s → {}", if reaction <= Duration::from_secs(1) { "met" } else { "MISSED" });
+            println!(
+                "\ngoal: reaction ≤ 1 s → {}",
+                if reaction <= Duration::from_secs(1) {
+                    "met"
+                } else {
+                    "MISSED"
+                }
+            );
         }
         weir.shutdown().await
     })
