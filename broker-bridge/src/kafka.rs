@@ -812,7 +812,11 @@ impl KafkaPublisher {
         }
         match self.client_config.create_with_context(LogContext) {
             Ok(fresh) => {
-                tracing::warn!(?code, reason, "Kafka producer hit a fatal error; replaced it with a new one");
+                tracing::warn!(
+                    ?code,
+                    reason,
+                    "Kafka producer hit a fatal error; replaced it with a new one"
+                );
                 metrics_events::producer_replaced();
                 *current = fresh;
             }

@@ -296,6 +296,8 @@ pub struct HostState {
     config: Arc<BTreeMap<String, String>>,
     /// Id of the event being handled, for log attribution.
     current_event: String,
+    /// Epoch ticks the current call may still run before it times out.
+    ticks_left: u64,
 }
 
 impl WasiView for HostState {
@@ -434,11 +436,23 @@ impl FunctionModule {
             function,
             config,
             current_event: String::new(),
+            ticks_left: deadline_ticks(limits.timeout),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(deadline_ticks(limits.timeout));
-        store.epoch_deadline_trap();
+        // Every tick the guest yields to the executor, so a busy guest never holds a runtime
+        // worker for longer than one tick (other functions and the HTTP server keep running on
+        // a 2-core machine); when its ticks run out it is interrupted, which is the timeout.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            state.ticks_left = state.ticks_left.saturating_sub(1);
+            Ok(if state.ticks_left == 0 {
+                wasmtime::UpdateDeadline::Interrupt
+            } else {
+                wasmtime::UpdateDeadline::Yield(1)
+            })
+        });
         let instantiate = self.pre.instantiate_async(&mut store);
         let bindings =
             match tokio::time::timeout(limits.timeout + EPOCH_TICK * 10, instantiate).await {
@@ -497,8 +511,8 @@ impl Instance {
         self.invocations += 1;
         self.last_used = Instant::now();
         self.store.data_mut().current_event.clone_from(&event.id);
-        self.store
-            .set_epoch_deadline(deadline_ticks(self.limits.timeout));
+        self.store.data_mut().ticks_left = deadline_ticks(self.limits.timeout);
+        self.store.set_epoch_deadline(1);
         let call =
             self.bindings
                 .weir_function_handler()

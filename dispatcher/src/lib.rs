@@ -5,8 +5,8 @@
 
 pub mod chain;
 pub mod config;
-pub mod demo;
 pub mod deadletter;
+pub mod demo;
 pub mod engine;
 pub mod http;
 pub mod ingress;

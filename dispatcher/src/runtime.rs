@@ -345,7 +345,11 @@ impl Transports {
     /// whose fetched messages time out while they wait start with that bound (see
     /// [`follow_slots`]), while the broker-side limit (JetStream `max_ack_pending`) stays at the
     /// function's maximum so scaling up is never capped by the server.
-    async fn subscribe(&self, function: &FunctionConfig, slots: usize) -> anyhow::Result<Box<dyn Subscription>> {
+    async fn subscribe(
+        &self,
+        function: &FunctionConfig,
+        slots: usize,
+    ) -> anyhow::Result<Box<dyn Subscription>> {
         let trigger = &function.trigger;
         let max_in_flight = function.scaling.max.max(1) as usize;
         let context = || {
@@ -448,7 +452,11 @@ async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {
 
 /// Keeps a transport's bound on unsettled deliveries equal to the pool's slots, so that no
 /// fetched message waits for a slot with its ack deadline running.
-async fn follow_slots(pool: Arc<InstancePool>, flow: Arc<dyn FlowControl>, shutdown: CancellationToken) {
+async fn follow_slots(
+    pool: Arc<InstancePool>,
+    flow: Arc<dyn FlowControl>,
+    shutdown: CancellationToken,
+) {
     let mut applied = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(50));
     loop {

@@ -1049,3 +1049,79 @@ outputs = ["echo.out"]
 [functions.trigger]
 topic = "echo.in"
 "#;
+
+const SPIN_BESIDE_ECHO: &str = r#"
+[defaults.trigger]
+broker = "memory"
+
+[[functions]]
+name = "spin"
+module = "spin.wasm"
+timeout = "5s"
+[functions.trigger]
+topic = "spin.in"
+ordering = "none"
+[functions.retry]
+max_attempts = 1
+[functions.scaling]
+min = 2
+max = 2
+
+[[functions]]
+name = "echo"
+module = "echo.wasm"
+outputs = ["echo.out"]
+[functions.trigger]
+topic = "echo.in"
+[functions.scaling]
+min = 1
+max = 1
+"#;
+
+/// Guests that burn CPU do not starve other functions: two spinning guests occupy as many
+/// instances as the runtime has workers, yet an event for another function is handled long
+/// before their 5 s timeout, because a guest yields to the executor at every epoch tick. (Were
+/// they to hold the workers, even this test's own timers would wait for the timeout.)
+#[test]
+fn spinning_guests_do_not_starve_other_functions() -> anyhow::Result<()> {
+    let _serial = SERIAL.blocking_lock();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let weir = bounded("start", InProcess::start(SPIN_BESIDE_ECHO)).await?;
+        let started = Instant::now();
+        for id in ["burn-1", "burn-2"] {
+            let (status, answer) = weir
+                .post("spin.in", &ce_headers(id, "com.example.x"), "{}")
+                .await?;
+            accepted_id(status, &answer)?;
+        }
+        // Let both spinning invocations get going on the two workers.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, answer) = weir
+            .post(
+                "echo.in",
+                &ce_headers("echo-while-burning", "com.example.x"),
+                "{\"n\":1}",
+            )
+            .await?;
+        accepted_id(status, &answer)?;
+        weir.wait_for("echo.out", 1, Duration::from_secs(10))
+            .await?;
+        let waited = started.elapsed();
+        let spin = pool_stats(&weir, "spin")?;
+        assert_eq!(
+            spin.busy, 2,
+            "both spinning guests were still running: {spin:?}"
+        );
+        assert!(
+            waited < Duration::from_millis(2500),
+            "echo was handled {waited:?} after two guests started spinning (their timeout is 5 s)"
+        );
+        bounded("shutdown", weir.shutdown()).await
+    });
+    runtime.shutdown_background();
+    result
+}

@@ -157,7 +157,10 @@ impl NatsTransport {
         Ok(JetStreamSubscription {
             topic,
             ack_wait: options.ack_wait,
-            flow: Arc::new(InFlightBound { permits: Arc::clone(&flow_permits), total: std::sync::Mutex::new(max_in_flight) }),
+            flow: Arc::new(InFlightBound {
+                permits: Arc::clone(&flow_permits),
+                total: std::sync::Mutex::new(max_in_flight),
+            }),
             stream,
             consumer_name: name,
             receiver,
@@ -837,7 +840,10 @@ struct InFlightBound {
 impl FlowControl for InFlightBound {
     fn set_max_in_flight(&self, max: usize) {
         let max = max.max(1);
-        let mut total = self.total.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut total = self
+            .total
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match max.cmp(&*total) {
             std::cmp::Ordering::Greater => self.permits.add_permits(max - *total),
             std::cmp::Ordering::Less => {
