@@ -91,7 +91,7 @@ impl DeadLetter {
         ext.insert(ext::DLQ_REASON.to_owned(), self.reason.as_str().to_owned());
         ext.insert(
             ext::DLQ_ERROR.to_owned(),
-            clip(&self.error, MAX_ERROR_BYTES).to_owned(),
+            self.error[..self.error.floor_char_boundary(MAX_ERROR_BYTES)].to_owned(),
         );
         ext.insert(ext::DLQ_ATTEMPTS.to_owned(), self.attempts.to_string());
         ext.insert(ext::DLQ_FUNCTION.to_owned(), self.function.clone());
@@ -103,17 +103,6 @@ impl DeadLetter {
         );
         ext.insert(ext::DLQ_LAST_FAILURE.to_owned(), self.last_failure.clone());
     }
-}
-
-fn clip(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 #[cfg(test)]

@@ -313,7 +313,7 @@ impl bindings::weir::function::types::Host for HostState {}
 
 impl bindings::weir::function::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
-        let message = clip(&message, MAX_LOG_LINE);
+        let message = &message[..message.floor_char_boundary(MAX_LOG_LINE)];
         let (function, event) = (&*self.function, self.current_event.as_str());
         match level {
             Level::Trace => tracing::trace!(target: "weir::function", function, event, "{message}"),
@@ -330,17 +330,6 @@ impl bindings::weir::function::host::Host for HostState {
 }
 
 const MAX_LOG_LINE: usize = 4096;
-
-fn clip(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
 
 /// Caps linear memory and remembers a breach, so that the trap it causes is classified as a
 /// memory-limit failure.

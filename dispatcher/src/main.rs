@@ -408,13 +408,7 @@ impl Sink {
     }
 
     async fn nats(url: &str, core: bool) -> anyhow::Result<Self> {
-        let config = weir_broker_bridge::nats::NatsConfig {
-            servers: vec![url.to_owned()],
-            ..Default::default()
-        };
-        let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
-            .await
-            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let transport = connect_nats(url).await?;
         Ok(if core {
             Sink::Broker {
                 publisher: Box::new(transport.core_publisher()),
@@ -498,13 +492,7 @@ fn looks_like_json(body: &[u8]) -> bool {
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.nats {
-        let config = weir_broker_bridge::nats::NatsConfig {
-            servers: vec![url.to_owned()],
-            ..Default::default()
-        };
-        let transport = weir_broker_bridge::nats::NatsTransport::connect(&config)
-            .await
-            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let transport = connect_nats(url).await?;
         let subscription = transport.subscribe_core(&args.topic, None).await?;
         return tail_broker(Box::new(subscription), "nats", args.limit).await;
     }
@@ -556,6 +544,16 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
         }
         after = page["next"].as_u64().or(after);
     }
+}
+
+async fn connect_nats(url: &str) -> anyhow::Result<weir_broker_bridge::nats::NatsTransport> {
+    let config = weir_broker_bridge::nats::NatsConfig {
+        servers: vec![url.to_owned()],
+        ..Default::default()
+    };
+    weir_broker_bridge::nats::NatsTransport::connect(&config)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
 }
 
 async fn connect_kafka(
