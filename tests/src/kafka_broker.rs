@@ -10,6 +10,13 @@
 //! here; tests that need data to survive a restart restart the consumer, not the broker.
 //! Tansu 0.6 has no metrics listener of its own, so parallel brokers only need distinct
 //! Kafka ports.
+//!
+//! Known Tansu 0.6 behaviours the tests work around (see `tests/tests/kafka_e2e.rs`):
+//! ListOffsets(latest) answers the newest batch's first offset + 1 (too low for multi-record
+//! batches, so lag under-reports); a fetch from an offset inside a multi-record batch skips or
+//! stalls (tests produce one record per batch); dead group members are evicted only when
+//! another member joins or syncs; and after a restart its metadata makes librdkafka crash in
+//! `rd_kafka_metadata_cache_find`, which is why the broker-restart test is ignored.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
