@@ -1457,10 +1457,27 @@ max = 8
                 out_of_order_samples += 1;
             }
             if let Some(committed) = committed.get(partition).copied().flatten() {
-                assert!(
-                    committed <= lowest_unfinished,
-                    "partition {partition}: committed {committed} passes the unfinished offset {lowest_unfinished}"
-                );
+                if committed > lowest_unfinished {
+                    // The reader may simply not have caught up with outputs that were
+                    // published before the commit (Tansu's watermarks lag on multi-record
+                    // batches). Reading again is still sound: every output of an offset at or
+                    // below the commit was confirmed before its offset was acked, so a
+                    // violation that survives a later full read is real.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    reader.catch_up()?;
+                    let finished_now: HashSet<(i32, i64)> = reader
+                        .records
+                        .iter()
+                        .filter_map(|r| r.causation().and_then(|id| coordinates.get(id)).copied())
+                        .collect();
+                    let lowest_now = (0..*total)
+                        .find(|o| !finished_now.contains(&(*partition, *o)))
+                        .unwrap_or(*total);
+                    assert!(
+                        committed <= lowest_now,
+                        "partition {partition}: committed {committed} passes the unfinished offset {lowest_now}"
+                    );
+                }
                 if committed > 0 && committed < *total {
                     partial_commits += 1;
                 }
