@@ -364,7 +364,7 @@ async fn burst(
     let runs = outputs.wait_for(BURST, DRAIN_WAIT).await?;
     let drained = burst_start.elapsed();
     let (at_min, _) = sampler
-        .wait_until(Instant::now(), WINDOW + Duration::from_secs(5), |s| {
+        .wait_until(Instant::now(), WINDOW + Duration::from_secs(8), |s| {
             s.live == MIN && s.desired == MIN
         })
         .await
@@ -403,9 +403,10 @@ async fn burst(
         "{broker}: reached {MAX} instances {to_max:?} after the burst (goal {REACTION_GOAL:?})"
     );
     ensure!(
-        // Slack over the window: the last commits and a lag reading (Kafka's committed offsets
-        // and watermarks, read from Tansu, take up to ~2 s on this machine).
-        back_to_min <= WINDOW + Duration::from_secs(3),
+        // Slack over the window: the last commits and a lag reading. Kafka's lag only reaches 0
+        // after the next offset commit (every 1 s) and a watermark read from Tansu, which took
+        // up to ~3.5 s on this 2-core machine under a full test run (5.48 s measured once).
+        back_to_min <= WINDOW + Duration::from_secs(5),
         "{broker}: back to min {back_to_min:?} after draining (window {WINDOW:?})"
     );
     // 2. The function's own account of its concurrency never exceeds max, and it did scale.
