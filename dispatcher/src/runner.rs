@@ -271,7 +271,10 @@ impl FunctionRunner {
                 );
                 let raw = RawInput {
                     payload: message.payload.as_deref(),
-                    content_type: header(&message.headers, "content-type"),
+                    content_type: weir_schemas::cloudevents::header(
+                        &message.headers,
+                        weir_schemas::cloudevents::CONTENT_TYPE_HEADER,
+                    ),
                     default_source: &default_source,
                 };
                 return match self
@@ -654,13 +657,6 @@ pub fn header_style(broker: BrokerKind) -> HeaderStyle {
         BrokerKind::Kafka => HeaderStyle::Underscore,
         BrokerKind::Memory | BrokerKind::Nats | BrokerKind::JetStream => HeaderStyle::Dash,
     }
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }
 
 /// Now, as RFC 3339 with milliseconds (UTC).
