@@ -9,9 +9,10 @@
 //!   process lives.
 //! - JetStream ([`NatsTransport::subscribe_jetstream`], [`JetStreamPublisher`]) is
 //!   at-least-once: a durable pull consumer with explicit acks, fetched in batches that never
-//!   exceed `max_in_flight` unsettled deliveries; acks wait for the server's confirmation;
-//!   retries are NAK-with-delay (never a bare NAK); publishes wait for the stream's ack and
-//!   carry `Nats-Msg-Id` for de-duplication.
+//!   exceed `max_in_flight × (1 + prefetch)` unsettled deliveries; settles are sent on the
+//!   connection (an ack the server misses means a redelivery, never a loss; [`NatsTransport::flush`]
+//!   at shutdown makes a clean stop leave none); retries are NAK-with-delay (never a bare
+//!   NAK); publishes wait for the stream's ack and carry `Nats-Msg-Id` for de-duplication.
 //! - [`ensure_stream`] creates missing streams and reports (never changes) existing ones whose
 //!   settings differ.
 //!
@@ -32,7 +33,7 @@ use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 
 pub use self::config::{
     DeliverFrom, DiscardKind, JetStreamConsumerOptions, NatsConfig, RetentionKind, StorageKind,
-    StreamConfig,
+    StreamConfig, DEFAULT_PREFETCH, MAX_PREFETCH,
 };
 pub use self::core_nats::{NatsCoreSubscription, NatsPublisher};
 pub use self::jetstream::{
@@ -125,7 +126,26 @@ impl NatsTransport {
         Ok(stream_handle.cached_info().state.messages)
     }
 
-    /// Flushes buffered core messages and closes the connection.
+    /// Writes everything queued on the connection (publishes, acks) to its socket and waits
+    /// until it has.
+    pub async fn flush(&self) -> Result<(), TransportError> {
+        let flushed = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
+        match flushed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(TransportError::Connect {
+                broker: BrokerKind::Nats,
+                reason: format!("flushing: {err}"),
+            }),
+            Err(_) => Err(TransportError::Connect {
+                broker: BrokerKind::Nats,
+                reason: format!("flushing: no answer within {:?}", self.request_timeout),
+            }),
+        }
+    }
+
+    /// Drains the connection: unsubscribes, writes everything queued (publishes, acks) and
+    /// closes it cleanly. The runtime calls it at shutdown so that a clean stop leaves no ack
+    /// unsent (which would mean a redelivery, i.e. a duplicate, after the restart).
     pub async fn close(&self) -> Result<(), TransportError> {
         self.client
             .drain()

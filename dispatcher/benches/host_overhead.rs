@@ -23,6 +23,11 @@ use weir_dispatcher::config;
 use weir_dispatcher::engine::{self, SandboxLimits, WasmEngine};
 use weir_dispatcher::runtime::Runtime;
 
+/// The weir binary's allocator, so Weir runs here as it does in production; the native
+/// baselines in this process use it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod raw {
     wasmtime::component::bindgen!({
         path: "../schemas/wit",

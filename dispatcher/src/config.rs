@@ -316,6 +316,8 @@ pub struct TriggerConfig {
 pub struct JetStreamTrigger {
     pub stream: String,
     pub ack_wait: Duration,
+    /// Messages fetched ahead per instance slot (see `JetStreamConsumerOptions::prefetch`).
+    pub prefetch: usize,
 }
 
 /// `[functions.retry]`, resolved.
@@ -406,6 +408,9 @@ pub struct TriggerDefaults {
     /// Applies to JetStream triggers only.
     #[serde(default, deserialize_with = "de::opt_duration")]
     pub ack_wait: Option<Duration>,
+    /// Applies to JetStream triggers only.
+    #[serde(default)]
+    pub prefetch: Option<usize>,
 }
 
 /// `[defaults.dead_letter]`.
@@ -504,6 +509,8 @@ struct RawTrigger {
     stream: Option<String>,
     #[serde(default, deserialize_with = "de::opt_duration")]
     ack_wait: Option<Duration>,
+    #[serde(default)]
+    prefetch: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -533,6 +540,7 @@ impl RawFunction {
                 format: self.trigger.format,
                 ordering: self.trigger.ordering,
                 ack_wait: self.trigger.ack_wait,
+                prefetch: self.trigger.prefetch,
             },
             retry: self.retry.clone(),
             dead_letter: DeadLetterDefaults {
@@ -1147,7 +1155,25 @@ fn resolve_function(
                 String::new()
             }
         };
-        Some(JetStreamTrigger { stream, ack_wait })
+        let prefetch = layer(
+            &own.trigger.prefetch,
+            &defaults.trigger.prefetch,
+            weir_broker_bridge::nats::DEFAULT_PREFETCH,
+        );
+        if prefetch > weir_broker_bridge::nats::MAX_PREFETCH {
+            errors.push(
+                format!("{path}.trigger.prefetch"),
+                format!(
+                    "at most {} per instance slot; got {prefetch}",
+                    weir_broker_bridge::nats::MAX_PREFETCH
+                ),
+            );
+        }
+        Some(JetStreamTrigger {
+            stream,
+            ack_wait,
+            prefetch,
+        })
     } else {
         if raw.trigger.stream.is_some() {
             errors.push(
@@ -1161,7 +1187,42 @@ fn resolve_function(
                 format!("only jetstream triggers have an ack_wait (this trigger's broker is {trigger_broker})"),
             );
         }
+        if raw.trigger.prefetch.is_some() {
+            errors.push(
+                format!("{path}.trigger.prefetch"),
+                format!("only jetstream triggers have a prefetch (this trigger's broker is {trigger_broker})"),
+            );
+        }
         None
+    };
+
+    // NATS has no partitions, and JetStream's retries (NAK with a delay) hand an event back
+    // behind later ones of its key: events run in parallel there. Refuse an explicit request
+    // for an order we would not keep; a `[defaults.trigger]` ordering meant for Kafka does not
+    // apply.
+    let ordering = match trigger_broker {
+        BrokerKind::Nats | BrokerKind::JetStream => {
+            if let Some(asked) = own.trigger.ordering.filter(|o| *o != Ordering::None) {
+                errors.push(
+                    format!("{path}.trigger.ordering"),
+                    format!(
+                        "{trigger_broker} triggers run events in parallel (ordering = \"none\"); \
+                         `{}` ordering is kept on kafka and memory triggers only",
+                        match asked {
+                            Ordering::Partition => "partition",
+                            Ordering::Key => "key",
+                            Ordering::None => "none",
+                        }
+                    ),
+                );
+            }
+            Ordering::None
+        }
+        BrokerKind::Memory | BrokerKind::Kafka => layer(
+            &own.trigger.ordering,
+            &defaults.trigger.ordering,
+            Ordering::default(),
+        ),
     };
 
     let group = raw
@@ -1369,11 +1430,7 @@ fn resolve_function(
             broker: trigger_broker,
             topic: raw.trigger.topic,
             format: layer(&own.trigger.format, &defaults.trigger.format, Format::Auto),
-            ordering: layer(
-                &own.trigger.ordering,
-                &defaults.trigger.ordering,
-                Ordering::default(),
-            ),
+            ordering,
             group,
             jetstream,
         },

@@ -320,10 +320,14 @@ impl InstancePool {
             _ => None,
         };
         match reason {
-            Some(reason) => self.retire(instance, reason),
+            Some(reason) => {
+                self.retire(instance, reason);
+                // Only a retirement changes the counts; a gauge lookup per event would cost
+                // more than the rest of a warm checkin.
+                self.publish_gauges();
+            }
             None => self.lock_idle().push(instance),
         }
-        self.publish_gauges();
     }
 
     /// Drop instances idle longer than the idle timeout, keeping at least `min` alive.

@@ -80,6 +80,7 @@ pub struct FunctionRunner {
     outputs: Arc<dyn Publisher>,
     dead_letters: Arc<dyn Publisher>,
     pub counters: FunctionCounters,
+    metrics: telemetry::FunctionMetrics,
     recent: Mutex<Vec<RecentFailure>>,
     /// origin → first failure time, for redelivered messages (best effort: a restart forgets).
     first_failures: Mutex<HashMap<String, String>>,
@@ -117,12 +118,14 @@ impl FunctionRunner {
         outputs: Arc<dyn Publisher>,
         dead_letters: Arc<dyn Publisher>,
     ) -> Self {
+        let metrics = telemetry::FunctionMetrics::new(&spec.name, spec.trigger_broker.as_str());
         Self {
             spec,
             pool,
             outputs,
             dead_letters,
             counters: FunctionCounters::default(),
+            metrics,
             recent: Mutex::new(Vec::new()),
             first_failures: Mutex::new(HashMap::new()),
         }
@@ -154,7 +157,9 @@ impl FunctionRunner {
             };
             let this = self.clone();
             let shutdown = shutdown.clone();
-            let span = tracing::info_span!(
+            // Debug level: at the default `info` a span per event would cost more than the rest
+            // of a warm invocation's bookkeeping; every log line below names its function.
+            let span = tracing::debug_span!(
                 "invocation",
                 function = %self.spec.name,
                 "messaging.system" = delivery.message.origin_system(),
@@ -198,21 +203,22 @@ impl FunctionRunner {
             None => work.await,
             Some(every) => {
                 tokio::pin!(work);
-                let mut ticker = tokio::time::interval(every);
-                ticker.tick().await;
+                // The first heartbeat is due one period from now. (Not `interval()` plus an
+                // awaited first tick: that tick waits for the timer wheel, about 1 ms, per event.)
+                let mut ticker =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 loop {
                     tokio::select! {
                         settlement = &mut work => break settlement,
                         _ = ticker.tick() => {
                             if let Err(e) = delivery.in_progress().await {
-                                tracing::warn!(error = %e, "could not extend the ack deadline");
+                                tracing::warn!(function = %self.spec.name, error = %e, "could not extend the ack deadline");
                             }
                         }
                     }
                 }
             }
         };
-        let origin = delivery.message.origin.to_string();
         let result = match settlement {
             Settlement::Ack => delivery.ack().await,
             Settlement::Term => delivery.term().await,
@@ -223,8 +229,9 @@ impl FunctionRunner {
             }
         };
         if let Err(e) = result {
-            // The broker will redeliver: at-least-once, never lost.
-            tracing::warn!(function = %self.spec.name, origin, error = %e, "settling failed; the message will be redelivered");
+            // The broker will redeliver: at-least-once, never lost. Transport errors name the
+            // message they were about.
+            tracing::warn!(function = %self.spec.name, error = %e, "settling failed; the message will be redelivered");
         }
     }
 
@@ -236,7 +243,7 @@ impl FunctionRunner {
     ) -> Settlement {
         let message = &delivery.message;
         let broker = message.origin_broker();
-        telemetry::events_received(&self.spec.name, broker.as_str());
+        self.metrics.event_received();
         self.counters.received.fetch_add(1, AtomicOrdering::Relaxed);
         let origin = message.origin.to_string();
         let default_source = weir_schemas::wire::default_source(broker.as_str(), &message.topic);
@@ -313,7 +320,7 @@ impl FunctionRunner {
                 let delay = self.spec.retry.delay_after(attempt);
                 telemetry::retry_scheduled(&self.spec.name, broker.as_str());
                 self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
-                tracing::debug!(attempt, delay = ?delay, error = %error, "retrying");
+                tracing::debug!(function = %self.spec.name, attempt, delay = ?delay, error = %error, "retrying");
                 match style {
                     RetryStyle::Redeliver => return Settlement::RetryAfter(delay),
                     RetryStyle::InPlace => {
@@ -407,10 +414,15 @@ impl FunctionRunner {
         let started = std::time::Instant::now();
         let outcome = self.invoke(event, ctx, attempt).await;
         let label = match &outcome {
-            Ok(_) => "success",
-            Err(e) => e.outcome(),
+            Ok(_) => {
+                self.metrics.invocation_succeeded(started.elapsed());
+                "success"
+            }
+            Err(e) => {
+                telemetry::invocation_finished(&self.spec.name, e.outcome(), started.elapsed());
+                e.outcome()
+            }
         };
-        telemetry::invocation_finished(&self.spec.name, label, started.elapsed());
         tracing::Span::current().record("outcome", label);
         match outcome {
             Ok(outputs) => match self.publish_outputs(outputs).await {
@@ -441,7 +453,7 @@ impl FunctionRunner {
                 self.counters.failed.fetch_add(1, AtomicOrdering::Relaxed);
                 self.note_failure(event, e.outcome(), &e.to_string());
                 self.remember_first_failure(&ctx.origin);
-                tracing::info!(event = %event.id, attempt, error = %e, "invocation failed");
+                tracing::info!(function = %self.spec.name, event = %event.id, attempt, error = %e, "invocation failed");
                 Ok(EventOutcome::Failed(e))
             }
         }
@@ -479,6 +491,9 @@ impl FunctionRunner {
         });
         self.pool.checkin(instance, checked.as_ref().map(|_| ()));
         let outputs = checked?;
+        if outputs.is_empty() {
+            return Ok(Vec::new());
+        }
         let outputs = outputs
             .into_iter()
             .map(|o| (o.topic, o.key, engine::from_wit_event(o.event)))
@@ -512,7 +527,7 @@ impl FunctionRunner {
             }
         }
         if count > 0 {
-            telemetry::outputs_published(&self.spec.name, count);
+            self.metrics.outputs_published(count);
             self.counters
                 .outputs
                 .fetch_add(count, AtomicOrdering::Relaxed);

@@ -214,6 +214,7 @@ impl Runtime {
         while self.runners.join_next().await.is_some() {}
         self.chores.abort_all();
         while self.chores.join_next().await.is_some() {}
+        self.shared.transports.close().await;
         tracing::info!("all functions stopped");
     }
 
@@ -320,6 +321,21 @@ impl Transports {
         })
     }
 
+    /// Sends what is still queued on broker connections (NATS acks and core publishes are
+    /// queued, not confirmed one by one). Bounded: a broker that does not answer is given up on.
+    async fn close(&self) {
+        if let Some(nats) = &self.nats {
+            match tokio::time::timeout(SHUTDOWN_GRACE, nats.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "closing the NATS connection"),
+                Err(_) => tracing::warn!(
+                    "closing the NATS connection took longer than {SHUTDOWN_GRACE:?}; unsent acks \
+                     mean redeliveries after a restart"
+                ),
+            }
+        }
+    }
+
     fn kafka(&self) -> anyhow::Result<&(KafkaTransport, Arc<KafkaPublisher>)> {
         self.kafka
             .as_ref()
@@ -389,7 +405,7 @@ impl Transports {
                 let mut options = JetStreamConsumerOptions::new(jetstream.stream.clone());
                 options.durable = Some(trigger.group.clone());
                 options.ack_wait = jetstream.ack_wait;
-                options.max_ack_pending = Some(i64::from(function.scaling.max.max(1)));
+                options.prefetch = jetstream.prefetch;
                 let subscription = self
                     .nats(trigger.broker)?
                     .subscribe_jetstream(&trigger.topic, &options, slots.clamp(1, max_in_flight))

@@ -593,6 +593,7 @@ fn jetstream_and_wildcard_rules() {
         topic = "orders"
         stream = "ORDERS"
         ack_wait = "10s"
+        prefetch = 4
         [functions.dead_letter]
         topic = "dlq.>"
         "#,
@@ -603,6 +604,7 @@ fn jetstream_and_wildcard_rules() {
         [
             "functions[0].trigger.stream",
             "functions[0].trigger.ack_wait",
+            "functions[0].trigger.prefetch",
             "functions[0].outputs[0]",
             "functions[0].dead_letter.topic",
             "functions[0].trigger.broker",
@@ -697,6 +699,8 @@ fn broker_sections_are_validated_by_their_own_rules() {
         topic = "orders"
         stream = "ORDERS"
         ack_wait = "5s"
+        prefetch = 5000
+        ordering = "key"
         "#,
         fixture.path(),
     );
@@ -707,9 +711,14 @@ fn broker_sections_are_validated_by_their_own_rules() {
             "brokers.kafka.bootstrap",
             "brokers.nats_streams[0].subjects",
             "functions[0].trigger.ack_wait",
+            "functions[0].trigger.prefetch",
+            "functions[0].trigger.ordering",
         ],
         "{errors}"
     );
     assert!(message_at(&errors, "functions[0].trigger.ack_wait")
         .contains("must exceed the function timeout"));
+    assert!(message_at(&errors, "functions[0].trigger.prefetch").contains("at most 1024"));
+    assert!(message_at(&errors, "functions[0].trigger.ordering")
+        .contains("jetstream triggers run events in parallel"));
 }

@@ -33,6 +33,11 @@ use weir_dispatcher::runtime::Runtime;
 use weir_tests::nats_server::NatsServer;
 use weir_tests::weir::functions_dir;
 
+/// The weir binary's allocator, so Weir runs here as it does in production; the native
+/// baselines in this process use it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const STREAM: &str = "BENCH";
 const JS_SUBJECT: &str = "bench.js";
 const SLOTS: u32 = 8;

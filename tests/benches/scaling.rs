@@ -24,6 +24,11 @@ use weir_dispatcher::runner::header_style;
 use weir_schemas::Event;
 use weir_tests::weir::InProcess;
 
+/// The weir binary's allocator, so Weir runs here as it does in production; the native
+/// baselines in this process use it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MIN: usize = 1;
 const MAX: usize = 8;
 const SLEEP_MS: u64 = 2;

@@ -1201,6 +1201,8 @@ struct AtStop {
     pending: u64,
     ack_pending: u64,
     acked: u64,
+    /// The consumer's bound on unacknowledged deliveries.
+    max_ack_pending: u64,
 }
 
 /// 10,000 events, a first `weir run` stopped by `stop` once some but not all are done, a
@@ -1244,7 +1246,13 @@ async fn load_with_stop(
         pending: info.num_pending,
         ack_pending,
         acked: LOAD_EVENTS as u64 - info.num_pending - ack_pending,
+        max_ack_pending: u64::try_from(info.config.max_ack_pending)?,
     };
+    // Tied to the function's maximum instances: each slot plus what is fetched ahead for it.
+    assert_eq!(
+        at_stop.max_ack_pending,
+        (LOAD_MAX_IN_FLIGHT * (1 + weir_broker_bridge::nats::DEFAULT_PREFETCH)) as u64
+    );
     println!(
         "{} after {:?}: {at_stop:?} (exit {status})",
         if graceful { "SIGTERM" } else { "kill -9" },
@@ -1267,7 +1275,7 @@ async fn load_with_stop(
         "all {LOAD_EVENTS} events were done before the stop; the test proves nothing (make it bigger)"
     );
     assert!(
-        at_stop.acked >= threshold.saturating_sub(LOAD_MAX_IN_FLIGHT as u64),
+        at_stop.acked >= threshold.saturating_sub(at_stop.max_ack_pending),
         "{at_stop:?}"
     );
     assert!(
@@ -1331,7 +1339,7 @@ async fn kill_9_under_load_loses_nothing_and_dedups_outputs() -> anyhow::Result<
     let (at_stop, second) = load_with_stop(&nats, dir.path(), false).await?;
     // Deliveries the killed process held: bounded by the consumer's max_ack_pending.
     assert!(
-        at_stop.ack_pending <= LOAD_MAX_IN_FLIGHT as u64,
+        at_stop.ack_pending <= at_stop.max_ack_pending,
         "{at_stop:?}"
     );
     // Outputs published whose input was not acked: the invocations that run twice.

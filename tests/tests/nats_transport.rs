@@ -135,8 +135,8 @@ async fn confirmed_publish_consume_and_ack_leaves_nothing_pending() -> anyhow::R
         .contains(&("Nats-Msg-Id".into(), "id-1".into())));
     delivery.ack().await?;
 
-    // The ack was confirmed by the server, so the consumer has nothing pending at once.
-    assert_eq!(subscription.lag().await?, 0);
+    // Acks are sent, not confirmed: the server applies them a moment later.
+    wait_for_lag(&subscription, 0).await?;
     // And nothing comes back after ack_wait.
     assert!(next_within(&mut subscription, Duration::from_millis(2500))
         .await
@@ -174,7 +174,8 @@ async fn retry_after_redelivers_no_sooner_than_the_delay() -> anyhow::Result<()>
     assert_eq!(second.message.delivery_count, 2);
     assert_eq!(sequence_of(&second)?, sequence);
     second.ack().await?;
-    assert_eq!(subscription.lag().await?, 0);
+    // Acks are sent, not confirmed: the server applies them a moment later.
+    wait_for_lag(&subscription, 0).await?;
     Ok(())
 }
 
@@ -196,7 +197,8 @@ async fn term_stops_redelivery() -> anyhow::Result<()> {
             .is_none(),
         "a terminated message came back"
     );
-    assert_eq!(subscription.lag().await?, 0);
+    // Acks are sent, not confirmed: the server applies them a moment later.
+    wait_for_lag(&subscription, 0).await?;
     Ok(())
 }
 
@@ -257,7 +259,8 @@ async fn in_progress_keeps_a_message_past_ack_wait() -> anyhow::Result<()> {
     assert!(next_within(&mut subscription, Duration::from_millis(1500))
         .await
         .is_none());
-    assert_eq!(subscription.lag().await?, 0);
+    // Acks are sent, not confirmed: the server applies them a moment later.
+    wait_for_lag(&subscription, 0).await?;
     Ok(())
 }
 
@@ -337,7 +340,69 @@ async fn lag_counts_pending_and_unacknowledged_messages() -> anyhow::Result<()> 
             .ack()
             .await?;
     }
-    assert_eq!(subscription.lag().await?, 0);
+    // Acks are sent, not confirmed: the server applies them a moment later.
+    wait_for_lag(&subscription, 0).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn prefetch_multiplies_the_bound_and_buffered_deliveries_are_not_redelivered(
+) -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    for _ in 0..12 {
+        publisher.publish(message("prefetched", None)).await?;
+    }
+    let mut opts = options(Duration::from_secs(1));
+    opts.prefetch = 2;
+    // 3 slots × (1 + 2): nine unsettled at most, and that is the consumer's max_ack_pending.
+    let mut subscription = transport.subscribe_jetstream(SUBJECT, &opts, 3).await?;
+    let info = transport
+        .jetstream()
+        .get_stream(STREAM)
+        .await?
+        .consumer_info("worker")
+        .await?;
+    assert_eq!(info.config.max_ack_pending, 9);
+    let mut held = Vec::new();
+    for _ in 0..9 {
+        held.push(expect_next(&mut subscription, Duration::from_secs(5)).await?);
+    }
+    assert!(
+        next_within(&mut subscription, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a tenth delivery while nine are unsettled"
+    );
+    for delivery in held.drain(..) {
+        delivery.ack().await?;
+    }
+    // The last three now wait in the buffer while one slot's worth is worked on for 2.5 ack
+    // waits: the buffer's heartbeats keep them from being redelivered.
+    let first = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    let working_until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < working_until {
+        first.in_progress().await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    first.ack().await?;
+    for _ in 0..2 {
+        expect_next(&mut subscription, Duration::from_secs(5))
+            .await?
+            .ack()
+            .await?;
+    }
+    wait_for_lag(&subscription, 0).await?;
+    let info = transport
+        .jetstream()
+        .get_stream(STREAM)
+        .await?
+        .consumer_info("worker")
+        .await?;
+    assert_eq!(
+        info.delivered.consumer_sequence, 12,
+        "12 messages, each delivered once: {info:?}"
+    );
     Ok(())
 }
 
@@ -348,8 +413,11 @@ async fn max_in_flight_bounds_unsettled_deliveries() -> anyhow::Result<()> {
     for _ in 0..20 {
         publisher.publish(message("bounded", None)).await?;
     }
+    // No prefetch: the bound is exactly the in-flight slots.
+    let mut no_prefetch = options(Duration::from_secs(30));
+    no_prefetch.prefetch = 0;
     let mut subscription = transport
-        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(30)), 3)
+        .subscribe_jetstream(SUBJECT, &no_prefetch, 3)
         .await?;
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -391,7 +459,8 @@ async fn max_in_flight_bounds_unsettled_deliveries() -> anyhow::Result<()> {
         }
     }
     assert_eq!(seen.len(), 20);
-    assert_eq!(subscription.lag().await?, 0);
+    // Acks are sent, not confirmed: the server applies them a moment later.
+    wait_for_lag(&subscription, 0).await?;
     Ok(())
 }
 

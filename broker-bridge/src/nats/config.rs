@@ -299,10 +299,15 @@ pub struct JetStreamConsumerOptions {
     /// p99 plus its timeout; long invocations send in-progress heartbeats.
     #[serde(default = "default_ack_wait", with = "humantime_serde")]
     pub ack_wait: Duration,
-    /// Server-side cap on unsettled messages; absent: the `max_in_flight` given at subscribe
-    /// time (the function's maximum instance count).
+    /// Server-side cap on unsettled messages; absent: `max_in_flight × (1 + prefetch)` with the
+    /// `max_in_flight` given at subscribe time (the function's maximum instance count).
     #[serde(default)]
     pub max_ack_pending: Option<i64>,
+    /// Messages fetched ahead for each in-flight slot. They wait in a local buffer (with
+    /// in-progress heartbeats, so they are not redelivered while they wait) and spare each
+    /// delivery a pull round trip. 0 fetches only what the slots can take at once.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
     #[serde(default, deserialize_with = "deserialize_durations")]
@@ -320,6 +325,17 @@ fn default_ack_wait() -> Duration {
 
 fn default_max_deliver() -> i64 {
     -1
+}
+
+/// Enough that a pull request's round trip is paid once per dozens of deliveries, small enough
+/// that one dispatcher does not hoard a shared durable consumer's backlog.
+pub const DEFAULT_PREFETCH: usize = 32;
+
+/// Beyond this a buffer mostly holds other dispatchers' work hostage.
+pub const MAX_PREFETCH: usize = 1024;
+
+fn default_prefetch() -> usize {
+    DEFAULT_PREFETCH
 }
 
 fn deserialize_durations<'de, D>(deserializer: D) -> Result<Vec<Duration>, D::Error>
@@ -341,6 +357,7 @@ impl JetStreamConsumerOptions {
             durable: None,
             ack_wait: default_ack_wait(),
             max_ack_pending: None,
+            prefetch: DEFAULT_PREFETCH,
             max_deliver: default_max_deliver(),
             backoff: Vec::new(),
             deliver_policy: DeliverFrom::All,
@@ -362,6 +379,12 @@ impl JetStreamConsumerOptions {
             if max < 1 {
                 problems.push(format!("{path}.max_ack_pending: must be at least 1"));
             }
+        }
+        if self.prefetch > MAX_PREFETCH {
+            problems.push(format!(
+                "{path}.prefetch: at most {MAX_PREFETCH} per slot (each waiting message holds \
+                 an ack deadline and a place in max_ack_pending)"
+            ));
         }
         if self.max_deliver == 0 || self.max_deliver < -1 {
             problems.push(format!(

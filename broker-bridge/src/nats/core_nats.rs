@@ -4,8 +4,10 @@
 //! while no subscriber listens, or dropped because a subscriber fell behind, is gone. There is
 //! no redelivery, hence settling a core delivery is a no-op and retries happen in place
 //! ([`RetryStyle::InPlace`]) while the process lives; a delivery dropped unsettled is lost. Publishing has
-//! no broker confirmation either: [`NatsPublisher`] flushes, which proves the server received
-//! the bytes, not that anyone got them. Use JetStream for events that must not be lost.
+//! no broker confirmation either: [`NatsPublisher`] hands the message to the live connection,
+//! which writes it before anything sent later on it (such as the JetStream ack of the input
+//! that caused it), and refuses while the connection is down. Use JetStream for events that
+//! must not be lost.
 
 use std::time::Duration;
 
@@ -180,8 +182,11 @@ impl Settle for CoreSettle {
     }
 }
 
-/// Publishes to core subjects. There is no broker confirmation: `publish` returns after the
-/// client flushed the message to the server, the best core NATS offers.
+/// Publishes to core subjects. There is no broker confirmation: `publish` returns once the
+/// message is queued on a connected client (not flushed one by one: a write per message costs
+/// more than the rest of the path, and flushing proves no more than in-order queueing does,
+/// since neither says anyone received it). While the client is reconnecting it returns an
+/// error, so the dispatcher retries instead of piling messages into the reconnect buffer.
 #[derive(Clone)]
 pub struct NatsPublisher {
     client: Client,
@@ -212,6 +217,13 @@ impl Publisher for NatsPublisher {
     async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
         let topic = message.topic.clone();
         let headers = pairs_to_headers(&topic, &message.headers)?;
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            events::record_publish(BrokerKind::Nats, "error");
+            return Err(TransportError::Publish {
+                topic,
+                reason: "not connected to NATS (reconnecting)".into(),
+            });
+        }
         let publish = async {
             self.client
                 .publish_with_headers(message.topic, headers, message.payload)
@@ -219,15 +231,9 @@ impl Publisher for NatsPublisher {
                 .map_err(|err| TransportError::Publish {
                     topic: topic.clone(),
                     reason: err.to_string(),
-                })?;
-            self.client
-                .flush()
-                .await
-                .map_err(|err| TransportError::Publish {
-                    topic: topic.clone(),
-                    reason: err.to_string(),
                 })
         };
+        // Queueing blocks only when the client's command queue is full.
         let result = match tokio::time::timeout(self.flush_timeout, publish).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::PublishTimeout {

@@ -1,17 +1,25 @@
-//! JetStream: pull-consumer subscriptions with confirmed settles, confirmed publishing, and
-//! stream set-up.
+//! JetStream: pull-consumer subscriptions, settling, confirmed publishing, and stream set-up.
 //!
-//! A subscription runs one fetch task per trigger. It holds a semaphore of `max_in_flight`
-//! permits; each delivery carries one permit until it is settled or dropped, and a pull
-//! request never asks for more messages than there are free permits, so at most
-//! `max_in_flight` unsettled deliveries exist at any time (the consumer's `max_ack_pending`
-//! bounds it on the server side too). When a pull fails (server restart, leader change, deleted
-//! consumer, lost connection) the task logs it, waits with exponential backoff and re-binds the
-//! consumer (create-or-update) before pulling again: the subscription never ends because of
-//! broker trouble, only on [`Subscription::close`].
+//! A subscription runs one fetch task per trigger. It holds a semaphore of
+//! `max_in_flight × (1 + prefetch)` permits; each delivery carries one permit until it is
+//! settled or dropped, and a pull request never asks for more messages than there are free
+//! permits, so the number of unsettled deliveries is bounded (the consumer's `max_ack_pending`
+//! bounds it on the server side too). Fetched deliveries wait in a local buffer until the
+//! dispatcher takes them; while they wait, a heartbeat task sends in-progress acks for them, so
+//! a buffered message is never redelivered behind the dispatcher's back (the dispatcher sends
+//! its own heartbeats once it runs one). When a pull fails (server restart, leader change,
+//! deleted consumer, lost connection) the task logs it, waits with exponential backoff and
+//! re-binds the consumer (create-or-update) before pulling again: the subscription never ends
+//! because of broker trouble, only on [`Subscription::close`].
+//!
+//! Settles (ack, NAK-with-delay, TERM, in-progress) are sent, not confirmed: each one would
+//! otherwise cost a server round trip and a temporary inbox subscription, and an ack the
+//! server never sees only means a redelivery (a duplicate under at-least-once, never a loss).
+//! A clean stop flushes the connection ([`NatsTransport::close`]) so that it leaves none.
 //!
 //! A delivery dropped without settling is redelivered by the server after `ack_wait`.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
@@ -22,7 +30,7 @@ use async_nats::jetstream::{self as js, Context};
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::sync::Arc;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +51,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 const PULL_GRACE: Duration = Duration::from_secs(2);
 /// Largest single pull request.
 const MAX_BATCH: usize = 256;
+/// How often a fetcher waiting for room re-checks whether its queue ran dry.
+const ACCUMULATE_CHECK: Duration = Duration::from_millis(5);
 /// Backoff between failed pulls / re-binds.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -53,8 +63,10 @@ impl NatsTransport {
     /// Creates or updates the trigger's pull consumer on `options.stream` and starts fetching.
     ///
     /// `subject_filter` is the trigger's subject (empty: the whole stream); `options.filter_subject`,
-    /// when set, must equal it or replace an empty one. `max_in_flight` bounds unsettled
-    /// deliveries handed out and is the consumer's `max_ack_pending` unless the options set one.
+    /// when set, must equal it or replace an empty one. `max_in_flight` is how many deliveries
+    /// the caller works on at once; `options.prefetch` more per in-flight slot are fetched ahead.
+    /// `max_in_flight × (1 + prefetch)` is the consumer's `max_ack_pending` unless the options
+    /// set one.
     /// Consumer settings are Weir's own: a changed `ack_wait` or `max_ack_pending` updates the
     /// durable; a change the server refuses (e.g. `deliver_policy`) is an error naming it.
     pub async fn subscribe_jetstream(
@@ -113,9 +125,10 @@ impl NatsTransport {
             Some(durable) => durable.clone(),
             None => ephemeral_name(&self.client),
         };
-        let max_ack_pending = options
-            .max_ack_pending
-            .unwrap_or_else(|| i64::try_from(max_in_flight).unwrap_or(i64::MAX));
+        let per_slot = options.prefetch.saturating_add(1);
+        let max_ack_pending = options.max_ack_pending.unwrap_or_else(|| {
+            i64::try_from(max_in_flight.saturating_mul(per_slot)).unwrap_or(i64::MAX)
+        });
         let consumer_config = pull::Config {
             durable_name: options.durable.clone(),
             name: Some(name.clone()),
@@ -140,32 +153,44 @@ impl NatsTransport {
             .await
             .map_err(|err| subscribe_error(format!("creating consumer {name}: {err}")))?;
 
-        let permits = Arc::new(Semaphore::new(max_in_flight));
+        let bound = max_in_flight.saturating_mul(per_slot);
+        let permits = Arc::new(Semaphore::new(bound));
         let flow_permits = Arc::clone(&permits);
-        let (sender, receiver) = mpsc::channel(max_in_flight);
+        let prefetched = Arc::new(Prefetched::default());
         let cancel = CancellationToken::new();
+        let flow = Arc::new(InFlightBound {
+            permits: Arc::clone(&flow_permits),
+            per_slot,
+            total: std::sync::Mutex::new(bound),
+        });
         let fetcher = Fetcher {
             stream: stream.clone(),
             stream_name: options.stream.clone(),
             consumer_name: name.clone(),
             consumer_config,
             permits,
-            sender,
+            flow: Arc::clone(&flow),
+            prefetched: Arc::clone(&prefetched),
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(fetcher.run(consumer));
+        let heartbeat = tokio::spawn(heartbeat(
+            self.client.clone(),
+            Arc::clone(&prefetched),
+            options.ack_wait / 3,
+            options.stream.clone(),
+            cancel.clone(),
+        ));
         Ok(JetStreamSubscription {
             topic,
             ack_wait: options.ack_wait,
-            flow: Arc::new(InFlightBound {
-                permits: Arc::clone(&flow_permits),
-                total: std::sync::Mutex::new(max_in_flight),
-            }),
+            flow,
             stream,
             consumer_name: name,
-            receiver,
+            prefetched,
             cancel,
             fetcher: Some(task),
+            heartbeat: Some(heartbeat),
             closed: false,
         })
     }
@@ -197,7 +222,8 @@ struct Fetcher {
     consumer_name: String,
     consumer_config: pull::Config,
     permits: Arc<Semaphore>,
-    sender: mpsc::Sender<Delivery>,
+    flow: Arc<InFlightBound>,
+    prefetched: Arc<Prefetched>,
     cancel: CancellationToken,
 }
 
@@ -284,10 +310,31 @@ impl Fetcher {
             },
         };
         let mut held = vec![first];
-        while held.len() < MAX_BATCH {
-            match Arc::clone(&self.permits).try_acquire_owned() {
-                Ok(permit) => held.push(permit),
-                Err(_) => break,
+        // Every pull costs a round trip and a temporary subscription, so while deliveries are
+        // still queued here, wait until half the bound is free instead of pulling a handful;
+        // pull at once when the queue runs dry, so nothing waits for the accumulation.
+        loop {
+            while held.len() < MAX_BATCH {
+                match Arc::clone(&self.permits).try_acquire_owned() {
+                    Ok(permit) => held.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let worth_a_pull = (self.flow.total() / 2).clamp(1, MAX_BATCH);
+            if held.len() >= worth_a_pull || self.prefetched.is_empty() {
+                break;
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return PullOutcome::Stopped,
+                // Bounded, so an emptied queue is noticed even when no permit comes back.
+                permit = tokio::time::timeout(
+                    ACCUMULATE_CHECK,
+                    Arc::clone(&self.permits).acquire_owned(),
+                ) => match permit {
+                    Ok(Ok(permit)) => held.push(permit),
+                    Ok(Err(_)) => return PullOutcome::Stopped,
+                    Err(_) => {}
+                },
             }
         }
         let mut batch = match consumer
@@ -323,15 +370,13 @@ impl Fetcher {
             let Some(permit) = held.pop() else {
                 continue;
             };
-            let delivery = self.delivery(message, permit);
-            if self.sender.send(delivery).await.is_err() {
-                return PullOutcome::Stopped;
-            }
+            let waiting = self.delivery(message, permit);
+            self.prefetched.push(waiting);
             delivered += 1;
         }
     }
 
-    fn delivery(&self, message: js::Message, permit: OwnedSemaphorePermit) -> Delivery {
+    fn delivery(&self, message: js::Message, permit: OwnedSemaphorePermit) -> Waiting {
         let (stream_name, sequence, delivered) = match message.info() {
             Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
             Err(err) => {
@@ -339,6 +384,7 @@ impl Fetcher {
                 (self.stream_name.clone(), 0, 1)
             }
         };
+        let reply = message.reply.clone();
         let (message, acker) = message.split();
         let origin = Origin::JetStream {
             stream: stream_name,
@@ -357,7 +403,98 @@ impl Fetcher {
             origin,
             delivery_count: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
         };
-        Delivery::new(inbound, Box::new(settle))
+        Waiting {
+            delivery: Delivery::new(inbound, Box::new(settle)),
+            reply,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// A fetched delivery the dispatcher has not taken yet.
+struct Waiting {
+    delivery: Delivery,
+    /// Where in-progress acks go while it waits.
+    reply: Option<async_nats::Subject>,
+    /// Fetched, or last told to the server that we are still on it.
+    since: Instant,
+}
+
+/// Deliveries fetched and not yet handed out, oldest first.
+#[derive(Default)]
+struct Prefetched {
+    queue: std::sync::Mutex<VecDeque<Waiting>>,
+    ready: Notify,
+}
+
+impl Prefetched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, waiting: Waiting) {
+        self.lock().push_back(waiting);
+        // Stores a permit when nobody waits, so a push between `pop` and `notified` is not missed.
+        self.ready.notify_one();
+    }
+
+    /// The oldest delivery; waits for one.
+    async fn next(&self) -> Delivery {
+        loop {
+            if let Some(waiting) = self.lock().pop_front() {
+                return waiting.delivery;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Reply subjects of deliveries that waited `older_than` since their last heartbeat (marked
+    /// as heartbeaten now).
+    fn due(&self, older_than: Duration) -> Vec<async_nats::Subject> {
+        let now = Instant::now();
+        self.lock()
+            .iter_mut()
+            .filter(|waiting| now.duration_since(waiting.since) >= older_than)
+            .filter_map(|waiting| {
+                waiting.since = now;
+                waiting.reply.clone()
+            })
+            .collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn drain(&self) -> Vec<Delivery> {
+        self.lock()
+            .drain(..)
+            .map(|waiting| waiting.delivery)
+            .collect()
+    }
+}
+
+/// Keeps buffered deliveries from reaching their ack deadline while they wait for a slot.
+async fn heartbeat(
+    client: async_nats::Client,
+    prefetched: Arc<Prefetched>,
+    every: Duration,
+    stream: String,
+    cancel: CancellationToken,
+) {
+    let every = every.max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        for reply in prefetched.due(every) {
+            if let Err(err) = client.publish(reply, AckKind::Progress.into()).await {
+                events::record_settle_error("in_progress", &stream, &err.to_string());
+            }
+        }
     }
 }
 
@@ -368,9 +505,10 @@ pub struct JetStreamSubscription {
     flow: Arc<InFlightBound>,
     stream: stream::Stream,
     consumer_name: String,
-    receiver: mpsc::Receiver<Delivery>,
+    prefetched: Arc<Prefetched>,
     cancel: CancellationToken,
     fetcher: Option<JoinHandle<()>>,
+    heartbeat: Option<JoinHandle<()>>,
     closed: bool,
 }
 
@@ -403,7 +541,10 @@ impl Subscription for JetStreamSubscription {
         if self.closed {
             return None;
         }
-        self.receiver.recv().await
+        tokio::select! {
+            () = self.cancel.cancelled() => None,
+            delivery = self.prefetched.next() => Some(delivery),
+        }
     }
 
     /// `num_pending + num_ack_pending` of the consumer, read from the server.
@@ -441,16 +582,17 @@ impl Subscription for JetStreamSubscription {
         if let Some(fetcher) = self.fetcher.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), fetcher).await;
         }
-        self.receiver.close();
-        while let Ok(delivery) = self.receiver.try_recv() {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
+        }
+        for delivery in self.prefetched.drain() {
             let _ = delivery.retry_after(Duration::ZERO).await;
         }
     }
 }
 
-/// Settles one JetStream message; every settle waits for the server's confirmation (the
-/// request timeout of the connection bounds the wait). Holds one in-flight permit until it is
-/// settled or dropped.
+/// Settles one JetStream message by sending the settle to the server (see the module docs for
+/// why it is not confirmed). Holds one in-flight permit until it is settled or dropped.
 struct JetStreamSettle {
     acker: Acker,
     origin: String,
@@ -458,8 +600,8 @@ struct JetStreamSettle {
 }
 
 impl JetStreamSettle {
-    async fn confirmed(&self, kind: AckKind, label: &'static str) -> Result<(), TransportError> {
-        self.acker.double_ack_with(kind).await.map_err(|err| {
+    async fn send(&self, kind: AckKind, label: &'static str) -> Result<(), TransportError> {
+        self.acker.ack_with(kind).await.map_err(|err| {
             let reason = format!("{label}: {err}");
             events::record_settle_error(label, &self.origin, &reason);
             TransportError::Settle {
@@ -473,21 +615,21 @@ impl JetStreamSettle {
 #[async_trait]
 impl Settle for JetStreamSettle {
     async fn ack(self: Box<Self>) -> Result<(), TransportError> {
-        self.confirmed(AckKind::Ack, "ack").await
+        self.send(AckKind::Ack, "ack").await
     }
 
     /// NAK with the delay (never a bare NAK, which redelivers at once and ignores backoff).
     async fn retry_after(self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
-        self.confirmed(AckKind::Nak(Some(delay)), "nak").await
+        self.send(AckKind::Nak(Some(delay)), "nak").await
     }
 
     async fn term(self: Box<Self>) -> Result<(), TransportError> {
-        self.confirmed(AckKind::Term, "term").await
+        self.send(AckKind::Term, "term").await
     }
 
     /// `+WPI`: resets the server's ack timer to another full `ack_wait`.
     async fn in_progress(&self) -> Result<(), TransportError> {
-        self.confirmed(AckKind::Progress, "in_progress").await
+        self.send(AckKind::Progress, "in_progress").await
     }
 }
 
@@ -828,18 +970,29 @@ impl JetStreamSubscription {
     }
 }
 
-/// The bound on fetched-and-unsettled messages, resizable while the fetcher runs. A message
-/// fetched beyond the consumer's free slots would wait in the local buffer with its ack deadline
-/// running and be redelivered while still queued; keeping this bound equal to the slots means a
-/// fetched message always has a slot waiting for it.
+/// The bound on fetched-and-unsettled messages, resizable while the fetcher runs: the caller's
+/// in-flight slots times `1 + prefetch`. It follows the slots so that a scaled-down function
+/// does not keep a large buffer of fetched messages waiting (heartbeaten, but unavailable to
+/// other dispatchers of the same durable consumer).
 struct InFlightBound {
     permits: Arc<Semaphore>,
+    per_slot: usize,
     total: std::sync::Mutex<usize>,
+}
+
+impl InFlightBound {
+    /// The current bound.
+    fn total(&self) -> usize {
+        *self
+            .total
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl FlowControl for InFlightBound {
     fn set_max_in_flight(&self, max: usize) {
-        let max = max.max(1);
+        let max = max.max(1).saturating_mul(self.per_slot);
         let mut total = self
             .total
             .lock()
