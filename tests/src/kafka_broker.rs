@@ -1,22 +1,22 @@
 //! A real Kafka-protocol broker (Tansu) for tests, on a free loopback port, killed on drop.
 //!
 //! The binary comes from `$WEIR_TANSU`, else `tansu` on `PATH`, else `~/.cargo/bin/tansu`;
-//! `make test` installs it (`cargo install tansu --version 0.6.0 --features dynostore`). A
-//! missing binary fails the test: nothing is skipped.
+//! `make test` installs it (`cargo install tansu --version 0.6.0 --features dynostore,libsql`).
+//! A missing binary fails the test: nothing is skipped.
 //!
-//! Tansu runs with the `memory://` storage engine: a [`KafkaBroker::restart`] keeps the port
-//! but loses every topic, message and committed offset. The `dynostore` build offers only
-//! `memory://` and `s3://` (which would need an object store), so there is no on-disk variant
-//! here; tests that need data to survive a restart restart the consumer, not the broker.
-//! Tansu 0.6 has no metrics listener of its own, so parallel brokers only need distinct
-//! Kafka ports.
+//! [`KafkaBroker::start`] runs Tansu on the `memory://` storage engine (fast; a
+//! [`KafkaBroker::restart`] keeps the port but loses every topic, message and committed
+//! offset). [`KafkaBroker::start_persistent`] runs it on the `sqlite://` engine (the `libsql`
+//! feature) with the database file in the broker's temp dir, so a restart keeps topics,
+//! records and committed offsets, like a real broker's log. It is much slower than memory and
+//! meant for restart tests, not for load. Tansu 0.6 has no metrics listener of its own, so
+//! parallel brokers only need distinct Kafka ports.
 //!
 //! Known Tansu 0.6 behaviours the tests work around (see `tests/tests/kafka_e2e.rs`):
 //! ListOffsets(latest) answers the newest batch's first offset + 1 (too low for multi-record
 //! batches, so lag under-reports); a fetch from an offset inside a multi-record batch skips or
 //! stalls (tests produce one record per batch); dead group members are evicted only when
-//! another member joins or syncs; and after a restart its metadata makes librdkafka crash in
-//! `rd_kafka_metadata_cache_find`, which is why the broker-restart test is ignored.
+//! another member joins or syncs.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -31,11 +31,21 @@ use crate::ports::free_port;
 /// How long a started broker has to answer a metadata request.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Where Tansu keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// `memory://`: gone with the process.
+    Memory,
+    /// `sqlite://tansu.db` in the broker's temp dir: survives [`KafkaBroker::restart`].
+    Sqlite,
+}
+
 /// A running Tansu broker.
 #[derive(Debug)]
 pub struct KafkaBroker {
     binary: PathBuf,
     port: u16,
+    storage: Storage,
     /// Holds the broker's log (`tansu.log`); also its working directory, so no stray `.env`
     /// file is picked up.
     dir: tempfile::TempDir,
@@ -43,8 +53,21 @@ pub struct KafkaBroker {
 }
 
 impl KafkaBroker {
-    /// Start a broker on a free port and wait until it answers a metadata request.
+    /// Start a broker with memory storage on a free port and wait until it answers a
+    /// metadata request.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Storage::Memory).await
+    }
+
+    /// Start a broker whose topics, records and committed offsets survive
+    /// [`KafkaBroker::restart`] (SQLite storage in its temp dir).
+    pub async fn start_persistent() -> anyhow::Result<Self> {
+        Self::start_with(Storage::Sqlite).await
+    }
+
+    /// Start a broker on `storage`, on a free port, and wait until it answers a metadata
+    /// request.
+    pub async fn start_with(storage: Storage) -> anyhow::Result<Self> {
         let binary = find_tansu()?;
         let port = free_port().context("finding a free port for tansu")?;
         let dir = tempfile::Builder::new()
@@ -54,6 +77,7 @@ impl KafkaBroker {
         let mut broker = Self {
             binary,
             port,
+            storage,
             dir,
             child: None,
         };
@@ -83,8 +107,9 @@ impl KafkaBroker {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// Kill the broker and start it again on the same port. The memory storage engine loses
-    /// all topics, messages and committed offsets.
+    /// Kill the broker (SIGKILL: no clean shutdown) and start it again on the same port and
+    /// storage. With [`Storage::Memory`] all topics, messages and committed offsets are lost;
+    /// with [`Storage::Sqlite`] they are kept (what SQLite had committed when it died).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn_and_wait().await
@@ -109,11 +134,17 @@ impl KafkaBroker {
             .open(self.log_path())
             .context("opening tansu's log")?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        // Relative to the working directory (the temp dir): Tansu joins the URL's host and
+        // path onto it.
+        let storage = match self.storage {
+            Storage::Memory => "memory://tansu/",
+            Storage::Sqlite => "sqlite://tansu.db",
+        };
         let child = Command::new(&self.binary)
             .arg("broker")
             .args(["--listener-url", &url])
             .args(["--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", storage])
             .current_dir(self.dir.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -517,3 +517,112 @@ async fn harness_restart_keeps_the_port_and_loses_memory_storage() {
     first.ack().await.unwrap();
     sub.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_restart_on_sqlite_keeps_topics_records_and_offsets() {
+    let broker = KafkaBroker::start_persistent().await.expect("tansu starts");
+    let transport = KafkaTransport::connect(&broker.config())
+        .await
+        .expect("connect");
+    transport.ensure_topic("kept", 1, 1).await.expect("create");
+    let setup = Setup {
+        publisher: transport.publisher().expect("publisher"),
+        transport,
+        broker,
+        topic: "kept".to_owned(),
+    };
+    setup.produce(None, "before-0").await;
+    setup.produce(None, "before-1").await;
+    let mut sub = setup.subscribe("g-kept", Ordering::Partition, 4);
+    let first = next_within(&mut sub, FIRST_DELIVERY)
+        .await
+        .expect("delivery");
+    assert_eq!(payload_of(&first), "before-0");
+    first.ack().await.unwrap();
+    setup.wait_committed("g-kept", 1).await;
+    sub.close().await;
+    drop(sub);
+
+    let Setup { mut broker, .. } = setup;
+    let bootstrap = broker.bootstrap();
+    broker.restart().await.expect("restart");
+    assert_eq!(broker.bootstrap(), bootstrap);
+    let transport = KafkaTransport::connect(&broker.config())
+        .await
+        .expect("reconnect");
+    let offsets = transport
+        .committed_offsets("kept", "g-kept")
+        .await
+        .expect("offsets");
+    assert_eq!(
+        offsets.get(&0).copied().flatten(),
+        Some(1),
+        "the committed offset survived the restart"
+    );
+    let setup = Setup {
+        publisher: transport.publisher().expect("publisher"),
+        transport,
+        broker,
+        topic: "kept".to_owned(),
+    };
+    // A fresh group reads the records from the start. Not "g-kept" again: a new member joining
+    // that group after the restart got no assignment within 30 s in 2 runs of 3 (a Tansu 0.6
+    // group-restore behaviour, not investigated further). A member that stays across the
+    // restart, which is Weir's case, is what kafka_e2e's broker-restart test checks.
+    let mut sub = setup.subscribe("g-fresh", Ordering::Partition, 4);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let within = if seen.is_empty() {
+            FIRST_DELIVERY
+        } else {
+            NEXT_DELIVERY
+        };
+        let Some(delivery) = next_within(&mut sub, within).await else {
+            panic!(
+                "after the restart got only {seen:?}; broker log:\n{}",
+                setup.broker.log()
+            );
+        };
+        seen.push(payload_of(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        seen,
+        ["before-0", "before-1"],
+        "the records survived the restart"
+    );
+    setup.wait_committed("g-fresh", 2).await;
+    sub.close().await;
+}
+
+/// A buffer of 4 records per partition: the consumer thread takes records from librdkafka only
+/// as the buffer drains, and still delivers every record once, in order, committing to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_buffer_throttles_without_losing_or_reordering() {
+    let setup = setup("throttled", 1).await;
+    let total = 60;
+    for i in 0..total {
+        setup.produce(None, &format!("m-{i:03}")).await;
+    }
+    let config = weir_broker_bridge::kafka::KafkaConfig {
+        max_buffered_per_partition: 4,
+        ..setup.broker.config()
+    };
+    let transport = KafkaTransport::connect(&config).await.expect("connect");
+    let mut sub = transport
+        .subscribe(&setup.topic, "g-throttled", Ordering::Partition, 4)
+        .expect("subscribe");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + FIRST_DELIVERY;
+    while seen.len() < total && Instant::now() < deadline {
+        let Some(delivery) = next_within(&mut sub, NEXT_DELIVERY).await else {
+            break;
+        };
+        seen.push(payload_of(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    let expected: Vec<String> = (0..total).map(|i| format!("m-{i:03}")).collect();
+    assert_eq!(seen, expected, "every record once, in order");
+    setup.wait_committed("g-throttled", 60).await;
+    sub.close().await;
+}

@@ -4,10 +4,20 @@
 //! A dedicated OS thread owns the rdkafka `BaseConsumer` and polls it all the time, even while
 //! functions run, so the member never exceeds `max.poll.interval.ms` and leaves its group. It
 //! moves received messages into a [`LaneScheduler`] (which decides what may be handed out) and a
-//! [`WatermarkTracker`] per partition (which decides what may be committed), pauses partitions
-//! whose buffer is full, and commits every `commit_interval`, on revoke and on close. Rebalance
-//! callbacks run on that thread too, which is why they may block (bounded) while in-flight
-//! deliveries of revoked partitions settle.
+//! [`WatermarkTracker`] per partition (which decides what may be committed), and commits every
+//! `commit_interval`, on revoke and on close. Rebalance callbacks run on that thread too, which
+//! is why they may block (bounded) while in-flight deliveries of revoked partitions settle.
+//!
+//! Backpressure without refetching: before it joins the group, the thread splits every
+//! partition of the topic into its own librdkafka queue, so the consumer queue carries only
+//! events (rebalances, commits, errors). It takes records from a partition's queue only while
+//! that partition's buffer has room; the rest waits in librdkafka, which stops fetching by its
+//! own limits (`queued.max.messages.kbytes`). Pausing a partition instead would make
+//! librdkafka discard everything it had prefetched for it and fetch it again on resume.
+//! Partitions that appear after start (the topic grew) are not split: their records come
+//! through the consumer queue, and their backpressure is pause/resume. The thread sleeps when
+//! there is nothing to take, and is woken by librdkafka when a queue becomes non-empty, and by
+//! [`KafkaSubscription::next`] when a full buffer drained to half.
 //!
 //! Settling a delivery only touches the shared state; it never talks to the broker. A delivery
 //! of a partition that was revoked meanwhile settles nothing: the new owner resumes at the
@@ -17,31 +27,38 @@
 //! Kafka, see [`RetryStyle::InPlace`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{oneshot, Notify};
 
 use super::lanes::{LaneId, LaneScheduler};
+use super::record::Record;
 use super::watermark::WatermarkTracker;
 use super::{forward_log, metrics_events};
 use crate::{
-    BrokerKind, Delivery, InboundMessage, LagProbe, Ordering, Origin, RetryStyle, Settle,
-    Subscription, TransportError,
+    BrokerKind, Delivery, LagProbe, Ordering, RetryStyle, Settle, Subscription, TransportError,
 };
 
 /// How long one poll of the consumer thread may block; bounds how late a stop request or a
 /// commit round is noticed.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// At most this many records already in librdkafka's queue are taken in one go (one lock, one
+/// wake-up of the dispatcher) before the thread looks at commits and backpressure again.
+const MAX_BATCH: usize = 256;
+
+/// How long the consumer thread waits for the topic's partition list before it joins (to split
+/// the partitions' queues); without one, every partition goes through the consumer queue.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long `lag()` waits for the broker.
 const LAG_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,12 +88,20 @@ pub struct PartitionLag {
 }
 
 struct ConsumerState {
-    scheduler: LaneScheduler<InboundMessage>,
+    scheduler: LaneScheduler<Record>,
     /// One per owned partition, for its current assignment generation.
     trackers: HashMap<i32, WatermarkTracker>,
     paused: BTreeSet<i32>,
     /// No more deliveries are handed out (close was called).
     closed: bool,
+    /// Threads blocked on [`Shared::settled`] (revoke); settling signals the condvar only
+    /// then, as signalling costs a system call even with nobody waiting.
+    settle_waiters: usize,
+    /// Partitions read from their own queue (see the module docs); never paused.
+    split: BTreeSet<i32>,
+    /// Split partitions whose buffer was full when the thread last looked: `next()` wakes the
+    /// thread once such a buffer drained to half.
+    throttled: BTreeSet<i32>,
 }
 
 struct Shared {
@@ -88,9 +113,24 @@ struct Shared {
     ready: Notify,
     /// Asks the consumer thread to drain, commit and leave.
     stop: AtomicBool,
+    /// Bumped by every rebalance callback: the consumer thread stops a batch there, so records
+    /// polled before a rebalance are never taken into the state after it.
+    rebalances: AtomicU64,
+    /// Bumped by every callback served by a poll of the consumer queue (rebalance, commit), so
+    /// the thread can tell "served an event" from "nothing there" (both poll to `None`).
+    events: AtomicU64,
+    /// The consumer thread, to wake it from librdkafka's queue callbacks and from `next()`.
+    thread: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
+    /// Wake the consumer thread if it sleeps (cheap when it does not).
+    fn wake_consumer(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, ConsumerState> {
         // A panic while holding the lock cannot leave the bookkeeping half-updated in a way
         // that loses messages (the worst case is a redelivery), so keep going.
@@ -99,7 +139,7 @@ impl Shared {
 
     /// Mark a handed-out message finished and free its lane.
     fn finish(&self, partition: i32, offset: i64, lane: &LaneId, generation: u64) {
-        {
+        let waiters = {
             let mut state = self.lock();
             if state.scheduler.generation(partition) == Some(generation) {
                 if let Some(tracker) = state.trackers.get_mut(&partition) {
@@ -115,18 +155,19 @@ impl Shared {
                 );
             }
             state.scheduler.release(partition, lane, generation);
+            state.settle_waiters
+        };
+        if waiters > 0 {
+            self.settled.notify_all();
         }
-        self.settled.notify_all();
         self.ready.notify_one();
     }
 
     /// Put a handed-out message back at the head of its lane, one delivery later.
-    fn requeue(&self, lane: LaneId, generation: u64, mut message: InboundMessage) {
-        let Origin::Kafka { partition, .. } = message.origin else {
-            return;
-        };
-        message.delivery_count = message.delivery_count.saturating_add(1);
-        {
+    fn requeue(&self, lane: LaneId, generation: u64, mut record: Record) {
+        let partition = record.partition;
+        record.delivery_count = record.delivery_count.saturating_add(1);
+        let waiters = {
             let mut state = self.lock();
             if state.closed {
                 // Leave it unfinished: the committed offset stays below it, so the next member
@@ -134,7 +175,7 @@ impl Shared {
                 state.scheduler.release(partition, &lane, generation);
             } else if state
                 .scheduler
-                .requeue_front(partition, lane, generation, message)
+                .requeue_front(partition, lane, generation, record)
                 .is_err()
             {
                 tracing::debug!(
@@ -143,8 +184,11 @@ impl Shared {
                     "a message handed back after its partition was revoked is left to the new owner"
                 );
             }
+            state.settle_waiters
+        };
+        if waiters > 0 {
+            self.settled.notify_all();
         }
-        self.settled.notify_all();
         self.ready.notify_one();
     }
 }
@@ -166,6 +210,8 @@ impl ClientContext for ConsumerCallbacks {
 
 impl ConsumerContext for ConsumerCallbacks {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.shared.rebalances.fetch_add(1, AtomicOrdering::Relaxed);
+        self.shared.events.fetch_add(1, AtomicOrdering::Relaxed);
         match rebalance {
             Rebalance::Revoke(list) => {
                 let partitions = partitions_of(list, &self.shared.settings.topic);
@@ -182,6 +228,8 @@ impl ConsumerContext for ConsumerCallbacks {
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.shared.rebalances.fetch_add(1, AtomicOrdering::Relaxed);
+        self.shared.events.fetch_add(1, AtomicOrdering::Relaxed);
         if let Rebalance::Assign(list) = rebalance {
             let partitions = partitions_of(list, &self.shared.settings.topic);
             metrics_events::rebalance("assign");
@@ -202,6 +250,7 @@ impl ConsumerContext for ConsumerCallbacks {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.shared.events.fetch_add(1, AtomicOrdering::Relaxed);
         match result {
             Ok(()) => metrics_events::commit("ok"),
             Err(error) => {
@@ -262,11 +311,13 @@ fn revoke_partitions(
                 }
                 break;
             }
+            state.settle_waiters += 1;
             state = shared
                 .settled
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            state.settle_waiters -= 1;
         }
     }
     let commit = if lost {
@@ -278,6 +329,7 @@ fn revoke_partitions(
         state.scheduler.revoke(*partition);
         state.trackers.remove(partition);
         state.paused.remove(partition);
+        state.throttled.remove(partition);
     }
     drop(state);
     if commit.count() > 0 {
@@ -338,89 +390,51 @@ fn commit_now(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Shared, mode:
     }
 }
 
-/// Copy a borrowed rdkafka message into an owned inbound message.
-fn to_inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> InboundMessage {
-    let mut headers = Vec::new();
-    if let Some(list) = message.headers() {
-        for header in list.iter() {
-            let value = match header.value {
-                None => String::new(),
-                Some(bytes) => match std::str::from_utf8(bytes) {
-                    Ok(text) => text.to_owned(),
-                    Err(_) => {
-                        metrics_events::lossy_header();
-                        String::from_utf8_lossy(bytes).into_owned()
-                    }
-                },
-            };
-            headers.push((header.key.to_owned(), value));
-        }
-    }
-    InboundMessage {
-        topic: message.topic().to_owned(),
-        key: message.key().map(Bytes::copy_from_slice),
-        headers,
-        payload: message.payload().map(Bytes::copy_from_slice),
-        origin: Origin::Kafka {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-        },
-        delivery_count: 1,
-    }
-}
-
-/// Take a received message into the scheduler and tracker.
-fn ingest(shared: &Shared, message: InboundMessage) {
-    let Origin::Kafka {
-        partition, offset, ..
-    } = message.origin
-    else {
-        return;
-    };
-    let mut state = shared.lock();
-    let Some(tracker) = state.trackers.get_mut(&partition) else {
-        tracing::debug!(
-            partition,
-            offset,
-            "message of a partition not owned; ignored"
-        );
-        return;
-    };
-    if !tracker.received(offset) {
-        return;
-    }
-    let lane = state.scheduler.lane_of(message.key.as_ref());
-    if state.scheduler.push(partition, lane, message).is_err() {
-        // Being revoked: it stays unfinished, so the watermark stays below it and the next
-        // owner reads it.
-        return;
-    }
-    drop(state);
-    shared.ready.notify_one();
-}
-
-/// Pause partitions whose buffer is full, resume those drained to half.
-fn apply_backpressure(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Shared) {
+/// Take received records into the scheduler and trackers (one lock for the batch), then pause
+/// partitions whose buffer is full and resume those drained to half (partitions read through
+/// the consumer queue only; split ones are throttled by [`pull_partitions`]).
+fn ingest(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Shared, batch: &mut Vec<Record>) {
     let limit = shared.settings.max_buffered_per_partition;
-    let (pause, resume) = {
+    let mut pause = Vec::new();
+    let mut resume = Vec::new();
+    let received = !batch.is_empty();
+    {
         let mut state = shared.lock();
-        let owned: Vec<i32> = state.scheduler.partitions().collect();
-        let mut pause = Vec::new();
-        let mut resume = Vec::new();
-        for partition in owned {
+        let state = &mut *state;
+        for record in batch.drain(..) {
+            let Some(tracker) = state.trackers.get_mut(&record.partition) else {
+                tracing::debug!(
+                    partition = record.partition,
+                    offset = record.offset,
+                    "message of a partition not owned; ignored"
+                );
+                continue;
+            };
+            if !tracker.received(record.offset) {
+                continue;
+            }
+            let lane = state.scheduler.lane_of(record.key.as_ref());
+            // Refused while being revoked: it stays unfinished, so the watermark stays below
+            // it and the next owner reads it.
+            let _ = state.scheduler.push(record.partition, lane, record);
+        }
+        for partition in state.scheduler.partitions() {
+            if state.split.contains(&partition) {
+                continue;
+            }
             let buffered = state.scheduler.buffered(partition);
-            let paused = state.paused.contains(&partition);
-            if !paused && buffered >= limit {
-                state.paused.insert(partition);
-                pause.push(partition);
-            } else if paused && buffered <= limit / 2 {
-                state.paused.remove(&partition);
+            if buffered >= limit {
+                if state.paused.insert(partition) {
+                    pause.push(partition);
+                }
+            } else if buffered <= limit / 2 && state.paused.remove(&partition) {
                 resume.push(partition);
             }
         }
-        (pause, resume)
-    };
+    }
+    if received {
+        shared.ready.notify_one();
+    }
     let topic = &shared.settings.topic;
     if !pause.is_empty() {
         let list = partition_list(topic, &pause);
@@ -429,7 +443,13 @@ fn apply_backpressure(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Share
                 metrics_events::partitions_paused(pause.len());
                 tracing::debug!(%topic, partitions = ?pause, "buffer full, partitions paused");
             }
-            Err(error) => tracing::warn!(%topic, %error, "pausing partitions failed"),
+            Err(error) => {
+                tracing::warn!(%topic, %error, "pausing partitions failed");
+                let mut state = shared.lock();
+                for partition in &pause {
+                    state.paused.remove(partition);
+                }
+            }
         }
     }
     if !resume.is_empty() {
@@ -450,24 +470,144 @@ fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
     list
 }
 
-/// The consumer thread: poll, schedule, commit; drain and commit on stop.
-fn run_consumer(consumer: Arc<BaseConsumer<ConsumerCallbacks>>, shared: Arc<Shared>) {
-    let mut last_commit = Instant::now();
-    while !shared.stop.load(AtomicOrdering::Acquire) {
-        apply_backpressure(&consumer, &shared);
-        match consumer.poll(POLL_INTERVAL) {
-            None => {}
-            Some(Ok(message)) => ingest(&shared, to_inbound(&message)),
+/// Split every partition `topic` has now into its own queue, waking the thread when one
+/// becomes non-empty. Runs before the thread's first poll, so before any partition is assigned
+/// and fetched: no record of a split partition can already sit in the consumer queue.
+fn split_partitions(
+    consumer: &Arc<BaseConsumer<ConsumerCallbacks>>,
+    shared: &Arc<Shared>,
+) -> BTreeMap<i32, PartitionQueue<ConsumerCallbacks>> {
+    let topic = &shared.settings.topic;
+    let mut queues = BTreeMap::new();
+    let metadata = match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
+        Ok(metadata) => metadata,
+        Err(error) => {
+            tracing::warn!(
+                %topic,
+                %error,
+                "could not read the topic's partitions; its records go through the consumer \
+                 queue, with pause/resume as backpressure"
+            );
+            return queues;
+        }
+    };
+    for meta in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for partition in meta.partitions() {
+            let Some(mut queue) = consumer.split_partition_queue(topic, partition.id()) else {
+                continue;
+            };
+            let waker = shared.clone();
+            queue.set_nonempty_callback(move || waker.wake_consumer());
+            queues.insert(partition.id(), queue);
+        }
+    }
+    shared.lock().split = queues.keys().copied().collect();
+    tracing::debug!(%topic, partitions = queues.len(), "partition queues split");
+    queues
+}
+
+/// Serve the consumer queue without waiting: rebalance and commit callbacks, and the records
+/// of partitions that are not split. Stops at a rebalance (see [`Shared::rebalances`]) and at
+/// [`MAX_BATCH`] records. True when anything was served.
+fn poll_consumer_queue(
+    consumer: &BaseConsumer<ConsumerCallbacks>,
+    shared: &Shared,
+    batch: &mut Vec<Record>,
+) -> bool {
+    let mut served = false;
+    while batch.len() < MAX_BATCH {
+        let events = shared.events.load(AtomicOrdering::Relaxed);
+        let rebalances = shared.rebalances.load(AtomicOrdering::Relaxed);
+        match consumer.poll(Duration::ZERO) {
+            Some(Ok(message)) => batch.push(Record::copy_from(&message)),
             Some(Err(error)) => {
                 tracing::warn!(topic = %shared.settings.topic, %error, "kafka poll error; retrying");
             }
+            None if shared.events.load(AtomicOrdering::Relaxed) == events => break,
+            None => {}
         }
+        served = true;
+        if shared.rebalances.load(AtomicOrdering::Relaxed) != rebalances {
+            break;
+        }
+    }
+    served
+}
+
+/// Take records from the split partitions' queues, as many as each owned partition's buffer has
+/// room for. True when any came.
+fn pull_partitions(
+    shared: &Shared,
+    queues: &BTreeMap<i32, PartitionQueue<ConsumerCallbacks>>,
+    rooms: &mut Vec<(i32, usize)>,
+    batch: &mut Vec<Record>,
+) -> bool {
+    let limit = shared.settings.max_buffered_per_partition.max(1);
+    rooms.clear();
+    {
+        let mut state = shared.lock();
+        let state = &mut *state;
+        for partition in queues.keys() {
+            if !state.scheduler.owns(*partition) {
+                continue;
+            }
+            let room = limit.saturating_sub(state.scheduler.buffered(*partition));
+            if room == 0 {
+                state.throttled.insert(*partition);
+            } else {
+                rooms.push((*partition, room.min(MAX_BATCH)));
+            }
+        }
+    }
+    let mut pulled = false;
+    for (partition, room) in rooms.iter() {
+        let Some(queue) = queues.get(partition) else {
+            continue;
+        };
+        for _ in 0..*room {
+            match queue.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => batch.push(Record::copy_from(&message)),
+                Some(Err(error)) => {
+                    tracing::warn!(
+                        topic = %shared.settings.topic,
+                        partition,
+                        %error,
+                        "kafka fetch error; retrying"
+                    );
+                }
+            }
+            pulled = true;
+        }
+    }
+    pulled
+}
+
+/// The consumer thread: poll, schedule, commit; drain and commit on stop.
+fn run_consumer(consumer: Arc<BaseConsumer<ConsumerCallbacks>>, shared: Arc<Shared>) {
+    let _ = shared.thread.set(std::thread::current());
+    // Subscribed already, but assignments are served only by this thread's polls, so nothing
+    // is fetched before the split.
+    let queues = split_partitions(&consumer, &shared);
+    let mut last_commit = Instant::now();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut rooms = Vec::with_capacity(queues.len());
+    while !shared.stop.load(AtomicOrdering::Acquire) {
+        let mut busy = poll_consumer_queue(&consumer, &shared, &mut batch);
+        busy |= pull_partitions(&shared, &queues, &mut rooms, &mut batch);
+        ingest(&consumer, &shared, &mut batch);
         if last_commit.elapsed() >= shared.settings.commit_interval {
             commit_now(&consumer, &shared, CommitMode::Async);
             last_commit = Instant::now();
         }
+        if !busy {
+            // Woken early by a queue becoming non-empty, by `next()` (room again) or by stop;
+            // the timeout bounds how late a commit round is.
+            std::thread::park_timeout(POLL_INTERVAL);
+        }
     }
     shutdown_consumer(&consumer, &shared);
+    drop(queues);
 }
 
 fn shutdown_consumer(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Shared) {
@@ -493,9 +633,9 @@ fn shutdown_consumer(consumer: &BaseConsumer<ConsumerCallbacks>, shared: &Shared
             );
             break;
         }
-        if let Some(Ok(message)) = consumer.poll(POLL_INTERVAL) {
-            ingest(shared, to_inbound(&message));
-        }
+        // A record still arriving is dropped untracked: it lies past every offset received,
+        // so the commit position never reaches it and the next member reads it.
+        let _ = consumer.poll(POLL_INTERVAL);
     }
     commit_now(consumer, shared, CommitMode::Sync);
     consumer.unsubscribe();
@@ -620,17 +760,25 @@ impl KafkaSubscription {
                 trackers: HashMap::new(),
                 paused: BTreeSet::new(),
                 closed: false,
+                settle_waiters: 0,
+                split: BTreeSet::new(),
+                throttled: BTreeSet::new(),
             }),
             settled: Condvar::new(),
             ready: Notify::new(),
             stop: AtomicBool::new(false),
+            rebalances: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            thread: OnceLock::new(),
             settings: settings.clone(),
         });
-        let consumer: BaseConsumer<ConsumerCallbacks> = client
+        let mut consumer: BaseConsumer<ConsumerCallbacks> = client
             .create_with_context(ConsumerCallbacks {
                 shared: shared.clone(),
             })
             .map_err(|e| subscribe_error(e.to_string()))?;
+        let waker = shared.clone();
+        consumer.set_nonempty_callback(move || waker.wake_consumer());
         consumer
             .subscribe(&[settings.topic.as_str()])
             .map_err(|e| subscribe_error(e.to_string()))?;
@@ -676,6 +824,7 @@ impl KafkaSubscription {
         self.shared.lock().closed = true;
         self.shared.stop.store(true, AtomicOrdering::Release);
         self.shared.ready.notify_one();
+        self.shared.wake_consumer();
     }
 }
 
@@ -690,19 +839,23 @@ impl Subscription for KafkaSubscription {
                     return None;
                 }
                 if let Some(popped) = state.scheduler.pop() {
+                    let limit = self.shared.settings.max_buffered_per_partition;
+                    let refill = !state.throttled.is_empty()
+                        && state.scheduler.buffered(popped.partition) <= limit / 2
+                        && state.throttled.remove(&popped.partition);
                     drop(state);
-                    let message = popped.item;
-                    let offset = match message.origin {
-                        Origin::Kafka { offset, .. } => offset,
-                        _ => -1,
-                    };
+                    if refill {
+                        self.shared.wake_consumer();
+                    }
+                    let record = popped.item;
+                    let message = record.to_message(&self.shared.settings.topic);
                     let settle = KafkaSettle {
                         shared: self.shared.clone(),
                         partition: popped.partition,
-                        offset,
+                        offset: record.offset,
                         lane: popped.lane,
                         generation: popped.generation,
-                        unsettled: Some(message.clone()),
+                        unsettled: Some(record),
                     };
                     return Some(Delivery::new(message, Box::new(settle)));
                 }
@@ -756,12 +909,12 @@ struct KafkaSettle {
     offset: i64,
     lane: LaneId,
     generation: u64,
-    /// The message while it is unsettled: handed back on drop.
-    unsettled: Option<InboundMessage>,
+    /// The record while it is unsettled: handed back on drop.
+    unsettled: Option<Record>,
 }
 
 impl KafkaSettle {
-    fn done(mut self: Box<Self>) {
+    fn done(&mut self) {
         self.unsettled = None;
         self.shared
             .finish(self.partition, self.offset, &self.lane, self.generation);
@@ -770,13 +923,13 @@ impl KafkaSettle {
 
 #[async_trait]
 impl Settle for KafkaSettle {
-    async fn ack(self: Box<Self>) -> Result<(), TransportError> {
+    async fn ack(mut self: Box<Self>) -> Result<(), TransportError> {
         self.done();
         Ok(())
     }
 
     async fn retry_after(mut self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
-        let Some(message) = self.unsettled.take() else {
+        let Some(record) = self.unsettled.take() else {
             return Ok(());
         };
         metrics_events::redelivered("retry");
@@ -786,12 +939,12 @@ impl Settle for KafkaSettle {
         // The lane stays blocked by this message until it is back at its head.
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            shared.requeue(lane, generation, message);
+            shared.requeue(lane, generation, record);
         });
         Ok(())
     }
 
-    async fn term(self: Box<Self>) -> Result<(), TransportError> {
+    async fn term(mut self: Box<Self>) -> Result<(), TransportError> {
         // The DLQ record is confirmed before term is called: the message is done.
         self.done();
         Ok(())
@@ -800,10 +953,10 @@ impl Settle for KafkaSettle {
 
 impl Drop for KafkaSettle {
     fn drop(&mut self) {
-        if let Some(message) = self.unsettled.take() {
+        if let Some(record) = self.unsettled.take() {
             metrics_events::redelivered("dropped");
             self.shared
-                .requeue(self.lane.clone(), self.generation, message);
+                .requeue(self.lane.clone(), self.generation, record);
         }
     }
 }

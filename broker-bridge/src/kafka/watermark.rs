@@ -6,14 +6,23 @@
 //! received and not finished; the commit position is the lowest of them, or one past the highest
 //! received offset when all are finished. Offsets that never arrive (compaction, transaction
 //! markers) do not hold the watermark back. It does no I/O and knows nothing about rdkafka.
+//!
+//! Offsets arrive in increasing order, so the unfinished ones are kept in a sorted ring
+//! (`VecDeque`) rather than a tree: receiving appends, finishing the oldest (the common case,
+//! and the only one under `partition` ordering) pops the front, and finishing out of order
+//! marks an entry found by binary search; finished entries leave once nothing older is
+//! unfinished. No allocation per message once the ring has grown to the buffer size.
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 
 /// Tracks the unfinished offsets of one partition, for one assignment of that partition.
 #[derive(Debug, Default, Clone)]
 pub struct WatermarkTracker {
-    /// Received and not yet finished (handed out, buffered or waiting for a retry).
-    unfinished: BTreeSet<i64>,
+    /// Received offsets in increasing order, each with whether it is finished. The front is
+    /// always unfinished (finished entries at the front are dropped at once).
+    window: VecDeque<(i64, bool)>,
+    /// Entries of `window` not finished (handed out, buffered or waiting for a retry).
+    unfinished: usize,
     /// The highest offset ever received in this assignment.
     highest_received: Option<i64>,
     /// The last position handed to a commit (the next offset to read after a restart).
@@ -35,21 +44,41 @@ impl WatermarkTracker {
             return false;
         }
         self.highest_received = Some(offset);
-        self.unfinished.insert(offset);
+        self.window.push_back((offset, false));
+        self.unfinished += 1;
         true
     }
 
     /// The message at `offset` is done (acked or terminated). Returns false when the offset was
     /// not unfinished (already finished, or never received).
     pub fn finished(&mut self, offset: i64) -> bool {
-        self.unfinished.remove(&offset)
+        let index = match self.window.front() {
+            // The oldest one: no search.
+            Some((front, _)) if *front == offset => 0,
+            _ => match self.window.binary_search_by_key(&offset, |(o, _)| *o) {
+                Ok(index) => index,
+                Err(_) => return false,
+            },
+        };
+        let Some(entry) = self.window.get_mut(index) else {
+            return false;
+        };
+        if entry.1 {
+            return false;
+        }
+        entry.1 = true;
+        self.unfinished -= 1;
+        while self.window.front().is_some_and(|(_, done)| *done) {
+            self.window.pop_front();
+        }
+        true
     }
 
     /// The offset a restarted consumer should resume at: the lowest unfinished offset, or one
     /// past the highest received one. `None` before anything was received.
     pub fn position(&self) -> Option<i64> {
-        match self.unfinished.first() {
-            Some(lowest) => Some(*lowest),
+        match self.window.front() {
+            Some((lowest, _)) => Some(*lowest),
             None => self.highest_received.map(|highest| highest + 1),
         }
     }
@@ -79,7 +108,7 @@ impl WatermarkTracker {
 
     /// How many received offsets are not finished.
     pub fn unfinished_count(&self) -> usize {
-        self.unfinished.len()
+        self.unfinished
     }
 }
 
@@ -168,5 +197,32 @@ mod tests {
             Some(2),
             "a failed commit is retried"
         );
+    }
+
+    #[test]
+    fn finishing_inside_the_window_holds_until_the_front_finishes() {
+        let mut tracker = WatermarkTracker::new();
+        for offset in 0..6 {
+            assert!(tracker.received(offset));
+        }
+        assert!(tracker.finished(3));
+        assert!(!tracker.finished(3), "finishing twice is a no-op");
+        assert!(tracker.finished(1));
+        assert_eq!(tracker.position(), Some(0));
+        assert!(tracker.finished(0));
+        assert_eq!(
+            tracker.position(),
+            Some(2),
+            "1 was done: the front moves past it"
+        );
+        assert!(tracker.finished(2));
+        assert_eq!(tracker.position(), Some(4), "and past 3");
+        assert!(!tracker.finished(1), "already left the window");
+        assert!(!tracker.finished(9), "never received");
+        assert_eq!(tracker.unfinished_count(), 2);
+        assert!(tracker.finished(5));
+        assert!(tracker.finished(4));
+        assert_eq!(tracker.position(), Some(6));
+        assert_eq!(tracker.unfinished_count(), 0);
     }
 }
