@@ -406,6 +406,10 @@ impl Transports {
                 options.durable = Some(trigger.group.clone());
                 options.ack_wait = jetstream.ack_wait;
                 options.prefetch = jetstream.prefetch;
+                // The server-side bound follows the maximum, not the slots of the moment.
+                let per_slot = i64::try_from(jetstream.prefetch.saturating_add(1)).unwrap_or(1);
+                options.max_ack_pending =
+                    Some(i64::from(function.scaling.max.max(1)).saturating_mul(per_slot));
                 let subscription = self
                     .nats(trigger.broker)?
                     .subscribe_jetstream(&trigger.topic, &options, slots.clamp(1, max_in_flight))
@@ -466,8 +470,9 @@ async fn reap_idle(pool: Arc<InstancePool>, shutdown: CancellationToken) {
     }
 }
 
-/// Keeps a transport's bound on unsettled deliveries equal to the pool's slots, so that no
-/// fetched message waits for a slot with its ack deadline running.
+/// Keeps a transport's bound on unsettled deliveries following the pool's slots (JetStream
+/// multiplies it by `1 + prefetch`), so a scaled-down function does not hold a large buffer of
+/// fetched messages that other dispatchers could be working on.
 async fn follow_slots(
     pool: Arc<InstancePool>,
     flow: Arc<dyn FlowControl>,

@@ -33,6 +33,11 @@ use weir_broker_bridge::kafka::KafkaTransport;
 use weir_tests::kafka_broker::KafkaBroker;
 use weir_tests::weir::InProcess;
 
+/// The weir binary's allocator, so Weir runs here as it does in production; the native
+/// baselines in this process use it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PARTITIONS: i32 = 3;
 const FULL_EVENTS: usize = 100_000;
 const SMOKE_EVENTS: usize = 2_000;

@@ -5,9 +5,9 @@
 //! 1. JetStream → wasm `noop` → ack through Weir (in-process [`Runtime`], 8 instance slots):
 //!    N events pre-published, timed from the runtime's start until the consumer's
 //!    `num_pending + num_ack_pending` is 0;
-//! 2. a plain async-nats pull consumer acking the same N messages (fire-and-forget acks, as a
-//!    typical program does), and the same with confirmed acks (`double_ack`, 8 at a time, what
-//!    Weir does) to show what the confirmation costs;
+//! 2. a plain async-nats pull consumer acking the same N messages (fire-and-forget acks, as
+//!    Weir does and a typical program does), and the same with confirmed acks (`double_ack`, 8
+//!    at a time) to show what a confirmation per ack would cost;
 //! 3. core NATS → wasm `echo` → core publish through Weir, beside
 //! 4. a plain async-nats subscriber that republishes each message; both fed by a publisher that
 //!    keeps at most a window of messages unanswered, so core NATS never drops (no slow

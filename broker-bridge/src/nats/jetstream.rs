@@ -15,7 +15,7 @@
 //! Settles (ack, NAK-with-delay, TERM, in-progress) are sent, not confirmed: each one would
 //! otherwise cost a server round trip and a temporary inbox subscription, and an ack the
 //! server never sees only means a redelivery (a duplicate under at-least-once, never a loss).
-//! A clean stop flushes the connection ([`NatsTransport::close`]) so that it leaves none.
+//! A clean stop drains the connection ([`NatsTransport::close`]) so that it leaves none.
 //!
 //! A delivery dropped without settling is redelivered by the server after `ack_wait`.
 
