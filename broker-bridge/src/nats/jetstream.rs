@@ -174,10 +174,13 @@ impl NatsTransport {
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(fetcher.run(consumer));
+        // Every sixth of the ack wait: a waiting delivery is then told about at least every
+        // third, and once handed out the dispatcher's own heartbeat (every third) takes over,
+        // so no gap comes near the ack wait.
         let heartbeat = tokio::spawn(heartbeat(
             self.client.clone(),
             Arc::clone(&prefetched),
-            options.ack_wait / 3,
+            options.ack_wait / 6,
             options.stream.clone(),
             cancel.clone(),
         ));
