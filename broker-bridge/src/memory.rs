@@ -1647,48 +1647,4 @@ mod tests {
         })
         .await;
     }
-    /// Publish + receive + ack of tiny messages on one core. Ignored by default (it is a
-    /// measurement); run with `cargo test --release -p weir-broker-bridge memory -- --ignored`.
-    #[tokio::test]
-    #[ignore = "throughput measurement; run in release"]
-    async fn throughput_of_publish_and_ack_on_one_core() {
-        // A debug build is an order of magnitude slower: keep it inside the test timeout.
-        const MESSAGES: u64 = if cfg!(debug_assertions) {
-            100_000
-        } else {
-            1_000_000
-        };
-        within(async {
-            let bus = MemoryBus::default();
-            let publisher = bus.publisher();
-            let mut sub = bus
-                .subscribe("t", "g", options(Ordering::None, 1024))
-                .unwrap();
-            let payload = Bytes::from_static(b"tiny");
-            let started = std::time::Instant::now();
-            for batch in 0..MESSAGES / 1000 {
-                for _ in 0..1000 {
-                    let m = OutboundMessage {
-                        topic: "t".to_owned(),
-                        key: None,
-                        headers: Vec::new(),
-                        payload: payload.clone(),
-                        dedup_id: None,
-                    };
-                    publisher.publish(m).await.unwrap();
-                }
-                for _ in 0..1000 {
-                    sub.next().await.unwrap().ack().await.unwrap();
-                }
-                assert_eq!(bus.depth("t", "g"), 0, "batch {batch}");
-            }
-            let elapsed = started.elapsed();
-            let rate = MESSAGES as f64 / elapsed.as_secs_f64();
-            eprintln!("memory bus: {MESSAGES} publish+ack in {elapsed:?} = {rate:.0} msg/s");
-            if !cfg!(debug_assertions) {
-                assert!(rate > 1_000_000.0, "{rate:.0} msg/s is below 1M msg/s");
-            }
-        })
-        .await;
-    }
 }
