@@ -296,8 +296,10 @@ pub struct HostState {
     config: Arc<BTreeMap<String, String>>,
     /// Id of the event being handled, for log attribution.
     current_event: String,
-    /// Epoch ticks the current call may still run before it times out.
-    ticks_left: u64,
+    /// When the current call (or instantiation) times out; checked at every epoch tick. A
+    /// deadline in time rather than a count of ticks: the first tick after a call starts comes
+    /// anywhere within one tick, so counting ticks could stop a guest up to a tick early.
+    deadline: Instant,
 }
 
 impl WasiView for HostState {
@@ -425,7 +427,7 @@ impl FunctionModule {
             function,
             config,
             current_event: String::new(),
-            ticks_left: deadline_ticks(limits.timeout),
+            deadline: Instant::now() + limits.timeout,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -433,10 +435,8 @@ impl FunctionModule {
         // worker for longer than one tick (other functions and the HTTP server keep running on
         // a 2-core machine); when its ticks run out it is interrupted, which is the timeout.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut ctx| {
-            let state = ctx.data_mut();
-            state.ticks_left = state.ticks_left.saturating_sub(1);
-            Ok(if state.ticks_left == 0 {
+        store.epoch_deadline_callback(|ctx| {
+            Ok(if Instant::now() >= ctx.data().deadline {
                 wasmtime::UpdateDeadline::Interrupt
             } else {
                 wasmtime::UpdateDeadline::Yield(1)
@@ -463,11 +463,6 @@ impl FunctionModule {
 /// wasmtime has its own error type; the rest of the dispatcher speaks anyhow.
 fn wasm_error(e: wasmtime::Error) -> anyhow::Error {
     anyhow::anyhow!("{e:#}")
-}
-
-fn deadline_ticks(timeout: Duration) -> u64 {
-    let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
-    u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
 }
 
 fn classify_trap(
@@ -500,7 +495,7 @@ impl Instance {
         self.invocations += 1;
         self.last_used = Instant::now();
         self.store.data_mut().current_event.clone_from(&event.id);
-        self.store.data_mut().ticks_left = deadline_ticks(self.limits.timeout);
+        self.store.data_mut().deadline = Instant::now() + self.limits.timeout;
         self.store.set_epoch_deadline(1);
         let call =
             self.bindings
