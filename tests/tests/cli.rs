@@ -67,6 +67,19 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
     assert_eq!(output.code, Some(0), "{output:?}");
     assert!(output.stdout.contains("ok (2 functions)"), "{output:?}");
 
+    // The documented example, with every key, stays a valid configuration.
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/weir.example.toml");
+    let output = run_weir(
+        ["check", "-c"]
+            .iter()
+            .map(Into::into)
+            .chain([example.as_os_str().to_owned()]),
+        CHECK_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(output.code, Some(0), "deploy/weir.example.toml: {output:?}");
+
     // Parse problems: reported together, each with its key path. A config that does not parse
     // is never instantiated, so module *world* checks cannot run on it: that problem needs a
     // second config (below).
