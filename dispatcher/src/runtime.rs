@@ -407,9 +407,7 @@ impl Transports {
                 options.ack_wait = jetstream.ack_wait;
                 options.prefetch = jetstream.prefetch;
                 // The server-side bound follows the maximum, not the slots of the moment.
-                let per_slot = i64::try_from(jetstream.prefetch.saturating_add(1)).unwrap_or(1);
-                options.max_ack_pending =
-                    Some(i64::from(function.scaling.max.max(1)).saturating_mul(per_slot));
+                options.max_ack_pending = Some(options.max_ack_pending_for(max_in_flight));
                 let subscription = self
                     .nats(trigger.broker)?
                     .subscribe_jetstream(&trigger.topic, &options, slots.clamp(1, max_in_flight))

@@ -365,6 +365,15 @@ impl JetStreamConsumerOptions {
         }
     }
 
+    /// The consumer's `max_ack_pending` for `max_in_flight` slots: the configured one, else
+    /// each slot plus what is fetched ahead for it.
+    pub fn max_ack_pending_for(&self, max_in_flight: usize) -> i64 {
+        self.max_ack_pending.unwrap_or_else(|| {
+            i64::try_from(max_in_flight.saturating_mul(self.prefetch.saturating_add(1)))
+                .unwrap_or(i64::MAX)
+        })
+    }
+
     /// Every problem, each prefixed with its key path.
     pub fn validate(&self, path: &str) -> Vec<String> {
         let mut problems = Vec::new();

@@ -126,9 +126,7 @@ impl NatsTransport {
             None => ephemeral_name(&self.client),
         };
         let per_slot = options.prefetch.saturating_add(1);
-        let max_ack_pending = options.max_ack_pending.unwrap_or_else(|| {
-            i64::try_from(max_in_flight.saturating_mul(per_slot)).unwrap_or(i64::MAX)
-        });
+        let max_ack_pending = options.max_ack_pending_for(max_in_flight);
         let consumer_config = pull::Config {
             durable_name: options.durable.clone(),
             name: Some(name.clone()),
@@ -154,12 +152,10 @@ impl NatsTransport {
             .map_err(|err| subscribe_error(format!("creating consumer {name}: {err}")))?;
 
         let bound = max_in_flight.saturating_mul(per_slot);
-        let permits = Arc::new(Semaphore::new(bound));
-        let flow_permits = Arc::clone(&permits);
         let prefetched = Arc::new(Prefetched::default());
         let cancel = CancellationToken::new();
         let flow = Arc::new(InFlightBound {
-            permits: Arc::clone(&flow_permits),
+            permits: Arc::new(Semaphore::new(bound)),
             per_slot,
             total: std::sync::Mutex::new(bound),
         });
@@ -168,7 +164,6 @@ impl NatsTransport {
             stream_name: options.stream.clone(),
             consumer_name: name.clone(),
             consumer_config,
-            permits,
             flow: Arc::clone(&flow),
             prefetched: Arc::clone(&prefetched),
             cancel: cancel.clone(),
@@ -224,7 +219,7 @@ struct Fetcher {
     stream_name: String,
     consumer_name: String,
     consumer_config: pull::Config,
-    permits: Arc<Semaphore>,
+    /// Holds the semaphore every fetched delivery takes a permit from.
     flow: Arc<InFlightBound>,
     prefetched: Arc<Prefetched>,
     cancel: CancellationToken,
@@ -307,7 +302,7 @@ impl Fetcher {
     async fn pull_once(&self, consumer: &PullConsumer) -> PullOutcome {
         let first = tokio::select! {
             () = self.cancel.cancelled() => return PullOutcome::Stopped,
-            permit = Arc::clone(&self.permits).acquire_owned() => match permit {
+            permit = Arc::clone(&self.flow.permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return PullOutcome::Stopped,
             },
@@ -318,7 +313,7 @@ impl Fetcher {
         // pull at once when the queue runs dry, so nothing waits for the accumulation.
         loop {
             while held.len() < MAX_BATCH {
-                match Arc::clone(&self.permits).try_acquire_owned() {
+                match Arc::clone(&self.flow.permits).try_acquire_owned() {
                     Ok(permit) => held.push(permit),
                     Err(_) => break,
                 }
@@ -332,7 +327,7 @@ impl Fetcher {
                 // Bounded, so an emptied queue is noticed even when no permit comes back.
                 permit = tokio::time::timeout(
                     ACCUMULATE_CHECK,
-                    Arc::clone(&self.permits).acquire_owned(),
+                    Arc::clone(&self.flow.permits).acquire_owned(),
                 ) => match permit {
                     Ok(Ok(permit)) => held.push(permit),
                     Ok(Err(_)) => return PullOutcome::Stopped,
