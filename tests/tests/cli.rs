@@ -30,6 +30,18 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBu
 }
 
 /// Every problem line of `weir check`'s report: `  <path>: <message>`.
+/// `weir check -c CONFIG`.
+async fn weir_check(config: &Path) -> anyhow::Result<CommandOutput> {
+    run_weir(
+        ["check", "-c"]
+            .iter()
+            .map(Into::into)
+            .chain([config.as_os_str().to_owned()]),
+        CHECK_TIMEOUT,
+    )
+    .await
+}
+
 fn problem_lines(output: &CommandOutput) -> Vec<(String, String)> {
     output
         .stderr
@@ -56,28 +68,14 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
         )
     );
     let valid = write(dir.path(), "valid.toml", &valid)?;
-    let output = run_weir(
-        ["check", "-c"]
-            .iter()
-            .map(Into::into)
-            .chain([valid.as_os_str().to_owned()]),
-        CHECK_TIMEOUT,
-    )
-    .await?;
+    let output = weir_check(&valid).await?;
     assert_eq!(output.code, Some(0), "{output:?}");
     assert!(output.stdout.contains("ok (2 functions)"), "{output:?}");
 
     // The documented example, with every key, stays a valid configuration.
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/weir.example.toml");
-    let output = run_weir(
-        ["check", "-c"]
-            .iter()
-            .map(Into::into)
-            .chain([example.as_os_str().to_owned()]),
-        CHECK_TIMEOUT,
-    )
-    .await?;
+    let output = weir_check(&example).await?;
     assert_eq!(output.code, Some(0), "deploy/weir.example.toml: {output:?}");
 
     // Parse problems: reported together, each with its key path. A config that does not parse
@@ -105,14 +103,7 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
         )
     );
     let bad = write(dir.path(), "bad.toml", &parse_problems)?;
-    let output = run_weir(
-        ["check", "-c"]
-            .iter()
-            .map(Into::into)
-            .chain([bad.as_os_str().to_owned()]),
-        CHECK_TIMEOUT,
-    )
-    .await?;
+    let output = weir_check(&bad).await?;
     assert_eq!(output.code, Some(2), "{output:?}");
     let problems = problem_lines(&output);
     assert_eq!(problems.len(), 3, "exactly the three problems: {output:?}");
@@ -142,14 +133,7 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
         )
     );
     let wrong_world = write(dir.path(), "wrong-world.toml", &wrong_world)?;
-    let output = run_weir(
-        ["check", "-c"]
-            .iter()
-            .map(Into::into)
-            .chain([wrong_world.as_os_str().to_owned()]),
-        CHECK_TIMEOUT,
-    )
-    .await?;
+    let output = weir_check(&wrong_world).await?;
     assert_eq!(output.code, Some(2), "{output:?}");
     let problems = problem_lines(&output);
     assert_eq!(problems.len(), 1, "{output:?}");

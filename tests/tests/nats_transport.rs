@@ -94,6 +94,19 @@ fn sequence_of(delivery: &Delivery) -> anyhow::Result<u64> {
 }
 
 /// Polls `lag()` until it equals `expected` (bounded).
+/// The `worker` durable's info, read from the server.
+async fn worker_info(
+    transport: &NatsTransport,
+) -> anyhow::Result<async_nats::jetstream::consumer::Info> {
+    Ok(transport
+        .jetstream()
+        .get_stream(STREAM)
+        .await?
+        .consumer_info("worker")
+        .await?
+        .clone())
+}
+
 async fn wait_for_lag(subscription: &dyn Subscription, expected: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -357,12 +370,7 @@ async fn prefetch_multiplies_the_bound_and_buffered_deliveries_are_not_redeliver
     opts.prefetch = 2;
     // 3 slots × (1 + 2): nine unsettled at most, and that is the consumer's max_ack_pending.
     let mut subscription = transport.subscribe_jetstream(SUBJECT, &opts, 3).await?;
-    let info = transport
-        .jetstream()
-        .get_stream(STREAM)
-        .await?
-        .consumer_info("worker")
-        .await?;
+    let info = worker_info(&transport).await?;
     assert_eq!(info.config.max_ack_pending, 9);
     let mut held = Vec::new();
     for _ in 0..9 {
@@ -393,12 +401,7 @@ async fn prefetch_multiplies_the_bound_and_buffered_deliveries_are_not_redeliver
             .await?;
     }
     wait_for_lag(&subscription, 0).await?;
-    let info = transport
-        .jetstream()
-        .get_stream(STREAM)
-        .await?
-        .consumer_info("worker")
-        .await?;
+    let info = worker_info(&transport).await?;
     assert_eq!(
         info.delivered.consumer_sequence, 12,
         "12 messages, each delivered once: {info:?}"
