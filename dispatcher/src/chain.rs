@@ -21,9 +21,14 @@ pub fn hops(event: &Event) -> u32 {
 /// A W3C `traceparent` for an event that arrived without one, derived from its id so a
 /// redelivery keeps the same trace.
 pub fn traceparent_for(event_id: &str) -> String {
-    let trace = derived_id(&["trace", event_id]);
+    let trace = trace_id_for(event_id);
     let span = &derived_id(&["span", event_id])[..16];
     format!("00-{trace}-{span}-01")
+}
+
+/// The trace id `traceparent_for` gives an event.
+fn trace_id_for(event_id: &str) -> String {
+    derived_id(&["trace", event_id])
 }
 
 /// The trace id (the second field) of a `traceparent`.
@@ -48,10 +53,16 @@ pub fn chain_outputs(
     now_rfc3339: &str,
 ) -> Vec<ChainedOutput> {
     let next_hops = (hops(input) + 1).to_string();
-    let traceparent = input
-        .extension(ext::TRACEPARENT)
-        .map(str::to_owned)
-        .unwrap_or_else(|| traceparent_for(&input.id));
+    // Only the trace id carries over (each output names its own span), so an input without
+    // a traceparent needs only the trace half of `traceparent_for`.
+    let derived_trace;
+    let input_trace = match input.extension(ext::TRACEPARENT) {
+        Some(traceparent) => trace_id(traceparent),
+        None => {
+            derived_trace = trace_id_for(&input.id);
+            Some(derived_trace.as_str())
+        }
+    };
     outputs
         .into_iter()
         .enumerate()
@@ -75,7 +86,7 @@ pub fn chain_outputs(
                 .insert(ext::CAUSATION.to_owned(), input.id.clone());
             // Keep the trace id; name this hop's span after the output so retries agree.
             let span = &event.id[..16];
-            let trace = trace_id(&traceparent).unwrap_or(&event.id);
+            let trace = input_trace.unwrap_or(&event.id);
             event
                 .extensions
                 .insert(ext::TRACEPARENT.to_owned(), format!("00-{trace}-{span}-01"));

@@ -305,7 +305,9 @@ impl InstancePool {
                 return Ok(instance);
             }
         }
-        let instance = self.start().await;
+        // Boxed: instantiation is the cold path here, and its future is large enough that
+        // inlining it would grow every invocation's future (copied on each spawn).
+        let instance = Box::pin(self.start()).await;
         self.publish_gauges();
         instance
     }

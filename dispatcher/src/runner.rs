@@ -209,6 +209,9 @@ impl FunctionRunner {
                     tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 loop {
                     tokio::select! {
+                        // Work first: a delivery that finishes on its first poll (most do)
+                        // then never registers the ticker with the timer wheel.
+                        biased;
                         settlement = &mut work => break settlement,
                         _ = ticker.tick() => {
                             if let Err(e) = delivery.in_progress().await {
@@ -536,7 +539,20 @@ impl FunctionRunner {
     }
 
     /// Write a dead-letter record, holding the lane until the DLQ confirms it.
-    async fn dead_letter(
+    ///
+    /// Boxed: the DLQ is the cold path, and inlined its state would grow every delivery's
+    /// future (which each spawn copies) by its size.
+    fn dead_letter<'a>(
+        &'a self,
+        record: Event,
+        reason: DeadLetterReason,
+        shutdown: &'a CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), HandBack>> + Send + 'a>>
+    {
+        Box::pin(self.write_dead_letter(record, reason, shutdown))
+    }
+
+    async fn write_dead_letter(
         &self,
         record: Event,
         reason: DeadLetterReason,

@@ -119,25 +119,39 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     transport
         .ensure_stream(&StreamConfig::new(STREAM, vec![JS_SUBJECT.into()]))
         .await?;
-    let published = Instant::now();
-    publish_js(&js, plan.js_events).await?;
-    let publish_rate = plan.js_events as f64 / published.elapsed().as_secs_f64();
-
-    let weir_js = weir_jetstream(&plan, &url, &js)
-        .await
-        .context("(1) Weir JetStream")?;
-    let native_js = native_jetstream(&plan, &js, "native", false)
-        .await
-        .context("(2) native JetStream")?;
-    let native_js_confirmed = native_jetstream(&plan, &js, "native-confirmed", true)
-        .await
-        .context("(2b) native JetStream, confirmed acks")?;
-    let weir_core = weir_core(&plan, &url).await.context("(3) Weir core")?;
-    let native_core = native_core(&plan, &url).await.context("(4) native core")?;
-    let latency_rate = weir_core.rate() / 2.0;
-    let (p50, p99, samples) = weir_core_latency(&plan, &url, latency_rate)
-        .await
-        .context("(5) Weir core latency")?;
+    // `WEIR_BENCH_ONLY=jetstream` or `=core` runs one half (e.g. under a profiler); each
+    // half still measures its own baseline.
+    let only = std::env::var("WEIR_BENCH_ONLY").unwrap_or_default();
+    ensure!(
+        matches!(only.as_str(), "" | "jetstream" | "core"),
+        "WEIR_BENCH_ONLY must be `jetstream` or `core`, not `{only}`"
+    );
+    let mut jetstream = None;
+    if only != "core" {
+        let published = Instant::now();
+        publish_js(&js, plan.js_events).await?;
+        let publish_rate = plan.js_events as f64 / published.elapsed().as_secs_f64();
+        let weir_js = weir_jetstream(&plan, &url, &js)
+            .await
+            .context("(1) Weir JetStream")?;
+        let native_js = native_jetstream(&plan, &js, "native", false)
+            .await
+            .context("(2) native JetStream")?;
+        let native_js_confirmed = native_jetstream(&plan, &js, "native-confirmed", true)
+            .await
+            .context("(2b) native JetStream, confirmed acks")?;
+        jetstream = Some((publish_rate, weir_js, native_js, native_js_confirmed));
+    }
+    let mut core = None;
+    if only != "jetstream" {
+        let weir_core = weir_core(&plan, &url).await.context("(3) Weir core")?;
+        let native_core = native_core(&plan, &url).await.context("(4) native core")?;
+        let latency_rate = weir_core.rate() / 2.0;
+        let latency = weir_core_latency(&plan, &url, latency_rate)
+            .await
+            .context("(5) Weir core latency")?;
+        core = Some((weir_core, native_core, latency_rate, latency));
+    }
 
     println!();
     println!(
@@ -145,7 +159,6 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         if plan.full { "full" } else { "smoke" },
         std::thread::available_parallelism().map_or(0, usize::from)
     );
-    println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
     println!(
         "{:<52} {:>9} {:>9} {:>12} {:>12}  goal",
         "measurement", "events", "seconds", "events/s", "Weir/native"
@@ -160,26 +173,31 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             ratio.map_or(String::new(), |r| format!("{r:.2}x"))
         );
     };
-    line(
-        &weir_js,
-        Some(weir_js.rate() / native_js.rate()),
-        "≥ 0.8x native, ≥ 100000/s",
-    );
-    line(&native_js, None, "");
-    line(&native_js_confirmed, None, "(what a confirmed ack costs)");
-    line(
-        &weir_core,
-        Some(weir_core.rate() / native_core.rate()),
-        "≥ 0.8x native, ≥ 250000/s",
-    );
-    line(&native_core, None, "");
-    println!(
-        "{:<52} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
-        "core → echo → core latency through Weir",
-        samples,
-        p50.as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3
-    );
+    if let Some((publish_rate, weir_js, native_js, native_js_confirmed)) = &jetstream {
+        line(
+            weir_js,
+            Some(weir_js.rate() / native_js.rate()),
+            "≥ 0.8x native, ≥ 100000/s",
+        );
+        line(native_js, None, "");
+        line(native_js_confirmed, None, "(what a confirmed ack costs)");
+        println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
+    }
+    if let Some((weir_core, native_core, latency_rate, (p50, p99, samples))) = &core {
+        line(
+            weir_core,
+            Some(weir_core.rate() / native_core.rate()),
+            "≥ 0.8x native, ≥ 250000/s",
+        );
+        line(native_core, None, "");
+        println!(
+            "{:<52} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+            "core → echo → core latency through Weir",
+            samples,
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        );
+    }
     transport.close().await?;
     drop(server);
     if !plan.full {
