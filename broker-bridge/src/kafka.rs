@@ -18,8 +18,18 @@
 //!
 //! This module does not decide retries (the dispatcher retries in place, see
 //! [`RetryStyle::InPlace`]), does not decode events and does not use Kafka transactions.
-//! The default librdkafka build has neither SSL nor SCRAM: `security_protocol = "ssl"` or
-//! `"sasl_ssl"` fail at connect until the `rdkafka/ssl` feature is enabled.
+//!
+//! Security: librdkafka is built with the system OpenSSL (the `rdkafka/ssl` feature), so every
+//! `security_protocol` works: `ssl` (server verified against `ssl_ca_location`, else the system
+//! CA store; a client certificate with `ssl_certificate_location` + `ssl_key_location`),
+//! `sasl_plaintext` and `sasl_ssl` with `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`
+//! (librdkafka's built-in SASL; no GSSAPI). [`KafkaTransport::connect`] reports a TLS failure
+//! (untrusted certificate, refused handshake, unloadable file) as [`TransportError::Tls`] and a
+//! refused mechanism or credentials as [`TransportError::Authentication`], as soon as
+//! librdkafka reports them rather than at the end of the connect timeout; once running, such
+//! failures are logged as errors. Tested against Tansu (`tests/tests/kafka_security.rs`): TLS,
+//! mutual TLS and SCRAM-SHA-256/512; PLAIN only as a mechanism Tansu refuses (it does not
+//! offer PLAIN).
 
 mod consumer;
 mod lanes;
@@ -30,7 +40,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -39,7 +49,9 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{
+    BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer as _, ProducerContext,
+};
 use rdkafka::util::Timeout;
 use rdkafka::Offset;
 use serde::Deserialize;
@@ -108,6 +120,10 @@ impl SecurityProtocol {
             self,
             SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
         )
+    }
+
+    fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
     }
 }
 
@@ -345,7 +361,27 @@ impl KafkaConfig {
                 if !file.exists() {
                     problem(key, format!("{} does not exist", file.display()));
                 }
+                if !self
+                    .security_protocol
+                    .is_some_and(SecurityProtocol::uses_tls)
+                {
+                    problem(
+                        key,
+                        "only used with security_protocol ssl or sasl_ssl".to_owned(),
+                    );
+                }
             }
+        }
+        match (&self.ssl_certificate_location, &self.ssl_key_location) {
+            (Some(_), None) => problem(
+                "ssl_key_location",
+                "required with ssl_certificate_location".to_owned(),
+            ),
+            (None, Some(_)) => problem(
+                "ssl_certificate_location",
+                "required with ssl_key_location".to_owned(),
+            ),
+            _ => {}
         }
 
         for (option, value) in &self.options {
@@ -510,6 +546,152 @@ fn connect_error(reason: impl fmt::Display) -> TransportError {
     }
 }
 
+/// Which security failure a librdkafka error is, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecurityFailure {
+    Tls,
+    Authentication,
+}
+
+impl SecurityFailure {
+    /// `__SSL` (handshake refused, certificate not trusted) and `__AUTHENTICATION` (SASL
+    /// mechanism or credentials refused). librdkafka reports a disconnect during the TLS
+    /// handshake as `__TRANSPORT`, which is not classified: it is as likely a network problem.
+    fn of(code: RDKafkaErrorCode) -> Option<Self> {
+        match code {
+            RDKafkaErrorCode::SSL => Some(Self::Tls),
+            RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::UnsupportedSASLMechanism
+            | RDKafkaErrorCode::IllegalSASLState => Some(Self::Authentication),
+            _ => None,
+        }
+    }
+
+    fn error(self, reason: String) -> TransportError {
+        match self {
+            Self::Tls => TransportError::Tls {
+                broker: BrokerKind::Kafka,
+                reason,
+            },
+            Self::Authentication => TransportError::Authentication {
+                broker: BrokerKind::Kafka,
+                reason,
+            },
+        }
+    }
+}
+
+/// librdkafka refused to create a client: a bad option value, or a certificate, key or CA file
+/// it could not load (classified as TLS).
+fn client_creation_error(error: KafkaError) -> TransportError {
+    let reason = error.to_string();
+    if reason.contains("ssl.") || reason.contains("SSL") {
+        SecurityFailure::Tls.error(reason)
+    } else {
+        connect_error(reason)
+    }
+}
+
+/// How long one metadata request of the connect probe waits before librdkafka's errors are
+/// looked at.
+const PROBE_SLICE: Duration = Duration::from_millis(250);
+
+/// Ask the cluster for metadata until it answers (Ok), librdkafka reports a TLS or SASL
+/// failure (a classified error, at once: retrying would fail the same way), or
+/// [`ADMIN_TIMEOUT`] passes (a connect error carrying librdkafka's last error).
+///
+/// The probe is a producer (that never produces) because a producer's `poll` serves the
+/// error events of the client's main queue; an admin client's main queue is never served.
+async fn probe_cluster(client: &ClientConfig, bootstrap: &str) -> Result<(), TransportError> {
+    let mut probe_config = client.clone();
+    probe_config.set("enable.idempotence", "false");
+    let producer: BaseProducer<ProbeContext> = probe_config
+        .create_with_context(ProbeContext::default())
+        .map_err(client_creation_error)?;
+    let bootstrap = bootstrap.to_owned();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + ADMIN_TIMEOUT;
+        loop {
+            let slice = PROBE_SLICE.min(deadline.saturating_duration_since(Instant::now()));
+            let answered = producer.client().fetch_metadata(None, slice);
+            // Serves the error events into the context.
+            producer.poll(Duration::from_millis(1));
+            let context = producer.context();
+            if let Some((failure, reason)) = context.failure() {
+                return Err(failure.error(format!("{bootstrap}: {reason}")));
+            }
+            match answered {
+                Ok(_) => return Ok(()),
+                Err(error) if Instant::now() >= deadline => {
+                    let last = context
+                        .last_error()
+                        .map(|reason| format!("; last error: {reason}"))
+                        .unwrap_or_default();
+                    return Err(connect_error(format!(
+                        "{bootstrap}: no broker answered within {ADMIN_TIMEOUT:?} ({error}){last}"
+                    )));
+                }
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    outcome.map_err(connect_error)?
+}
+
+/// The context of the connect probe: remembers what librdkafka reported.
+#[derive(Debug, Default)]
+struct ProbeContext {
+    /// The first TLS or SASL failure.
+    failure: std::sync::Mutex<Option<(SecurityFailure, String)>>,
+    /// The latest error of any kind.
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ProbeContext {
+    fn failure(&self) -> Option<(SecurityFailure, String)> {
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        forward_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // rust-rdkafka calls this twice per error event (see `BaseProducer::poll`).
+        let classified = error.rdkafka_error_code().and_then(SecurityFailure::of);
+        if let Some(failure) = classified {
+            self.failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_insert_with(|| (failure, reason.to_owned()));
+        }
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_owned());
+    }
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _report: &DeliveryResult<'_>, _opaque: ()) {}
+}
+
 /// Route librdkafka's log lines into tracing.
 fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     match level {
@@ -537,11 +719,25 @@ impl ClientContext for LogContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "kafka client error");
+        report_client_error(None, &error, reason);
     }
 }
 
 impl ConsumerContext for LogContext {}
+
+/// Log an error a running client reported. TLS and SASL failures are errors (they repeat until
+/// the settings or the broker change); the rest are warnings (librdkafka retries them).
+fn report_client_error(topic: Option<&str>, error: &KafkaError, reason: &str) {
+    match error.rdkafka_error_code().and_then(SecurityFailure::of) {
+        Some(SecurityFailure::Tls) => {
+            tracing::error!(topic, %error, reason, "kafka TLS failed");
+        }
+        Some(SecurityFailure::Authentication) => {
+            tracing::error!(topic, %error, reason, "kafka authentication failed");
+        }
+        None => tracing::warn!(topic, %error, reason, "kafka client error"),
+    }
+}
 
 /// A connection to a Kafka cluster: creates topics, subscriptions and publishers.
 pub struct KafkaTransport {
@@ -566,13 +762,9 @@ impl KafkaTransport {
         let client = config.client_config()?;
         let admin: AdminClient<LogContext> = client
             .create_with_context(LogContext)
-            .map_err(connect_error)?;
+            .map_err(client_creation_error)?;
         let admin = Arc::new(admin);
-        let probe = admin.clone();
-        tokio::task::spawn_blocking(move || probe.inner().fetch_metadata(None, ADMIN_TIMEOUT))
-            .await
-            .map_err(connect_error)?
-            .map_err(|e| connect_error(format!("{}: {e}", config.bootstrap)))?;
+        probe_cluster(&client, &config.bootstrap).await?;
         Ok(Self {
             config: config.clone(),
             client,
@@ -669,7 +861,7 @@ impl KafkaTransport {
             );
         let producer: FutureProducer<LogContext> = client
             .create_with_context(LogContext)
-            .map_err(connect_error)?;
+            .map_err(client_creation_error)?;
         Ok(KafkaPublisher {
             producer: std::sync::RwLock::new(producer),
             client_config: client,
@@ -951,6 +1143,109 @@ mod tests {
         assert!(has("kafka.topic_defaults.partitions:"), "{problems:?}");
         assert!(!has("kafka.options.\"linger.ms\""), "{problems:?}");
         assert_eq!(problems.len(), 9, "{problems:?}");
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_protocol_and_come_in_pairs() {
+        let existing = std::env::temp_dir();
+        let mut config = KafkaConfig {
+            security_protocol: Some(SecurityProtocol::SaslPlaintext),
+            sasl_mechanism: Some(SaslMechanism::ScramSha256),
+            sasl_username: Some("weir".to_owned()),
+            sasl_password_env: Some("KAFKA_PASSWORD".to_owned()),
+            ssl_ca_location: Some(existing.clone()),
+            ssl_certificate_location: Some(existing.clone()),
+            ..Default::default()
+        };
+        let problems = config.validate("kafka");
+        let has = |needle: &str| problems.iter().any(|p| p.starts_with(needle));
+        assert!(has("kafka.ssl_ca_location: only used with"), "{problems:?}");
+        assert!(
+            has("kafka.ssl_certificate_location: only used with"),
+            "{problems:?}"
+        );
+        assert!(
+            has("kafka.ssl_key_location: required with ssl_certificate_location"),
+            "{problems:?}"
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+
+        config.security_protocol = Some(SecurityProtocol::SaslSsl);
+        config.ssl_key_location = Some(existing);
+        assert!(
+            config.validate("kafka").is_empty(),
+            "{:?}",
+            config.validate("kafka")
+        );
+    }
+
+    #[test]
+    fn tls_and_sasl_failures_are_classified() {
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::SSL),
+            Some(SecurityFailure::Tls)
+        );
+        for code in [
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::UnsupportedSASLMechanism,
+        ] {
+            assert_eq!(
+                SecurityFailure::of(code),
+                Some(SecurityFailure::Authentication)
+            );
+        }
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::BrokerTransportFailure),
+            None
+        );
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::OperationTimedOut),
+            None
+        );
+        let error = client_creation_error(KafkaError::ClientCreation(
+            "ssl.ca.location failed: no such file".to_owned(),
+        ));
+        assert!(matches!(error, TransportError::Tls { .. }), "{error:?}");
+        let error = client_creation_error(KafkaError::ClientCreation(
+            "Invalid value for configuration property \"linger.ms\"".to_owned(),
+        ));
+        assert!(matches!(error, TransportError::Connect { .. }), "{error:?}");
+    }
+
+    /// TLS and SCRAM need librdkafka built with OpenSSL (the `rdkafka/ssl` feature).
+    #[test]
+    fn librdkafka_has_tls_and_scram() {
+        let features = ClientConfig::new()
+            .create_native_config()
+            .unwrap()
+            .get("builtin.features")
+            .unwrap();
+        let features: Vec<&str> = features.split(',').collect();
+        for wanted in ["ssl", "sasl_plain", "sasl_scram"] {
+            assert!(features.contains(&wanted), "{wanted} missing: {features:?}");
+        }
+    }
+
+    /// The connect probe against a port nobody listens on: a connect error within the
+    /// timeout, naming the bootstrap server and librdkafka's last error.
+    #[tokio::test]
+    async fn connect_to_nothing_fails_with_the_last_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let config = KafkaConfig {
+            bootstrap: format!("127.0.0.1:{port}"),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let error = KafkaTransport::connect(&config).await.unwrap_err();
+        assert!(started.elapsed() < ADMIN_TIMEOUT + Duration::from_secs(3));
+        let text = error.to_string();
+        assert!(matches!(error, TransportError::Connect { .. }), "{text}");
+        assert!(text.contains(&config.bootstrap), "{text}");
+        assert!(text.contains("last error"), "{text}");
     }
 
     #[test]
