@@ -554,16 +554,21 @@ enum SecurityFailure {
 }
 
 impl SecurityFailure {
-    /// `__SSL` (handshake refused, certificate not trusted) and `__AUTHENTICATION` (SASL
-    /// mechanism or credentials refused). librdkafka reports a disconnect during the TLS
-    /// handshake as `__TRANSPORT`, which is not classified: it is as likely a network problem.
-    fn of(code: RDKafkaErrorCode) -> Option<Self> {
+    /// `__SSL` (handshake refused, certificate not trusted), `__AUTHENTICATION` (SASL
+    /// mechanism or credentials refused), and a TLS alert the peer sent after the handshake
+    /// (TLS 1.3 refuses a missing or bad client certificate that way; librdkafka reports it as
+    /// `__TRANSPORT` with OpenSSL's "SSL alert number N"). Other disconnects, also during the
+    /// TLS handshake, are not classified: they are as likely a network problem.
+    fn of(code: RDKafkaErrorCode, reason: &str) -> Option<Self> {
         match code {
             RDKafkaErrorCode::SSL => Some(Self::Tls),
             RDKafkaErrorCode::Authentication
             | RDKafkaErrorCode::SaslAuthenticationFailed
             | RDKafkaErrorCode::UnsupportedSASLMechanism
             | RDKafkaErrorCode::IllegalSASLState => Some(Self::Authentication),
+            RDKafkaErrorCode::BrokerTransportFailure if reason.contains("SSL alert number") => {
+                Some(Self::Tls)
+            }
             _ => None,
         }
     }
@@ -597,19 +602,38 @@ fn client_creation_error(error: KafkaError) -> TransportError {
 /// looked at.
 const PROBE_SLICE: Duration = Duration::from_millis(250);
 
+/// The probe's `socket.connection.setup.timeout.ms` (librdkafka's default is 30 s), unless
+/// `options` sets it: a connection stuck in a handshake (TLS to a plaintext listener) is then
+/// reported, with the state it was stuck in, inside [`ADMIN_TIMEOUT`].
+const PROBE_SETUP_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// Ask the cluster for metadata until it answers (Ok), librdkafka reports a TLS or SASL
 /// failure (a classified error, at once: retrying would fail the same way), or
 /// [`ADMIN_TIMEOUT`] passes (a connect error carrying librdkafka's last error).
 ///
 /// The probe is a producer (that never produces) because a producer's `poll` serves the
 /// error events of the client's main queue; an admin client's main queue is never served.
-async fn probe_cluster(client: &ClientConfig, bootstrap: &str) -> Result<(), TransportError> {
+async fn probe_cluster(config: &KafkaConfig, client: &ClientConfig) -> Result<(), TransportError> {
     let mut probe_config = client.clone();
     probe_config.set("enable.idempotence", "false");
+    // Connection failures that raise no error event are logged at info or warning level.
+    probe_config.set_log_level(RDKafkaLogLevel::Info);
+    if probe_config
+        .get("socket.connection.setup.timeout.ms")
+        .is_none()
+    {
+        probe_config.set(
+            "socket.connection.setup.timeout.ms",
+            millis_or_max(PROBE_SETUP_TIMEOUT),
+        );
+    }
     let producer: BaseProducer<ProbeContext> = probe_config
         .create_with_context(ProbeContext::default())
         .map_err(client_creation_error)?;
-    let bootstrap = bootstrap.to_owned();
+    let bootstrap = config.bootstrap.clone();
+    let protocol = config
+        .security_protocol
+        .unwrap_or(SecurityProtocol::Plaintext);
     let outcome = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + ADMIN_TIMEOUT;
         loop {
@@ -624,12 +648,18 @@ async fn probe_cluster(client: &ClientConfig, bootstrap: &str) -> Result<(), Tra
             match answered {
                 Ok(_) => return Ok(()),
                 Err(error) if Instant::now() >= deadline => {
-                    let last = context
-                        .last_error()
+                    let last = context.last_error();
+                    let hint = last
+                        .as_deref()
+                        .and_then(|last| mismatch_hint(protocol, last))
+                        .map(|hint| format!("; {hint}"))
+                        .unwrap_or_default();
+                    let last = last
                         .map(|reason| format!("; last error: {reason}"))
                         .unwrap_or_default();
                     return Err(connect_error(format!(
-                        "{bootstrap}: no broker answered within {ADMIN_TIMEOUT:?} ({error}){last}"
+                        "{bootstrap}: no broker answered within {ADMIN_TIMEOUT:?} \
+                         ({error}){last}{hint}"
                     )));
                 }
                 Err(_) => {}
@@ -640,49 +670,97 @@ async fn probe_cluster(client: &ClientConfig, bootstrap: &str) -> Result<(), Tra
     outcome.map_err(connect_error)?
 }
 
+/// What a connection that failed in this way usually means, for the connect error. librdkafka
+/// names the state a connection failed in; a dropped connection in these states is the
+/// typical sign of a `security_protocol` the listener does not speak.
+fn mismatch_hint(protocol: SecurityProtocol, last_error: &str) -> Option<&'static str> {
+    let dropped = last_error.contains("Disconnected");
+    if last_error.contains("in state SSL_HANDSHAKE") && !dropped {
+        Some("hint: the TLS handshake got no answer: does this listener speak TLS?")
+    } else if dropped && last_error.contains("in state APIVERSION_QUERY") && !protocol.uses_tls() {
+        Some(
+            "hint: the broker hung up on the first request: does this listener expect TLS \
+             (security_protocol \"ssl\" or \"sasl_ssl\")?",
+        )
+    } else if dropped && last_error.contains("in state UP") && !protocol.uses_sasl() {
+        Some(
+            "hint: the broker hung up right after connecting: does it require SASL \
+             (security_protocol \"sasl_plaintext\" or \"sasl_ssl\")?",
+        )
+    } else {
+        None
+    }
+}
+
+/// librdkafka's log lines start with the thread's name (`[thrd:...]: `), which says nothing
+/// the rest of the line does not.
+fn without_thread_name(line: &str) -> &str {
+    match (line.starts_with("[thrd:"), line.find("]: ")) {
+        (true, Some(end)) => &line[end + 3..],
+        _ => line,
+    }
+}
+
 /// The context of the connect probe: remembers what librdkafka reported.
 #[derive(Debug, Default)]
 struct ProbeContext {
+    state: std::sync::Mutex<ProbeState>,
+}
+
+#[derive(Debug, Default)]
+struct ProbeState {
     /// The first TLS or SASL failure.
-    failure: std::sync::Mutex<Option<(SecurityFailure, String)>>,
-    /// The latest error of any kind.
-    last_error: std::sync::Mutex<Option<String>>,
+    failure: Option<(SecurityFailure, String)>,
+    /// The latest connection failure: an error event, or a `FAIL` log line (librdkafka logs
+    /// every broker connection failure so, but raises an error event only for some: a
+    /// handshake that timed out or a disconnect right after connecting are logs only).
+    last_failure: Option<String>,
+    /// The latest "N/N brokers are down": a summary, named only when nothing better came.
+    all_brokers_down: Option<String>,
 }
 
 impl ProbeContext {
-    fn failure(&self) -> Option<(SecurityFailure, String)> {
-        self.failure
+    fn state(&self) -> std::sync::MutexGuard<'_, ProbeState> {
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    }
+
+    fn failure(&self) -> Option<(SecurityFailure, String)> {
+        self.state().failure.clone()
     }
 
     fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let state = self.state();
+        state
+            .last_failure
             .clone()
+            .or_else(|| state.all_brokers_down.clone())
     }
 }
 
 impl ClientContext for ProbeContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         forward_log(level, fac, log_message);
+        if fac == "FAIL" {
+            self.state().last_failure = Some(without_thread_name(log_message).to_owned());
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
         // rust-rdkafka calls this twice per error event (see `BaseProducer::poll`).
-        let classified = error.rdkafka_error_code().and_then(SecurityFailure::of);
-        if let Some(failure) = classified {
-            self.failure
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let code = error.rdkafka_error_code();
+        let mut state = self.state();
+        if let Some(failure) = code.and_then(|code| SecurityFailure::of(code, reason)) {
+            state
+                .failure
                 .get_or_insert_with(|| (failure, reason.to_owned()));
         }
-        *self
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_owned());
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+            state.all_brokers_down = Some(reason.to_owned());
+        } else {
+            state.last_failure = Some(reason.to_owned());
+        }
     }
 }
 
@@ -728,7 +806,10 @@ impl ConsumerContext for LogContext {}
 /// Log an error a running client reported. TLS and SASL failures are errors (they repeat until
 /// the settings or the broker change); the rest are warnings (librdkafka retries them).
 fn report_client_error(topic: Option<&str>, error: &KafkaError, reason: &str) {
-    match error.rdkafka_error_code().and_then(SecurityFailure::of) {
+    match error
+        .rdkafka_error_code()
+        .and_then(|code| SecurityFailure::of(code, reason))
+    {
         Some(SecurityFailure::Tls) => {
             tracing::error!(topic, %error, reason, "kafka TLS failed");
         }
@@ -764,7 +845,7 @@ impl KafkaTransport {
             .create_with_context(LogContext)
             .map_err(client_creation_error)?;
         let admin = Arc::new(admin);
-        probe_cluster(&client, &config.bootstrap).await?;
+        probe_cluster(config, &client).await?;
         Ok(Self {
             config: config.clone(),
             client,
@@ -1182,7 +1263,7 @@ mod tests {
     #[test]
     fn tls_and_sasl_failures_are_classified() {
         assert_eq!(
-            SecurityFailure::of(RDKafkaErrorCode::SSL),
+            SecurityFailure::of(RDKafkaErrorCode::SSL, ""),
             Some(SecurityFailure::Tls)
         );
         for code in [
@@ -1191,16 +1272,23 @@ mod tests {
             RDKafkaErrorCode::UnsupportedSASLMechanism,
         ] {
             assert_eq!(
-                SecurityFailure::of(code),
+                SecurityFailure::of(code, ""),
                 Some(SecurityFailure::Authentication)
             );
         }
+        let alert = "ssl://b:9093/bootstrap: Receive failed: error:0A00045C:SSL routines::\
+                     tlsv13 alert certificate required:SSL alert number 116";
         assert_eq!(
-            SecurityFailure::of(RDKafkaErrorCode::BrokerTransportFailure),
+            SecurityFailure::of(RDKafkaErrorCode::BrokerTransportFailure, alert),
+            Some(SecurityFailure::Tls)
+        );
+        let reset = "ssl://b:9093/bootstrap: Disconnected: connection reset by peer";
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::BrokerTransportFailure, reset),
             None
         );
         assert_eq!(
-            SecurityFailure::of(RDKafkaErrorCode::OperationTimedOut),
+            SecurityFailure::of(RDKafkaErrorCode::OperationTimedOut, ""),
             None
         );
         let error = client_creation_error(KafkaError::ClientCreation(
@@ -1211,6 +1299,35 @@ mod tests {
             "Invalid value for configuration property \"linger.ms\"".to_owned(),
         ));
         assert!(matches!(error, TransportError::Connect { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn protocol_mismatches_get_a_hint() {
+        let plaintext_to_tls = "127.0.0.1:9093/bootstrap: Disconnected: connection closed by \
+                                peer: receive 0 after POLLIN (after 0ms in state \
+                                APIVERSION_QUERY)";
+        let hint = mismatch_hint(SecurityProtocol::Plaintext, plaintext_to_tls).unwrap();
+        assert!(hint.contains("expect TLS"), "{hint}");
+        assert_eq!(mismatch_hint(SecurityProtocol::Ssl, plaintext_to_tls), None);
+
+        let tls_to_plaintext = "ssl://127.0.0.1:9092/bootstrap: Connection setup timed out in \
+                                state SSL_HANDSHAKE (after 4003ms in state SSL_HANDSHAKE)";
+        let hint = mismatch_hint(SecurityProtocol::Ssl, tls_to_plaintext).unwrap();
+        assert!(hint.contains("speak TLS"), "{hint}");
+
+        let no_sasl = "ssl://127.0.0.1:9093/bootstrap: Disconnected: SSL connection closed by \
+                       peer (after 0ms in state UP)";
+        let hint = mismatch_hint(SecurityProtocol::Ssl, no_sasl).unwrap();
+        assert!(hint.contains("require SASL"), "{hint}");
+        assert_eq!(mismatch_hint(SecurityProtocol::SaslSsl, no_sasl), None);
+
+        let refused = "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: \
+                       Connection refused (after 0ms in state CONNECT)";
+        assert_eq!(mismatch_hint(SecurityProtocol::Plaintext, refused), None);
+        assert_eq!(
+            without_thread_name("[thrd:ssl://b:1/bootstrap]: ssl://b:1/bootstrap: x"),
+            "ssl://b:1/bootstrap: x"
+        );
     }
 
     /// TLS and SCRAM need librdkafka built with OpenSSL (the `rdkafka/ssl` feature).
