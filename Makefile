@@ -13,10 +13,10 @@ PY_BIN           := $(shell python3 -c 'import sysconfig; print(sysconfig.get_pa
 NATS_SERVER_ENV  = WEIR_NATS_SERVER="$${WEIR_NATS_SERVER:-$$(scripts/find-nats-server)}"
 export WEIR_TANSU ?= $(shell command -v tansu 2>/dev/null || echo $(HOME)/.cargo/bin/tansu)
 
-.PHONY: up test functions weir lint bench tools wasm-target nats-server tansu debian-tools clean
+.PHONY: up test functions weir lint bench tools wasm-target nats-server tansu debian-tools build-deps clean
 
 ## up: build the example functions and weir, then run the demo pipeline on the embedded bus
-up: functions
+up: build-deps functions
 	$(CARGO) build --release -p weir-dispatcher --bin weir
 	./target/release/weir up
 
@@ -33,7 +33,17 @@ wasm-target:
 functions: wasm-target
 	cd functions && $(CARGO) build --release
 
-tools: wasm-target nats-server tansu debian-tools
+tools: build-deps wasm-target nats-server tansu debian-tools
+
+## build-deps: what building weir needs beyond Rust: OpenSSL's headers and pkg-config, for
+## librdkafka's TLS and SCRAM (rdkafka's `ssl` feature links the system OpenSSL)
+build-deps:
+	@if pkg-config --exists openssl 2>/dev/null; then \
+	  echo "openssl (pkg-config): $$(pkg-config --modversion openssl)"; \
+	else \
+	  echo "installing libssl-dev pkg-config (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null; \
+	fi
 
 ## debian-tools: Prometheus (dashboard test), Chromium (status page test), docker-compose
 ## (validates the compose file without an engine)

@@ -18,8 +18,18 @@
 //!
 //! This module does not decide retries (the dispatcher retries in place, see
 //! [`RetryStyle::InPlace`]), does not decode events and does not use Kafka transactions.
-//! The default librdkafka build has neither SSL nor SCRAM: `security_protocol = "ssl"` or
-//! `"sasl_ssl"` fail at connect until the `rdkafka/ssl` feature is enabled.
+//!
+//! Security: librdkafka is built with the system OpenSSL (the `rdkafka/ssl` feature), so every
+//! `security_protocol` works: `ssl` (server verified against `ssl_ca_location`, else the system
+//! CA store; a client certificate with `ssl_certificate_location` + `ssl_key_location`),
+//! `sasl_plaintext` and `sasl_ssl` with `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`
+//! (librdkafka's built-in SASL; no GSSAPI). [`KafkaTransport::connect`] reports a TLS failure
+//! (untrusted certificate, refused handshake, unloadable file) as [`TransportError::Tls`] and a
+//! refused mechanism or credentials as [`TransportError::Authentication`], as soon as
+//! librdkafka reports them rather than at the end of the connect timeout; once running, such
+//! failures are logged as errors. Tested against Tansu (`tests/tests/kafka_security.rs`): TLS,
+//! mutual TLS and SCRAM-SHA-256/512; PLAIN only as a mechanism Tansu refuses (it does not
+//! offer PLAIN).
 
 mod consumer;
 mod lanes;
@@ -30,7 +40,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -39,7 +49,9 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{
+    BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer as _, ProducerContext,
+};
 use rdkafka::util::Timeout;
 use rdkafka::Offset;
 use serde::Deserialize;
@@ -108,6 +120,10 @@ impl SecurityProtocol {
             self,
             SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
         )
+    }
+
+    fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
     }
 }
 
@@ -345,7 +361,27 @@ impl KafkaConfig {
                 if !file.exists() {
                     problem(key, format!("{} does not exist", file.display()));
                 }
+                if !self
+                    .security_protocol
+                    .is_some_and(SecurityProtocol::uses_tls)
+                {
+                    problem(
+                        key,
+                        "only used with security_protocol ssl or sasl_ssl".to_owned(),
+                    );
+                }
             }
+        }
+        match (&self.ssl_certificate_location, &self.ssl_key_location) {
+            (Some(_), None) => problem(
+                "ssl_key_location",
+                "required with ssl_certificate_location".to_owned(),
+            ),
+            (None, Some(_)) => problem(
+                "ssl_certificate_location",
+                "required with ssl_key_location".to_owned(),
+            ),
+            _ => {}
         }
 
         for (option, value) in &self.options {
@@ -510,6 +546,229 @@ fn connect_error(reason: impl fmt::Display) -> TransportError {
     }
 }
 
+/// Which security failure a librdkafka error is, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecurityFailure {
+    Tls,
+    Authentication,
+}
+
+impl SecurityFailure {
+    /// `__SSL` (handshake refused, certificate not trusted), `__AUTHENTICATION` (SASL
+    /// mechanism or credentials refused), and a TLS alert the peer sent after the handshake
+    /// (TLS 1.3 refuses a missing or bad client certificate that way; librdkafka reports it as
+    /// `__TRANSPORT` with OpenSSL's "SSL alert number N"). Other disconnects, also during the
+    /// TLS handshake, are not classified: they are as likely a network problem.
+    fn of(code: RDKafkaErrorCode, reason: &str) -> Option<Self> {
+        match code {
+            RDKafkaErrorCode::SSL => Some(Self::Tls),
+            RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::UnsupportedSASLMechanism
+            | RDKafkaErrorCode::IllegalSASLState => Some(Self::Authentication),
+            RDKafkaErrorCode::BrokerTransportFailure if reason.contains("SSL alert number") => {
+                Some(Self::Tls)
+            }
+            _ => None,
+        }
+    }
+
+    fn error(self, reason: String) -> TransportError {
+        match self {
+            Self::Tls => TransportError::Tls {
+                broker: BrokerKind::Kafka,
+                reason,
+            },
+            Self::Authentication => TransportError::Authentication {
+                broker: BrokerKind::Kafka,
+                reason,
+            },
+        }
+    }
+}
+
+/// librdkafka refused to create a client: a bad option value, or a certificate, key or CA file
+/// it could not load (classified as TLS).
+fn client_creation_error(error: KafkaError) -> TransportError {
+    let reason = error.to_string();
+    if reason.contains("ssl.") || reason.contains("SSL") {
+        SecurityFailure::Tls.error(reason)
+    } else {
+        connect_error(reason)
+    }
+}
+
+/// How long one metadata request of the connect probe waits before librdkafka's errors are
+/// looked at.
+const PROBE_SLICE: Duration = Duration::from_millis(250);
+
+/// The probe's `socket.connection.setup.timeout.ms` (librdkafka's default is 30 s), unless
+/// `options` sets it: a connection stuck in a handshake (TLS to a plaintext listener) is then
+/// reported, with the state it was stuck in, inside [`ADMIN_TIMEOUT`].
+const PROBE_SETUP_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Ask the cluster for metadata until it answers (Ok), librdkafka reports a TLS or SASL
+/// failure (a classified error, at once: retrying would fail the same way), or
+/// [`ADMIN_TIMEOUT`] passes (a connect error carrying librdkafka's last error).
+///
+/// The probe is a producer (that never produces) because a producer's `poll` serves the
+/// error events of the client's main queue; an admin client's main queue is never served.
+async fn probe_cluster(config: &KafkaConfig, client: &ClientConfig) -> Result<(), TransportError> {
+    let mut probe_config = client.clone();
+    probe_config.set("enable.idempotence", "false");
+    // Connection failures that raise no error event are logged at info or warning level.
+    probe_config.set_log_level(RDKafkaLogLevel::Info);
+    if probe_config
+        .get("socket.connection.setup.timeout.ms")
+        .is_none()
+    {
+        probe_config.set(
+            "socket.connection.setup.timeout.ms",
+            millis_or_max(PROBE_SETUP_TIMEOUT),
+        );
+    }
+    let producer: BaseProducer<ProbeContext> = probe_config
+        .create_with_context(ProbeContext::default())
+        .map_err(client_creation_error)?;
+    let bootstrap = config.bootstrap.clone();
+    let protocol = config
+        .security_protocol
+        .unwrap_or(SecurityProtocol::Plaintext);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + ADMIN_TIMEOUT;
+        loop {
+            let slice = PROBE_SLICE.min(deadline.saturating_duration_since(Instant::now()));
+            let Err(error) = producer.client().fetch_metadata(None, slice) else {
+                // The cluster answered with these settings: a failure seen on the way (say,
+                // one bootstrap server of several) is left to the running clients' logs.
+                return Ok(());
+            };
+            // Serves the error events into the context.
+            producer.poll(Duration::from_millis(1));
+            let context = producer.context();
+            if let Some((failure, reason)) = context.failure() {
+                return Err(failure.error(format!("{bootstrap}: {reason}")));
+            }
+            if Instant::now() >= deadline {
+                let last = context.last_error();
+                let hint = last
+                    .as_deref()
+                    .and_then(|last| mismatch_hint(protocol, last))
+                    .map(|hint| format!("; {hint}"))
+                    .unwrap_or_default();
+                let last = last
+                    .map(|reason| format!("; last error: {reason}"))
+                    .unwrap_or_default();
+                return Err(connect_error(format!(
+                    "{bootstrap}: no broker answered within {ADMIN_TIMEOUT:?} ({error}){last}{hint}"
+                )));
+            }
+        }
+    })
+    .await;
+    outcome.map_err(connect_error)?
+}
+
+/// What a connection that failed in this way usually means, for the connect error. librdkafka
+/// names the state a connection failed in; a dropped connection in these states is the
+/// typical sign of a `security_protocol` the listener does not speak.
+fn mismatch_hint(protocol: SecurityProtocol, last_error: &str) -> Option<&'static str> {
+    let dropped = last_error.contains("Disconnected");
+    if last_error.contains("in state SSL_HANDSHAKE") && !dropped {
+        Some("hint: the TLS handshake got no answer: does this listener speak TLS?")
+    } else if dropped && last_error.contains("in state APIVERSION_QUERY") && !protocol.uses_tls() {
+        Some(
+            "hint: the broker hung up on the first request: does this listener expect TLS \
+             (security_protocol \"ssl\" or \"sasl_ssl\")?",
+        )
+    } else if dropped && last_error.contains("in state UP") && !protocol.uses_sasl() {
+        Some(
+            "hint: the broker hung up right after connecting: does it require SASL \
+             (security_protocol \"sasl_plaintext\" or \"sasl_ssl\")?",
+        )
+    } else {
+        None
+    }
+}
+
+/// librdkafka's log lines start with the thread's name (`[thrd:...]: `), which says nothing
+/// the rest of the line does not.
+fn without_thread_name(line: &str) -> &str {
+    match (line.starts_with("[thrd:"), line.find("]: ")) {
+        (true, Some(end)) => &line[end + 3..],
+        _ => line,
+    }
+}
+
+/// The context of the connect probe: remembers what librdkafka reported.
+#[derive(Debug, Default)]
+struct ProbeContext {
+    state: std::sync::Mutex<ProbeState>,
+}
+
+#[derive(Debug, Default)]
+struct ProbeState {
+    /// The first TLS or SASL failure.
+    failure: Option<(SecurityFailure, String)>,
+    /// The latest connection failure: an error event, or a `FAIL` log line (librdkafka logs
+    /// every broker connection failure so, but raises an error event only for some: a
+    /// handshake that timed out or a disconnect right after connecting are logs only).
+    last_failure: Option<String>,
+    /// The latest "N/N brokers are down": a summary, named only when nothing better came.
+    all_brokers_down: Option<String>,
+}
+
+impl ProbeContext {
+    fn state(&self) -> std::sync::MutexGuard<'_, ProbeState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn failure(&self) -> Option<(SecurityFailure, String)> {
+        self.state().failure.clone()
+    }
+
+    fn last_error(&self) -> Option<String> {
+        let state = self.state();
+        state
+            .last_failure
+            .clone()
+            .or_else(|| state.all_brokers_down.clone())
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        forward_log(level, fac, log_message);
+        if fac == "FAIL" {
+            self.state().last_failure = Some(without_thread_name(log_message).to_owned());
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // rust-rdkafka calls this twice per error event (see `BaseProducer::poll`).
+        let code = error.rdkafka_error_code();
+        let mut state = self.state();
+        if let Some(failure) = code.and_then(|code| SecurityFailure::of(code, reason)) {
+            state
+                .failure
+                .get_or_insert_with(|| (failure, reason.to_owned()));
+        }
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+            state.all_brokers_down = Some(reason.to_owned());
+        } else {
+            state.last_failure = Some(reason.to_owned());
+        }
+    }
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _report: &DeliveryResult<'_>, _opaque: ()) {}
+}
+
 /// Route librdkafka's log lines into tracing.
 fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     match level {
@@ -537,11 +796,28 @@ impl ClientContext for LogContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "kafka client error");
+        report_client_error(None, &error, reason);
     }
 }
 
 impl ConsumerContext for LogContext {}
+
+/// Log an error a running client reported. TLS and SASL failures are errors (they repeat until
+/// the settings or the broker change); the rest are warnings (librdkafka retries them).
+fn report_client_error(topic: Option<&str>, error: &KafkaError, reason: &str) {
+    match error
+        .rdkafka_error_code()
+        .and_then(|code| SecurityFailure::of(code, reason))
+    {
+        Some(SecurityFailure::Tls) => {
+            tracing::error!(topic, %error, reason, "kafka TLS failed");
+        }
+        Some(SecurityFailure::Authentication) => {
+            tracing::error!(topic, %error, reason, "kafka authentication failed");
+        }
+        None => tracing::warn!(topic, %error, reason, "kafka client error"),
+    }
+}
 
 /// A connection to a Kafka cluster: creates topics, subscriptions and publishers.
 pub struct KafkaTransport {
@@ -566,13 +842,9 @@ impl KafkaTransport {
         let client = config.client_config()?;
         let admin: AdminClient<LogContext> = client
             .create_with_context(LogContext)
-            .map_err(connect_error)?;
+            .map_err(client_creation_error)?;
         let admin = Arc::new(admin);
-        let probe = admin.clone();
-        tokio::task::spawn_blocking(move || probe.inner().fetch_metadata(None, ADMIN_TIMEOUT))
-            .await
-            .map_err(connect_error)?
-            .map_err(|e| connect_error(format!("{}: {e}", config.bootstrap)))?;
+        probe_cluster(config, &client).await?;
         Ok(Self {
             config: config.clone(),
             client,
@@ -669,7 +941,7 @@ impl KafkaTransport {
             );
         let producer: FutureProducer<LogContext> = client
             .create_with_context(LogContext)
-            .map_err(connect_error)?;
+            .map_err(client_creation_error)?;
         Ok(KafkaPublisher {
             producer: std::sync::RwLock::new(producer),
             client_config: client,
@@ -951,6 +1223,145 @@ mod tests {
         assert!(has("kafka.topic_defaults.partitions:"), "{problems:?}");
         assert!(!has("kafka.options.\"linger.ms\""), "{problems:?}");
         assert_eq!(problems.len(), 9, "{problems:?}");
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_protocol_and_come_in_pairs() {
+        let existing = std::env::temp_dir();
+        let mut config = KafkaConfig {
+            security_protocol: Some(SecurityProtocol::SaslPlaintext),
+            sasl_mechanism: Some(SaslMechanism::ScramSha256),
+            sasl_username: Some("weir".to_owned()),
+            sasl_password_env: Some("KAFKA_PASSWORD".to_owned()),
+            ssl_ca_location: Some(existing.clone()),
+            ssl_certificate_location: Some(existing.clone()),
+            ..Default::default()
+        };
+        let problems = config.validate("kafka");
+        let has = |needle: &str| problems.iter().any(|p| p.starts_with(needle));
+        assert!(has("kafka.ssl_ca_location: only used with"), "{problems:?}");
+        assert!(
+            has("kafka.ssl_certificate_location: only used with"),
+            "{problems:?}"
+        );
+        assert!(
+            has("kafka.ssl_key_location: required with ssl_certificate_location"),
+            "{problems:?}"
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+
+        config.security_protocol = Some(SecurityProtocol::SaslSsl);
+        config.ssl_key_location = Some(existing);
+        assert!(
+            config.validate("kafka").is_empty(),
+            "{:?}",
+            config.validate("kafka")
+        );
+    }
+
+    #[test]
+    fn tls_and_sasl_failures_are_classified() {
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::SSL, ""),
+            Some(SecurityFailure::Tls)
+        );
+        for code in [
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::UnsupportedSASLMechanism,
+        ] {
+            assert_eq!(
+                SecurityFailure::of(code, ""),
+                Some(SecurityFailure::Authentication)
+            );
+        }
+        let alert = "ssl://b:9093/bootstrap: Receive failed: error:0A00045C:SSL routines::\
+                     tlsv13 alert certificate required:SSL alert number 116";
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::BrokerTransportFailure, alert),
+            Some(SecurityFailure::Tls)
+        );
+        let reset = "ssl://b:9093/bootstrap: Disconnected: connection reset by peer";
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::BrokerTransportFailure, reset),
+            None
+        );
+        assert_eq!(
+            SecurityFailure::of(RDKafkaErrorCode::OperationTimedOut, ""),
+            None
+        );
+        let error = client_creation_error(KafkaError::ClientCreation(
+            "ssl.ca.location failed: no such file".to_owned(),
+        ));
+        assert!(matches!(error, TransportError::Tls { .. }), "{error:?}");
+        let error = client_creation_error(KafkaError::ClientCreation(
+            "Invalid value for configuration property \"linger.ms\"".to_owned(),
+        ));
+        assert!(matches!(error, TransportError::Connect { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn protocol_mismatches_get_a_hint() {
+        let plaintext_to_tls = "127.0.0.1:9093/bootstrap: Disconnected: connection closed by \
+                                peer: receive 0 after POLLIN (after 0ms in state \
+                                APIVERSION_QUERY)";
+        let hint = mismatch_hint(SecurityProtocol::Plaintext, plaintext_to_tls).unwrap();
+        assert!(hint.contains("expect TLS"), "{hint}");
+        assert_eq!(mismatch_hint(SecurityProtocol::Ssl, plaintext_to_tls), None);
+
+        let tls_to_plaintext = "ssl://127.0.0.1:9092/bootstrap: Connection setup timed out in \
+                                state SSL_HANDSHAKE (after 4003ms in state SSL_HANDSHAKE)";
+        let hint = mismatch_hint(SecurityProtocol::Ssl, tls_to_plaintext).unwrap();
+        assert!(hint.contains("speak TLS"), "{hint}");
+
+        let no_sasl = "ssl://127.0.0.1:9093/bootstrap: Disconnected: SSL connection closed by \
+                       peer (after 0ms in state UP)";
+        let hint = mismatch_hint(SecurityProtocol::Ssl, no_sasl).unwrap();
+        assert!(hint.contains("require SASL"), "{hint}");
+        assert_eq!(mismatch_hint(SecurityProtocol::SaslSsl, no_sasl), None);
+
+        let refused = "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: \
+                       Connection refused (after 0ms in state CONNECT)";
+        assert_eq!(mismatch_hint(SecurityProtocol::Plaintext, refused), None);
+        assert_eq!(
+            without_thread_name("[thrd:ssl://b:1/bootstrap]: ssl://b:1/bootstrap: x"),
+            "ssl://b:1/bootstrap: x"
+        );
+    }
+
+    /// TLS and SCRAM need librdkafka built with OpenSSL (the `rdkafka/ssl` feature).
+    #[test]
+    fn librdkafka_has_tls_and_scram() {
+        let features = ClientConfig::new()
+            .create_native_config()
+            .unwrap()
+            .get("builtin.features")
+            .unwrap();
+        let features: Vec<&str> = features.split(',').collect();
+        for wanted in ["ssl", "sasl_plain", "sasl_scram"] {
+            assert!(features.contains(&wanted), "{wanted} missing: {features:?}");
+        }
+    }
+
+    /// The connect probe against a port nobody listens on: a connect error within the
+    /// timeout, naming the bootstrap server and librdkafka's last error.
+    #[tokio::test]
+    async fn connect_to_nothing_fails_with_the_last_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let config = KafkaConfig {
+            bootstrap: format!("127.0.0.1:{port}"),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let error = KafkaTransport::connect(&config).await.unwrap_err();
+        assert!(started.elapsed() < ADMIN_TIMEOUT + Duration::from_secs(3));
+        let text = error.to_string();
+        assert!(matches!(error, TransportError::Connect { .. }), "{text}");
+        assert!(text.contains(&config.bootstrap), "{text}");
+        assert!(text.contains("last error"), "{text}");
     }
 
     #[test]

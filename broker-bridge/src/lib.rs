@@ -132,6 +132,14 @@ pub enum RetryStyle {
 pub enum TransportError {
     #[error("connecting to {broker}: {reason}")]
     Connect { broker: BrokerKind, reason: String },
+    /// TLS with the broker failed: its certificate was not trusted, the handshake was refused,
+    /// or a certificate or key could not be loaded. Retrying with the same settings fails again.
+    #[error("TLS with {broker} failed: {reason}")]
+    Tls { broker: BrokerKind, reason: String },
+    /// The broker refused the credentials or the SASL mechanism. Retrying with the same
+    /// settings fails again.
+    #[error("authenticating with {broker} failed: {reason}")]
+    Authentication { broker: BrokerKind, reason: String },
     #[error("publishing to {topic}: {reason}")]
     Publish { topic: String, reason: String },
     #[error("publish to {topic} not confirmed within {timeout:?}")]

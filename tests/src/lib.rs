@@ -8,4 +8,5 @@ pub mod kafka_broker;
 pub mod nats_server;
 pub mod ports;
 pub mod process;
+pub mod tls;
 pub mod weir;

@@ -43,7 +43,7 @@ use tokio::sync::{oneshot, Notify};
 use super::lanes::{LaneId, LaneScheduler};
 use super::record::Record;
 use super::watermark::WatermarkTracker;
-use super::{forward_log, metrics_events};
+use super::{forward_log, metrics_events, report_client_error};
 use crate::{
     BrokerKind, Delivery, LagProbe, Ordering, RetryStyle, Settle, Subscription, TransportError,
 };
@@ -204,7 +204,7 @@ impl ClientContext for ConsumerCallbacks {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(topic = %self.shared.settings.topic, %error, reason, "kafka consumer error");
+        report_client_error(Some(&self.shared.settings.topic), &error, reason);
     }
 }
 
