@@ -680,37 +680,51 @@ impl KafkaLagProbe {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
-        let consumer = self.consumer.clone();
-        let query_topic = topic.clone();
-        let result = tokio::task::spawn_blocking(move || -> KafkaResult<Vec<PartitionLag>> {
-            let committed = consumer
-                .committed_offsets(partition_list(&query_topic, &partitions), LAG_TIMEOUT)?;
-            let committed: BTreeMap<i32, Offset> = committed
-                .elements()
-                .iter()
-                .map(|e| (e.partition(), e.offset()))
-                .collect();
-            let mut lags = Vec::with_capacity(partitions.len());
-            for partition in partitions {
-                let (low, high) =
-                    consumer.fetch_watermarks(&query_topic, partition, LAG_TIMEOUT)?;
-                let committed = match committed.get(&partition) {
-                    Some(Offset::Offset(offset)) if *offset >= 0 => *offset,
-                    _ => low,
-                };
-                let lag = u64::try_from(high.saturating_sub(committed)).unwrap_or(0);
-                lags.push(PartitionLag {
-                    partition,
-                    high_watermark: high,
-                    committed,
-                    lag,
-                });
-            }
-            Ok(lags)
-        })
-        .await
-        .map_err(|e| lag_error(e.to_string()))?;
-        result.map_err(|e| lag_error(e.to_string()))
+        // The committed offsets and each partition's watermarks are separate broker round
+        // trips; asked one after another they made a reading (and so a scale-up) take several
+        // round trips under load. They are independent, so they are asked at once.
+        let committed = {
+            let consumer = self.consumer.clone();
+            let list = partition_list(&topic, &partitions);
+            tokio::task::spawn_blocking(move || consumer.committed_offsets(list, LAG_TIMEOUT))
+        };
+        let watermarks = partitions.iter().map(|&partition| {
+            let consumer = self.consumer.clone();
+            let topic = topic.clone();
+            tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_watermarks(&topic, partition, LAG_TIMEOUT)
+                    .map(|(low, high)| (partition, low, high))
+            })
+        });
+        let (committed, watermarks) =
+            tokio::join!(committed, futures::future::join_all(watermarks));
+        let committed = committed
+            .map_err(|e| lag_error(e.to_string()))?
+            .map_err(|e| lag_error(e.to_string()))?;
+        let committed: BTreeMap<i32, Offset> = committed
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset()))
+            .collect();
+        let mut lags = Vec::with_capacity(partitions.len());
+        for watermark in watermarks {
+            let (partition, low, high) = watermark
+                .map_err(|e| lag_error(e.to_string()))?
+                .map_err(|e| lag_error(e.to_string()))?;
+            let committed = match committed.get(&partition) {
+                Some(Offset::Offset(offset)) if *offset >= 0 => *offset,
+                _ => low,
+            };
+            let lag = u64::try_from(high.saturating_sub(committed)).unwrap_or(0);
+            lags.push(PartitionLag {
+                partition,
+                high_watermark: high,
+                committed,
+                lag,
+            });
+        }
+        Ok(lags)
     }
 }
 
