@@ -32,6 +32,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::StreamExt as _;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -62,6 +63,8 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long `lag()` waits for the broker.
 const LAG_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most watermark requests of one lag reading in flight at once.
+const LAG_QUERIES: usize = 8;
 
 /// What the subscription needs beyond the rdkafka client config.
 #[derive(Debug, Clone)]
@@ -688,17 +691,23 @@ impl KafkaLagProbe {
             let list = partition_list(&topic, &partitions);
             tokio::task::spawn_blocking(move || consumer.committed_offsets(list, LAG_TIMEOUT))
         };
-        let watermarks = partitions.iter().map(|&partition| {
-            let consumer = self.consumer.clone();
-            let topic = topic.clone();
+        let probe_consumer = self.consumer.clone();
+        let probe_topic = topic.clone();
+        let watermarks = partitions.clone().into_iter().map(move |partition| {
+            let consumer = probe_consumer.clone();
+            let topic = probe_topic.clone();
             tokio::task::spawn_blocking(move || {
                 consumer
                     .fetch_watermarks(&topic, partition, LAG_TIMEOUT)
                     .map(|(low, high)| (partition, low, high))
             })
         });
-        let (committed, watermarks) =
-            tokio::join!(committed, futures::future::join_all(watermarks));
+        // Bounded, so a topic with many partitions does not hold a blocking thread per
+        // partition on every reading.
+        let watermarks = futures::stream::iter(watermarks)
+            .buffered(LAG_QUERIES)
+            .collect::<Vec<_>>();
+        let (committed, watermarks) = tokio::join!(committed, watermarks);
         let committed = committed
             .map_err(|e| lag_error(e.to_string()))?
             .map_err(|e| lag_error(e.to_string()))?;
