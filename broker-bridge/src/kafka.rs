@@ -1015,18 +1015,18 @@ impl fmt::Debug for KafkaPublisher {
 impl KafkaPublisher {
     /// Publish one record and wait for its delivery report. `payload: None` writes a null
     /// value (a tombstone), which [`OutboundMessage`] cannot express.
-    pub async fn publish_record(
+    pub async fn publish_record<N: AsRef<str>, V: AsRef<str>>(
         &self,
         topic: &str,
         key: Option<&[u8]>,
-        headers: &[(String, String)],
+        headers: &[(N, V)],
         payload: Option<&[u8]>,
     ) -> Result<(), TransportError> {
         let mut owned_headers = OwnedHeaders::new_with_capacity(headers.len());
         for (key, value) in headers {
             owned_headers = owned_headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
+                key: key.as_ref(),
+                value: Some(value.as_ref().as_bytes()),
             });
         }
         let mut record: FutureRecord<'_, [u8], [u8]> =

@@ -62,7 +62,8 @@ pub enum Origin {
         subject: String,
     },
     JetStream {
-        stream: String,
+        /// Shared: every message of a stream names the same one.
+        stream: std::sync::Arc<str>,
         sequence: u64,
     },
     Kafka {
@@ -89,13 +90,134 @@ impl fmt::Display for Origin {
     }
 }
 
+/// The headers of a received message, kept in the form the broker client delivered them
+/// (owned pairs from the memory bus and Kafka, NATS' own header map) and read without copying.
+#[derive(Debug, Clone, Default)]
+pub struct Headers(HeadersRepr);
+
+#[derive(Debug, Clone, Default)]
+enum HeadersRepr {
+    #[default]
+    Empty,
+    Pairs(Vec<(String, String)>),
+    Nats(async_nats::HeaderMap),
+}
+
+impl Headers {
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        Self(HeadersRepr::Pairs(pairs))
+    }
+
+    pub(crate) fn from_nats(headers: Option<async_nats::HeaderMap>) -> Self {
+        match headers {
+            Some(headers) if !headers.is_empty() => Self(HeadersRepr::Nats(headers)),
+            _ => Self::default(),
+        }
+    }
+
+    /// Every header as (name, value), each value of a multi-valued header in turn. NATS headers
+    /// come in no particular order (their map has none), except that names equal but for case
+    /// are sorted, so that which of them counts as the first (and so what a message decodes
+    /// to) never depends on a hash.
+    pub fn view(&self) -> Vec<(&str, &str)> {
+        match &self.0 {
+            HeadersRepr::Empty => Vec::new(),
+            HeadersRepr::Pairs(pairs) => pairs
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect(),
+            HeadersRepr::Nats(map) => {
+                // Nearly always one value per name.
+                let mut view = Vec::with_capacity(map.len());
+                for (name, values) in map.iter() {
+                    let name: &str = name.as_ref();
+                    view.extend(values.iter().map(|value| (name, value.as_str())));
+                }
+                // The order only matters between names equal but for case (which one wins is
+                // "the first"); sort only then, stably so the values of one name keep theirs.
+                let case_twins = view.iter().enumerate().any(|(i, (name, _))| {
+                    view[i + 1..].iter().any(|(other, _)| {
+                        other.len() == name.len() && other.eq_ignore_ascii_case(name)
+                    })
+                });
+                if case_twins {
+                    view.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                view
+            }
+        }
+    }
+
+    /// The first value of a header, by case-insensitive name (in [`Headers::view`] order).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        match &self.0 {
+            HeadersRepr::Empty => None,
+            HeadersRepr::Pairs(pairs) => pairs
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.as_str()),
+            HeadersRepr::Nats(_) => self
+                .view()
+                .into_iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value),
+        }
+    }
+
+    /// Owned copies of [`Headers::view`].
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        self.view()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match &self.0 {
+            HeadersRepr::Empty => true,
+            HeadersRepr::Pairs(pairs) => pairs.is_empty(),
+            HeadersRepr::Nats(map) => map.is_empty(),
+        }
+    }
+}
+
+impl From<Vec<(String, String)>> for Headers {
+    fn from(pairs: Vec<(String, String)>) -> Self {
+        Self::from_pairs(pairs)
+    }
+}
+
+/// Equal when they hold the same headers, in any order but the order of each name's values.
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        sorted(self.view()) == sorted(other.view())
+    }
+}
+
+impl PartialEq<Vec<(String, String)>> for Headers {
+    fn eq(&self, other: &Vec<(String, String)>) -> bool {
+        sorted(self.view())
+            == sorted(
+                other
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_str()))
+                    .collect(),
+            )
+    }
+}
+
+fn sorted<'a>(mut view: Vec<(&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
+    view.sort_by(|a, b| a.0.cmp(b.0));
+    view
+}
+
 /// A message as received, before decoding.
 #[derive(Debug, Clone)]
 pub struct InboundMessage {
     /// Subject (NATS) or topic (Kafka, memory).
     pub topic: String,
     pub key: Option<Bytes>,
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// `None` is a null value (a Kafka tombstone).
     pub payload: Option<Bytes>,
     pub origin: Origin,
@@ -109,7 +231,9 @@ pub struct InboundMessage {
 pub struct OutboundMessage {
     pub topic: String,
     pub key: Option<Bytes>,
-    pub headers: Vec<(String, String)>,
+    /// Names are `'static` where they are well known (CloudEvents attributes): a transport
+    /// then need not copy or check them per message.
+    pub headers: Vec<(std::borrow::Cow<'static, str>, String)>,
     pub payload: Bytes,
     /// Broker-side de-duplication id (JetStream `Nats-Msg-Id`); a redelivered input republishes
     /// its outputs with the same ids, so they are not duplicated.
@@ -213,6 +337,13 @@ pub trait Subscription: Send {
     /// trouble is retried inside the transport and logged, not returned.
     async fn next(&mut self) -> Option<Delivery>;
 
+    /// A delivery that is ready now, without waiting; `None` when none is (or the transport
+    /// does not say). The dispatcher takes what is ready in one go, so a busy trigger is handled
+    /// in batches.
+    fn try_next(&mut self) -> Option<Delivery> {
+        None
+    }
+
     /// Messages waiting or in flight for this subscription.
     async fn lag(&self) -> Result<u64, TransportError>;
 
@@ -278,4 +409,56 @@ pub enum Ordering {
     Key,
     /// Maximum parallelism.
     None,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nats(pairs: &[(&str, &str)]) -> Headers {
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, *value);
+        }
+        Headers::from_nats(Some(map))
+    }
+
+    #[test]
+    fn nats_headers_view_every_value_and_compare_in_any_order() {
+        let headers = nats(&[("ce-id", "1"), ("x-multi", "a"), ("x-multi", "b")]);
+        let mut view = headers.view();
+        view.sort();
+        assert_eq!(
+            view,
+            vec![("ce-id", "1"), ("x-multi", "a"), ("x-multi", "b")]
+        );
+        assert_eq!(headers.get("CE-ID"), Some("1"));
+        assert_eq!(headers.get("missing"), None);
+        let pairs = vec![
+            ("x-multi".to_owned(), "a".to_owned()),
+            ("x-multi".to_owned(), "b".to_owned()),
+            ("ce-id".to_owned(), "1".to_owned()),
+        ];
+        assert_eq!(headers, pairs);
+        assert_eq!(headers, Headers::from_pairs(pairs));
+        assert!(Headers::from_nats(None).is_empty());
+        assert!(Headers::from_nats(Some(async_nats::HeaderMap::new())).is_empty());
+    }
+
+    /// Names equal but for case come in a fixed order whatever the hash map's order, so "the
+    /// first" of them (which decoding keeps) is the same for every copy of a message.
+    #[test]
+    fn nats_names_equal_but_for_case_come_sorted() {
+        for _ in 0..20 {
+            let headers = nats(&[("ce-id", "lower"), ("CE-ID", "upper"), ("ce-type", "t")]);
+            let view = headers.view();
+            let ids: Vec<&str> = view
+                .iter()
+                .filter(|(name, _)| name.eq_ignore_ascii_case("ce-id"))
+                .map(|(_, value)| *value)
+                .collect();
+            assert_eq!(ids, vec!["upper", "lower"]);
+            assert_eq!(headers.get("ce-id"), Some("upper"));
+        }
+    }
 }

@@ -200,7 +200,11 @@ impl MemoryBus {
         let stored = Arc::new(StoredMessage {
             seq,
             key: message.key,
-            headers: message.headers,
+            headers: message
+                .headers
+                .into_iter()
+                .map(|(name, value)| (name.into_owned(), value))
+                .collect(),
             payload: message.payload,
             published_at: SystemTime::now(),
         });
@@ -424,6 +428,29 @@ impl fmt::Debug for MemorySubscription {
 }
 
 impl MemorySubscription {
+    /// The delivery of a message taken from the queue.
+    fn delivery(&self, pending: Pending) -> Delivery {
+        let stored = &pending.message;
+        let message = InboundMessage {
+            topic: self.topic.name.clone(),
+            key: stored.key.clone(),
+            headers: stored.headers.clone().into(),
+            payload: Some(stored.payload.clone()),
+            origin: Origin::Memory {
+                topic: self.topic.name.clone(),
+                seq: stored.seq,
+            },
+            delivery_count: pending.deliveries,
+        };
+        let settle = MemorySettle {
+            topic: Arc::clone(&self.topic),
+            group: self.group,
+            subscription_in_flight: Arc::clone(&self.in_flight),
+            pending: Some(pending),
+        };
+        Delivery::new(message, Box::new(settle))
+    }
+
     /// Takes the next message this subscription may hand out, or says until when to wait.
     fn try_take(&self) -> Result<Pending, Option<Instant>> {
         let mut state = self.topic.lock();
@@ -487,27 +514,7 @@ impl Subscription for MemorySubscription {
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.try_take() {
-                Ok(pending) => {
-                    let stored = &pending.message;
-                    let message = InboundMessage {
-                        topic: self.topic.name.clone(),
-                        key: stored.key.clone(),
-                        headers: stored.headers.clone(),
-                        payload: Some(stored.payload.clone()),
-                        origin: Origin::Memory {
-                            topic: self.topic.name.clone(),
-                            seq: stored.seq,
-                        },
-                        delivery_count: pending.deliveries,
-                    };
-                    let settle = MemorySettle {
-                        topic: Arc::clone(&self.topic),
-                        group: self.group,
-                        subscription_in_flight: Arc::clone(&self.in_flight),
-                        pending: Some(pending),
-                    };
-                    return Some(Delivery::new(message, Box::new(settle)));
-                }
+                Ok(pending) => return Some(self.delivery(pending)),
                 Err(Some(retry_due)) => {
                     tokio::select! {
                         () = &mut notified => {}
@@ -517,6 +524,14 @@ impl Subscription for MemorySubscription {
                 Err(None) => notified.await,
             }
         }
+    }
+
+    fn try_next(&mut self) -> Option<Delivery> {
+        if self.closed {
+            return None;
+        }
+        let pending = self.try_take().ok()?;
+        Some(self.delivery(pending))
     }
 
     async fn lag(&self) -> Result<u64, TransportError> {
@@ -1036,7 +1051,7 @@ mod tests {
             let publisher = bus.publisher();
             assert_eq!(publisher.broker(), BrokerKind::Memory);
             let mut first = message("orders", Some("k1"), "one");
-            first.headers = vec![("ce-id".to_owned(), "42".to_owned())];
+            first.headers = vec![("ce-id".into(), "42".to_owned())];
             publisher.publish(first).await.unwrap();
             publisher
                 .publish(message("orders", None, "two"))
@@ -1264,7 +1279,7 @@ mod tests {
                 if (i % KEYS).is_multiple_of(2) {
                     m.key = Some(Bytes::from(key));
                 } else {
-                    m.headers = vec![(PARTITION_KEY_HEADER.to_owned(), key)];
+                    m.headers = vec![(PARTITION_KEY_HEADER.into(), key)];
                 }
                 bus.publish(m).unwrap();
             }

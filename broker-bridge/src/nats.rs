@@ -25,10 +25,11 @@ mod core_nats;
 mod events;
 mod jetstream;
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
+use std::borrow::Cow;
+
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 
 pub use self::config::{
@@ -236,39 +237,39 @@ fn read_secret_env(key: &str, var: &str) -> Result<String, TransportError> {
     }
 }
 
-/// async-nats headers → the vocabulary's pairs: every value of a multi-valued header, names
-/// sorted so the order does not depend on a hash map.
-fn headers_to_pairs(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
-    let Some(headers) = headers else {
-        return Vec::new();
+/// The vocabulary's pairs → async-nats headers, taking the strings over (no copies; well-known
+/// names are static) and without the panicking conversions: a header name or value NATS
+/// cannot carry is a publish error naming the header.
+fn pairs_to_headers(
+    topic: &str,
+    pairs: Vec<(Cow<'static, str>, String)>,
+) -> Result<HeaderMap, TransportError> {
+    let invalid = |reason: String| TransportError::Publish {
+        topic: topic.to_owned(),
+        reason,
     };
-    let mut pairs: Vec<(String, String)> = headers
-        .iter()
-        .flat_map(|(name, values)| {
-            let name: &str = name.as_ref();
-            values
-                .iter()
-                .map(move |value| (name.to_owned(), value.as_str().to_owned()))
-        })
-        .collect();
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    pairs
-}
-
-/// The vocabulary's pairs → async-nats headers, without the panicking conversions: a header
-/// name or value NATS cannot carry is a publish error naming the header.
-fn pairs_to_headers(topic: &str, pairs: &[(String, String)]) -> Result<HeaderMap, TransportError> {
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
-        let header_name = HeaderName::from_str(name).map_err(|_| TransportError::Publish {
-            topic: topic.to_owned(),
-            reason: format!("header name `{name}` is not valid in NATS"),
-        })?;
-        let header_value = HeaderValue::from_str(value).map_err(|_| TransportError::Publish {
-            topic: topic.to_owned(),
-            reason: format!("the value of header `{name}` contains CR or LF"),
-        })?;
-        headers.append(header_name, header_value);
+        // Bytes, not a `char` pattern: this runs for every header of every output.
+        if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            return Err(invalid(format!(
+                "the value of header `{name}` contains CR or LF"
+            )));
+        }
+        // async-nats' own rule, checked here so the error can name the header (and so that a
+        // static name, which it takes unchecked, is checked too).
+        if name.is_empty() || name.bytes().any(|b| !b.is_ascii_graphic() || b == b':') {
+            return Err(invalid(format!(
+                "header name `{name}` is not valid in NATS"
+            )));
+        }
+        let header_name = match name {
+            Cow::Borrowed(name) => HeaderName::from_static(name),
+            Cow::Owned(name) => HeaderName::try_from(name)
+                .map_err(|_| invalid("a header name is not valid in NATS".into()))?,
+        };
+        // Checked above: `From<String>` asserts there is no CR or LF, and takes the string over.
+        headers.append(header_name, HeaderValue::from(value));
     }
     Ok(headers)
 }
@@ -293,9 +294,19 @@ mod tests {
             ("x-multi".to_owned(), "a".to_owned()),
             ("x-multi".to_owned(), "b".to_owned()),
         ];
-        let headers = pairs_to_headers("t", &pairs).unwrap();
-        assert_eq!(headers_to_pairs(Some(&headers)), pairs);
-        assert!(pairs_to_headers("t", &[("bad:name".into(), "v".into())]).is_err());
-        assert!(pairs_to_headers("t", &[("ok".into(), "a\r\nb".into())]).is_err());
+        let owned = pairs
+            .iter()
+            .map(|(name, value)| (Cow::Owned(name.clone()), value.clone()))
+            .collect();
+        let headers = pairs_to_headers("t", owned).unwrap();
+        assert_eq!(crate::Headers::from_nats(Some(headers)), pairs);
+        let headers = pairs_to_headers("t", vec![(Cow::Borrowed("ce-id"), "1".into())]).unwrap();
+        assert_eq!(
+            crate::Headers::from_nats(Some(headers)),
+            vec![("ce-id".to_owned(), "1".to_owned())]
+        );
+        assert!(pairs_to_headers("t", vec![(Cow::Borrowed("bad name"), "v".into())]).is_err());
+        assert!(pairs_to_headers("t", vec![("bad:name".into(), "v".into())]).is_err());
+        assert!(pairs_to_headers("t", vec![("ok".into(), "a\r\nb".into())]).is_err());
     }
 }

@@ -584,8 +584,9 @@ async fn tail_broker(
         let message = &delivery.message;
         let origin = message.origin.to_string();
         let source = weir_schemas::wire::default_source(transport, &message.topic);
+        let headers = message.headers.view();
         let wire = weir_schemas::WireMessage {
-            headers: &message.headers,
+            headers: &headers,
             payload: message.payload.as_deref(),
             key: message.key.as_deref(),
             origin: &origin,

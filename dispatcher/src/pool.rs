@@ -39,7 +39,7 @@ pub struct PoolSettings {
 /// A snapshot for the admin API and the status page.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct PoolStats {
-    /// Instances alive (idle + busy).
+    /// Instances alive (idle, busy, or being started ahead of need).
     pub live: usize,
     pub idle: usize,
     pub busy: usize,
@@ -64,6 +64,9 @@ pub struct InstancePool {
     gate: Arc<SlotGate>,
     idle: Mutex<Vec<Instance>>,
     live: AtomicUsize,
+    /// Instances checked out for an invocation. Counted, not derived from `live - idle`: an
+    /// instance being pre-started is live and not yet idle, but runs nothing.
+    busy: AtomicUsize,
     /// Instances being pre-started in the background.
     starting: AtomicUsize,
     starts: AtomicU64,
@@ -180,6 +183,7 @@ impl InstancePool {
             gate,
             idle: Mutex::new(Vec::new()),
             live: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
             starting: AtomicUsize::new(0),
             starts: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
@@ -217,6 +221,21 @@ impl InstancePool {
             permit: Some(permit),
             gate: self.gate.clone(),
         })
+    }
+
+    /// A free slot, if there is one now.
+    pub fn try_acquire(&self) -> Option<Slot> {
+        let permit = self.gate.semaphore.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            permit: Some(permit),
+            gate: self.gate.clone(),
+        })
+    }
+
+    /// Whether a slot coming free may be handed straight to another invocation: not while a
+    /// scale-down is waiting for busy slots to come back.
+    pub fn slot_still_wanted(&self) -> bool {
+        self.gate.sizing().owed == 0
     }
 
     /// The slot count asked for last.
@@ -302,12 +321,16 @@ impl InstancePool {
     pub async fn checkout(&self) -> Result<Instance, InvocationError> {
         if self.settings.isolation == Isolation::Warm {
             if let Some(instance) = self.lock_idle().pop() {
+                self.busy.fetch_add(1, Ordering::Relaxed);
                 return Ok(instance);
             }
         }
         // Boxed: instantiation is the cold path here, and its future is large enough that
         // inlining it would grow every invocation's future (copied on each spawn).
         let instance = Box::pin(self.start()).await;
+        if instance.is_ok() {
+            self.busy.fetch_add(1, Ordering::Relaxed);
+        }
         self.publish_gauges();
         instance
     }
@@ -315,6 +338,7 @@ impl InstancePool {
     /// Hand an instance back after a call that ended with `outcome`.
     pub fn checkin(&self, instance: Instance, outcome: Result<(), &InvocationError>) {
         self.completed.fetch_add(1, Ordering::Relaxed);
+        self.busy.fetch_sub(1, Ordering::Relaxed);
         let reason = match outcome {
             Err(e) if !e.instance_reusable() => Some(e.outcome()),
             _ if self.settings.isolation == Isolation::PerEvent => Some("per_event"),
@@ -367,7 +391,7 @@ impl InstancePool {
         PoolStats {
             live,
             idle,
-            busy: live.saturating_sub(idle),
+            busy: self.busy(),
             slots: sizing.capacity,
             desired: sizing.desired,
             starts: self.starts.load(Ordering::Relaxed),
@@ -404,9 +428,7 @@ impl InstancePool {
 
     /// Instances running an invocation right now.
     pub fn busy(&self) -> usize {
-        self.live
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.lock_idle().len())
+        self.busy.load(Ordering::Relaxed)
     }
 
     fn publish_gauges(&self) {

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -29,7 +30,7 @@ use weir_schemas::{ext, Event, Format, HeaderStyle, WireMessage};
 use crate::chain::{self, OutputRules};
 use crate::deadletter::{DeadLetter, DeadLetterReason, RawInput};
 use crate::engine::{self, InvocationError, WitDelivery};
-use crate::pool::InstancePool;
+use crate::pool::{InstancePool, Slot};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
 
@@ -81,6 +82,9 @@ pub struct FunctionRunner {
     dead_letters: Arc<dyn Publisher>,
     pub counters: FunctionCounters,
     metrics: telemetry::FunctionMetrics,
+    /// `source` for trigger messages that carry none, made once: every message on a trigger
+    /// without wildcards has the same.
+    trigger_default_source: String,
     recent: Mutex<Vec<RecentFailure>>,
     /// origin → first failure time, for redelivered messages (best effort: a restart forgets).
     first_failures: Mutex<HashMap<String, String>>,
@@ -105,7 +109,7 @@ struct HandBack;
 
 /// Where we are in handling one delivery, for logs and DLQ records.
 struct DeliveryContext<'a> {
-    origin: String,
+    origin: &'a str,
     broker: BrokerKind,
     topic: &'a str,
     key: Option<String>,
@@ -119,7 +123,10 @@ impl FunctionRunner {
         dead_letters: Arc<dyn Publisher>,
     ) -> Self {
         let metrics = telemetry::FunctionMetrics::new(&spec.name, spec.trigger_broker.as_str());
+        let trigger_default_source =
+            weir_schemas::wire::default_source(spec.trigger_broker.as_str(), &spec.trigger_topic);
         Self {
+            trigger_default_source,
             spec,
             pool,
             outputs,
@@ -138,45 +145,57 @@ impl FunctionRunner {
     /// Consume until `shutdown`; then stop fetching, let in-flight work finish (bounded by the
     /// shutdown grace) and return. Work still unfinished is dropped unsettled, which hands it
     /// back to the broker for redelivery.
+    ///
+    /// Deliveries are handled in *batch tasks*. When a delivery comes, the runner takes it and
+    /// whatever else is ready (up to [`batch_limit`], each with a free slot) and spawns a task
+    /// that runs them concurrently. When one of them is settled, the task keeps its slot and
+    /// takes the next ready delivery itself, if any, for up to [`BATCH_TASK_DELIVERIES`]; then
+    /// it ends. Under load that replaces a spawn and a scheduler hop per delivery with a loop,
+    /// and lets the connection's writer send many outputs and acks in one write (it runs when
+    /// the task yields) instead of one write each; an idle trigger still gets each delivery
+    /// handled at once. A guest yields every epoch tick, so a slow delivery never holds up its
+    /// batch-mates (their heartbeats included) for longer than a tick.
     pub async fn run(
         self: Arc<Self>,
-        mut subscription: Box<dyn Subscription>,
+        subscription: Box<dyn Subscription>,
         shutdown: CancellationToken,
     ) {
-        let style = subscription.retry_style();
-        let progress = subscription.progress_interval();
+        let batch = Batching {
+            style: subscription.retry_style(),
+            progress: subscription.progress_interval(),
+            limit: batch_limit(self.pool.settings().max),
+            subscription: Arc::new(tokio::sync::Mutex::new(subscription)),
+            shutdown,
+        };
         let mut tasks = JoinSet::new();
         loop {
             let slot = tokio::select! {
                 slot = self.pool.acquire() => match slot { Some(slot) => slot, None => break },
-                () = shutdown.cancelled() => break,
+                () = batch.shutdown.cancelled() => break,
             };
+            let mut subscription = batch.subscription.lock().await;
             let delivery = tokio::select! {
                 delivery = subscription.next() => match delivery { Some(d) => d, None => break },
-                () = shutdown.cancelled() => break,
+                () = batch.shutdown.cancelled() => break,
             };
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            // Debug level: at the default `info` a span per event would cost more than the rest
-            // of a warm invocation's bookkeeping; every log line below names its function.
-            let span = tracing::debug_span!(
-                "invocation",
-                function = %self.spec.name,
-                "messaging.system" = delivery.message.origin_system(),
-                outcome = tracing::field::Empty,
-            );
-            tasks.spawn(
-                async move {
-                    this.process(delivery, style, progress, &shutdown).await;
-                    drop(slot);
-                }
-                .instrument(span),
-            );
+            let mut first = vec![(slot, delivery)];
+            while first.len() < batch.limit {
+                let Some(slot) = self.pool.try_acquire() else {
+                    break;
+                };
+                let Some(delivery) = subscription.try_next() else {
+                    break;
+                };
+                first.push((slot, delivery));
+            }
+            drop(subscription);
+            tasks.spawn(self.clone().run_batch(first, batch.clone()));
             while let Some(finished) = tasks.try_join_next() {
                 log_task_end(&self.spec.name, finished);
             }
         }
-        subscription.close().await;
+        // Batch tasks hold the subscription only for a `try_next`, never across an await.
+        batch.subscription.lock().await.close().await;
         let drained = tokio::time::timeout(self.spec.shutdown_grace, async {
             while let Some(finished) = tasks.join_next().await {
                 log_task_end(&self.spec.name, finished);
@@ -189,6 +208,54 @@ impl FunctionRunner {
         }
     }
 
+    /// One batch task: runs `first` concurrently; each settled delivery's slot goes to the next
+    /// ready delivery while there is one (and the task's budget lasts), else back to the pool.
+    async fn run_batch(self: Arc<Self>, first: Vec<(Slot, Delivery)>, batch: Batching) {
+        let one = |slot: Slot, delivery: Delivery| {
+            // Debug level: at the default `info` a span per event would cost more than the rest
+            // of a warm invocation's bookkeeping; every log line below names its function.
+            let span = tracing::debug_span!(
+                "invocation",
+                function = %self.spec.name,
+                "messaging.system" = delivery.message.origin_system(),
+                outcome = tracing::field::Empty,
+            );
+            let runner = &self;
+            let batch = &batch;
+            async move {
+                runner
+                    .process(delivery, batch.style, batch.progress, &batch.shutdown)
+                    .await;
+                slot
+            }
+            .instrument(span)
+        };
+        let mut taken = first.len();
+        let mut running: FuturesUnordered<_> = first
+            .into_iter()
+            .map(|(slot, delivery)| one(slot, delivery))
+            .collect();
+        while let Some(slot) = running.next().await {
+            if taken >= BATCH_TASK_DELIVERIES
+                || batch.shutdown.is_cancelled()
+                || !self.pool.slot_still_wanted()
+            {
+                continue;
+            }
+            // Not waiting: when the runner holds the subscription it is waiting for a delivery
+            // itself, so none is ready.
+            let next = batch
+                .subscription
+                .try_lock()
+                .ok()
+                .and_then(|mut subscription| subscription.try_next());
+            if let Some(delivery) = next {
+                taken += 1;
+                running.push(one(slot, delivery));
+            }
+        }
+    }
+
     async fn process(
         &self,
         delivery: Delivery,
@@ -198,28 +265,32 @@ impl FunctionRunner {
     ) {
         // JetStream redelivers a message whose ack deadline passes; keep telling it we are
         // still on it so a slow function never runs twice at once for one event.
-        let work = self.handle(&delivery, style, shutdown);
-        let settlement = match progress {
-            None => work.await,
-            Some(every) => {
-                tokio::pin!(work);
-                // The first heartbeat is due one period from now. (Not `interval()` plus an
-                // awaited first tick: that tick waits for the timer wheel, about 1 ms, per event.)
-                let mut ticker =
-                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                loop {
-                    tokio::select! {
-                        // Work first: a delivery that finishes on its first poll (most do)
-                        // then never registers the ticker with the timer wheel.
-                        biased;
-                        settlement = &mut work => break settlement,
-                        _ = ticker.tick() => {
-                            if let Err(e) = delivery.in_progress().await {
-                                tracing::warn!(function = %self.spec.name, error = %e, "could not extend the ack deadline");
+        let settlement = {
+            let work = self.handle(&delivery, style, shutdown);
+            tokio::pin!(work);
+            // Most deliveries are done on their first poll: they never make a heartbeat timer.
+            match futures::poll!(&mut work) {
+                std::task::Poll::Ready(settlement) => settlement,
+                std::task::Poll::Pending => match progress {
+                    None => work.await,
+                    Some(every) => {
+                        // The first heartbeat is due one period from now. (Not `interval()` plus an
+                        // awaited first tick: that tick waits for the timer wheel, about 1 ms.)
+                        let mut ticker =
+                            tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                settlement = &mut work => break settlement,
+                                _ = ticker.tick() => {
+                                    if let Err(e) = delivery.in_progress().await {
+                                        tracing::warn!(function = %self.spec.name, error = %e, "could not extend the ack deadline");
+                                    }
+                                }
                             }
                         }
                     }
-                }
+                },
             }
         };
         let result = match settlement {
@@ -249,16 +320,25 @@ impl FunctionRunner {
         self.metrics.event_received();
         self.counters.received.fetch_add(1, AtomicOrdering::Relaxed);
         let origin = message.origin.to_string();
-        let default_source = weir_schemas::wire::default_source(broker.as_str(), &message.topic);
+        let default_source =
+            if broker == self.spec.trigger_broker && message.topic == self.spec.trigger_topic {
+                std::borrow::Cow::Borrowed(self.trigger_default_source.as_str())
+            } else {
+                std::borrow::Cow::Owned(weir_schemas::wire::default_source(
+                    broker.as_str(),
+                    &message.topic,
+                ))
+            };
+        let headers = message.headers.view();
         let wire = WireMessage {
-            headers: &message.headers,
+            headers: &headers,
             payload: message.payload.as_deref(),
             key: message.key.as_deref(),
             origin: &origin,
             default_source: &default_source,
         };
         let ctx = DeliveryContext {
-            origin: origin.clone(),
+            origin: &origin,
             broker,
             topic: &message.topic,
             key: message
@@ -282,7 +362,7 @@ impl FunctionRunner {
                 let raw = RawInput {
                     payload: message.payload.as_deref(),
                     content_type: weir_schemas::cloudevents::header(
-                        &message.headers,
+                        &headers,
                         weir_schemas::cloudevents::CONTENT_TYPE_HEADER,
                     ),
                     default_source: &default_source,
@@ -304,8 +384,8 @@ impl FunctionRunner {
         loop {
             let mut failed = Vec::new();
             let mut last_error = None;
-            for event in pending {
-                match self.handle_event(&event, &ctx, attempt, shutdown).await {
+            for mut event in pending {
+                match self.handle_event(&mut event, &ctx, attempt, shutdown).await {
                     Ok(EventOutcome::Done) => {}
                     Ok(EventOutcome::Failed(e)) => {
                         failed.push(event);
@@ -315,7 +395,11 @@ impl FunctionRunner {
                 }
             }
             let Some(error) = last_error else {
-                lock(&self.first_failures).remove(&origin);
+                // Only a message that failed before can have an entry (a lock and a hash
+                // lookup per event otherwise).
+                if attempt > 1 {
+                    lock(&self.first_failures).remove(&origin);
+                }
                 return Settlement::Ack;
             };
             let first_failure = self.first_failure(&origin);
@@ -370,7 +454,7 @@ impl FunctionRunner {
     /// rejected. `Err(HandBack)` only when the DLQ stayed unwritable until shutdown.
     async fn handle_event(
         &self,
-        event: &Event,
+        event: &mut Event,
         ctx: &DeliveryContext<'_>,
         attempt: u32,
         shutdown: &CancellationToken,
@@ -437,7 +521,7 @@ impl FunctionRunner {
                 }
                 Err(e) => {
                     self.note_failure(event, "publish", &e);
-                    self.remember_first_failure(&ctx.origin);
+                    self.remember_first_failure(ctx.origin);
                     Ok(EventOutcome::Failed(InvocationError::Retry(e)))
                 }
             },
@@ -445,7 +529,7 @@ impl FunctionRunner {
                 self.counters.failed.fetch_add(1, AtomicOrdering::Relaxed);
                 self.note_failure(event, "reject", &reason);
                 let now = now_rfc3339();
-                let first = self.first_failure(&ctx.origin);
+                let first = self.first_failure(ctx.origin);
                 let letter =
                     self.letter(DeadLetterReason::Rejected, reason, attempt, ctx, first, now);
                 self.dead_letter(letter.record(event), DeadLetterReason::Rejected, shutdown)
@@ -455,7 +539,7 @@ impl FunctionRunner {
             Err(e) => {
                 self.counters.failed.fetch_add(1, AtomicOrdering::Relaxed);
                 self.note_failure(event, e.outcome(), &e.to_string());
-                self.remember_first_failure(&ctx.origin);
+                self.remember_first_failure(ctx.origin);
                 tracing::info!(function = %self.spec.name, event = %event.id, attempt, error = %e, "invocation failed");
                 Ok(EventOutcome::Failed(e))
             }
@@ -464,7 +548,7 @@ impl FunctionRunner {
 
     async fn invoke(
         &self,
-        event: &Event,
+        event: &mut Event,
         ctx: &DeliveryContext<'_>,
         attempt: u32,
     ) -> Result<Vec<chain::ChainedOutput>, InvocationError> {
@@ -479,9 +563,11 @@ impl FunctionRunner {
             key,
             attempt,
         };
-        let result = instance
-            .handle(&engine::to_wit_event(event), &delivery)
-            .await;
+        // The event's fields move into the guest's type for the call and back after it: no
+        // copy of the event per invocation.
+        let wit_event = engine::take_wit_event(event);
+        let result = instance.handle(&wit_event, &delivery).await;
+        engine::restore_event(event, wit_event);
         let checked = result.and_then(|outputs| {
             chain::check_outputs(
                 &self.spec.rules,
@@ -620,7 +706,7 @@ impl FunctionRunner {
             attempts,
             function: self.spec.name.to_string(),
             module: self.pool.module().sha256().to_owned(),
-            origin: ctx.origin.clone(),
+            origin: ctx.origin.to_owned(),
             first_failure,
             last_failure,
         }
@@ -662,6 +748,33 @@ impl FunctionRunner {
             error: error.chars().take(300).collect(),
         });
     }
+}
+
+/// What the batch tasks of one runner share.
+#[derive(Clone)]
+struct Batching {
+    style: RetryStyle,
+    progress: Option<Duration>,
+    limit: usize,
+    subscription: Arc<tokio::sync::Mutex<Box<dyn Subscription>>>,
+    shutdown: CancellationToken,
+}
+
+/// How many deliveries one batch task handles before it ends (and so yields its thread to the
+/// connection's writer, which then sends their outputs and acks together). Bounds how long an
+/// output or ack can wait in the connection's queue under load: at a few microseconds per
+/// delivery, well under a millisecond.
+const BATCH_TASK_DELIVERIES: usize = 64;
+
+/// Most deliveries one task handles together: enough that every runtime worker thread still
+/// gets a batch of its own when all of a function's slots are busy (a batch runs on one thread
+/// at a time), and at most 64.
+fn batch_limit(max_slots: usize) -> usize {
+    let threads = tokio::runtime::Handle::try_current()
+        .map(|runtime| runtime.metrics().num_workers())
+        .unwrap_or(1)
+        .max(1);
+    (max_slots / threads).clamp(1, 64)
 }
 
 /// What to do with a delivery once handled.

@@ -19,7 +19,8 @@
 //! Encoding is deterministic: attributes in a fixed order, extensions sorted by name. This
 //! module knows nothing of Debezium, S3 or format detection; that is [`crate::wire`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
@@ -38,28 +39,56 @@ pub const CONTENT_TYPE_HEADER: &str = "content-type";
 /// `%` and controls; non-ASCII is always encoded by [`utf8_percent_encode`].
 const HEADER_VALUE_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 
+/// One header of a received message. Transports hand headers over in whatever form they hold
+/// them (owned pairs, or borrowed views of a broker client's own header map), so decoding
+/// copies nothing it does not keep.
+pub trait HeaderPair {
+    fn name(&self) -> &str;
+    fn value(&self) -> &str;
+}
+
+impl HeaderPair for (String, String) {
+    fn name(&self) -> &str {
+        &self.0
+    }
+
+    fn value(&self) -> &str {
+        &self.1
+    }
+}
+
+impl HeaderPair for (&str, &str) {
+    fn name(&self) -> &str {
+        self.0
+    }
+
+    fn value(&self) -> &str {
+        self.1
+    }
+}
+
 /// The first value of a header, by case-insensitive name.
-pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub fn header<'a, H: HeaderPair>(headers: &'a [H], name: &str) -> Option<&'a str> {
     headers
         .iter()
-        .find(|(key, _)| key.eq_ignore_ascii_case(name))
-        .map(|(_, value)| value.as_str())
+        .find(|pair| pair.name().eq_ignore_ascii_case(name))
+        .map(HeaderPair::value)
 }
 
 /// Whether the headers make this a binary-mode event: a `ce-specversion` header (what the
 /// HTTP and Kafka bindings key binary mode on) or a `ce-id` header, in either spelling. A
 /// message with one but not the other is binary mode with an attribute missing, and is refused
 /// as such rather than passed on as a custom event.
-pub fn has_binary_headers(headers: &[(String, String)]) -> bool {
+pub fn has_binary_headers<H: HeaderPair>(headers: &[H]) -> bool {
     ["ce-id", "ce_id", "ce-specversion", "ce_specversion"]
         .iter()
         .any(|name| header(headers, name).is_some())
 }
 
 /// Whether any header uses a CloudEvents prefix (`ce-` or `ce_`), even if `ce-id` is missing.
-pub fn has_any_ce_header(headers: &[(String, String)]) -> bool {
-    headers.iter().any(|(key, _)| {
-        let prefix = key.get(..3).unwrap_or_default();
+pub fn has_any_ce_header<H: HeaderPair>(headers: &[H]) -> bool {
+    headers.iter().any(|pair| {
+        let prefix = pair.name().get(..3).unwrap_or_default();
         prefix.eq_ignore_ascii_case("ce-") || prefix.eq_ignore_ascii_case("ce_")
     })
 }
@@ -67,23 +96,27 @@ pub fn has_any_ce_header(headers: &[(String, String)]) -> bool {
 /// Whether a `content-type` announces structured mode (`application/cloudevents...`,
 /// case-insensitive, as the bindings detect it).
 pub fn is_structured_content_type(content_type: &str) -> bool {
-    media_type(content_type).starts_with("application/cloudevents")
+    const STRUCTURED: &str = "application/cloudevents";
+    media_type(content_type)
+        .get(..STRUCTURED.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(STRUCTURED))
 }
 
 /// Whether a media type is JSON: `application/json`, `text/json` or any `+json` suffix.
 pub fn is_json_content_type(content_type: &str) -> bool {
     let media = media_type(content_type);
-    media == "application/json" || media == "text/json" || media.ends_with("+json")
+    media.eq_ignore_ascii_case("application/json")
+        || media.eq_ignore_ascii_case("text/json")
+        || media
+            .len()
+            .checked_sub(5)
+            .and_then(|start| media.get(start..))
+            .is_some_and(|end| end.eq_ignore_ascii_case("+json"))
 }
 
-/// The media type without parameters, trimmed and lowercased.
-fn media_type(content_type: &str) -> String {
-    content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase()
+/// The media type without parameters, trimmed (compare it case-insensitively).
+fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or_default().trim()
 }
 
 /// Attributes collected from either mode before they become an [`Event`].
@@ -122,6 +155,21 @@ impl Attributes {
         Ok(())
     }
 
+    /// Whether an attribute (lowercase name) was set already: the first header of a name wins.
+    fn has(&self, name: &str) -> bool {
+        match name {
+            "specversion" => self.specversion.is_some(),
+            "id" => self.id.is_some(),
+            "source" => self.source.is_some(),
+            "type" => self.ty.is_some(),
+            "subject" => self.subject.is_some(),
+            "time" => self.time.is_some(),
+            "datacontenttype" => self.datacontenttype.is_some(),
+            "dataschema" => self.dataschema.is_some(),
+            _ => self.extensions.contains_key(name),
+        }
+    }
+
     fn into_event(self, data: Option<Vec<u8>>) -> Result<Event, DecodeError> {
         let specversion = self.specversion.ok_or(DecodeError::MissingAttribute {
             attribute: "specversion",
@@ -153,63 +201,118 @@ impl Attributes {
 
 /// Decode a binary-mode event. `body` `None` (a Kafka null value) or empty means no data.
 /// When a name appears twice, the first header wins.
-pub fn decode_binary(
-    headers: &[(String, String)],
+pub fn decode_binary<H: HeaderPair>(
+    headers: &[H],
     body: Option<&[u8]>,
 ) -> Result<Event, DecodeError> {
     let mut attributes = Attributes::default();
-    let mut seen = BTreeSet::new();
     let mut content_type = None;
-    for (name, value) in headers {
-        let lower = name.to_ascii_lowercase();
-        if lower == CONTENT_TYPE_HEADER {
-            content_type.get_or_insert_with(|| value.clone());
+    for pair in headers {
+        let (name, value) = (pair.name(), pair.value());
+        if name.eq_ignore_ascii_case(CONTENT_TYPE_HEADER) {
+            content_type.get_or_insert(value);
             continue;
         }
-        let (attribute, percent_encoded) = if let Some(rest) = lower.strip_prefix("ce-") {
-            (rest, true)
-        } else if let Some(rest) = lower.strip_prefix("ce_") {
-            (rest, false)
+        let (Some(prefix), Some(attribute)) = (name.get(..3), name.get(3..)) else {
+            continue;
+        };
+        let percent_encoded = if prefix.eq_ignore_ascii_case("ce-") {
+            true
+        } else if prefix.eq_ignore_ascii_case("ce_") {
+            false
         } else {
             continue;
         };
-        if !seen.insert(attribute.to_owned()) {
+        // Names are case-insensitive; they are nearly always written in lowercase already.
+        let attribute = if attribute.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(attribute.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(attribute)
+        };
+        if attributes.has(&attribute) {
             continue;
         }
         let value = if percent_encoded {
             percent_decode_str(value)
                 .decode_utf8()
                 .map_err(|_| {
-                    DecodeError::invalid(attribute, "percent-decoded header value is not UTF-8")
+                    DecodeError::invalid(
+                        attribute.as_ref(),
+                        "percent-decoded header value is not UTF-8",
+                    )
                 })?
                 .into_owned()
         } else {
-            value.clone()
+            value.to_owned()
         };
-        attributes.set(attribute, value)?;
+        attributes.set(&attribute, value)?;
     }
-    if content_type.is_some() {
-        attributes.datacontenttype = content_type;
+    if let Some(content_type) = content_type {
+        attributes.datacontenttype = Some(content_type.to_owned());
     }
     let data = body.filter(|bytes| !bytes.is_empty()).map(<[u8]>::to_vec);
     attributes.into_event(data)
 }
 
-/// Encode an event in binary mode: headers in a fixed order (`specversion`, `id`, `source`,
-/// `type`, `subject`, `time`, `dataschema`, `content-type`, then extensions by name) and the
-/// body (`data`, empty when there is none). Assumes a valid event ([`Event::validate`]).
-pub fn encode_binary(event: &Event, style: HeaderStyle) -> (Vec<(String, String)>, Vec<u8>) {
+/// Binary-mode headers as [`encode_binary`] writes them: names are `'static` for every context
+/// attribute and Weir's own extensions (no allocation for them), owned for other extensions.
+pub type BinaryHeaders = Vec<(Cow<'static, str>, String)>;
+
+/// The header name of an attribute or extension in a style, static where it is one of the
+/// names every event carries.
+fn header_name(style: HeaderStyle, name: &str) -> Cow<'static, str> {
+    macro_rules! known {
+        ($($name:literal),* $(,)?) => {
+            match (style, name) {
+                $(
+                    (HeaderStyle::Dash, $name) => return Cow::Borrowed(concat!("ce-", $name)),
+                    (HeaderStyle::Underscore, $name) => return Cow::Borrowed(concat!("ce_", $name)),
+                )*
+                _ => {}
+            }
+        };
+    }
+    known!(
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "dataschema",
+        "traceparent",
+        "partitionkey",
+        "weirhops",
+        "weircausation",
+        "weirdlqreason",
+        "weirdlqerror",
+        "weirdlqattempts",
+        "weirdlqfunction",
+        "weirdlqmodule",
+        "weirdlqorigin",
+        "weirdlqfirstfailure",
+        "weirdlqlastfailure",
+    );
     let prefix = match style {
         HeaderStyle::Dash => "ce-",
         HeaderStyle::Underscore => "ce_",
     };
+    Cow::Owned(format!("{prefix}{name}"))
+}
+
+/// Encode an event in binary mode: headers in a fixed order (`specversion`, `id`, `source`,
+/// `type`, `subject`, `time`, `dataschema`, `content-type`, then extensions by name) and the
+/// body (`data`, empty when there is none). Assumes a valid event ([`Event::validate`]).
+pub fn encode_binary(event: &Event, style: HeaderStyle) -> (BinaryHeaders, Vec<u8>) {
     let encode_value = |value: &str| match style {
-        HeaderStyle::Dash => utf8_percent_encode(value, HEADER_VALUE_ESCAPES).to_string(),
+        HeaderStyle::Dash => {
+            Cow::from(utf8_percent_encode(value, HEADER_VALUE_ESCAPES)).into_owned()
+        }
         HeaderStyle::Underscore => value.to_owned(),
     };
     let mut headers = Vec::with_capacity(8 + event.extensions.len());
     let mut push = |name: &str, value: &str| {
-        headers.push((format!("{prefix}{name}"), encode_value(value)));
+        headers.push((header_name(style, name), encode_value(value)));
     };
     push("specversion", &event.specversion);
     push("id", &event.id);
@@ -225,10 +328,10 @@ pub fn encode_binary(event: &Event, style: HeaderStyle) -> (Vec<(String, String)
         }
     }
     if let Some(content_type) = &event.datacontenttype {
-        headers.push((CONTENT_TYPE_HEADER.to_owned(), content_type.clone()));
+        headers.push((Cow::Borrowed(CONTENT_TYPE_HEADER), content_type.clone()));
     }
     for (name, value) in &event.extensions {
-        headers.push((format!("{prefix}{name}"), encode_value(value)));
+        headers.push((header_name(style, name), encode_value(value)));
     }
     (headers, event.data.clone().unwrap_or_default())
 }

@@ -249,5 +249,12 @@ pub fn derived_id(parts: &[&str]) -> String {
     }
     let digest = hasher.finalize();
     // 128 bits is plenty for uniqueness and keeps ids short in headers and logs.
-    hex::encode(&digest[..16])
+    let mut text = [0u8; 32];
+    // Into a buffer, not `hex::encode`: that builds the string a char at a time, which showed
+    // in profiles (two ids per output event).
+    match hex::encode_to_slice(&digest[..16], &mut text) {
+        Ok(()) => String::from_utf8_lossy(&text).into_owned(),
+        // Unreachable (32 bytes hold 16 encoded ones); the slower path gives the same text.
+        Err(_) => hex::encode(&digest[..16]),
+    }
 }

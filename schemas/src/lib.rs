@@ -17,6 +17,7 @@ pub mod event;
 pub mod s3;
 pub mod wire;
 
+pub use cloudevents::HeaderPair;
 pub use debezium::{DbChange, DbOp, DbSource};
 pub use error::DecodeError;
 pub use error::EncodeError;

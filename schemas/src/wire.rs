@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::value::RawValue;
 
-use crate::cloudevents::{self, header, CONTENT_TYPE_HEADER};
+use crate::cloudevents::{self, header, HeaderPair, CONTENT_TYPE_HEADER};
 use crate::event::derived_id;
 use crate::{debezium, s3, DecodeError, Event};
 
@@ -56,10 +56,11 @@ pub enum Format {
     Raw,
 }
 
-/// A message as a transport received it, before decoding.
-#[derive(Debug, Clone, Copy)]
-pub struct WireMessage<'a> {
-    pub headers: &'a [(String, String)],
+/// A message as a transport received it, before decoding. Headers are any [`HeaderPair`]s:
+/// owned pairs, or borrowed views of a broker client's own header map.
+#[derive(Debug)]
+pub struct WireMessage<'a, H = (String, String)> {
+    pub headers: &'a [H],
     /// `None` is a null value (a Kafka tombstone); `Some(b"")` is an empty body.
     pub payload: Option<&'a [u8]>,
     pub key: Option<&'a [u8]>,
@@ -71,8 +72,19 @@ pub struct WireMessage<'a> {
     pub default_source: &'a str,
 }
 
+impl<H> Clone for WireMessage<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H> Copy for WireMessage<'_, H> {}
+
 /// Decode one wire message into the events it carries (an S3 notification carries several).
-pub fn decode(msg: &WireMessage<'_>, format: Format) -> Result<Vec<Event>, DecodeError> {
+pub fn decode<H: HeaderPair>(
+    msg: &WireMessage<'_, H>,
+    format: Format,
+) -> Result<Vec<Event>, DecodeError> {
     match format {
         Format::Auto => decode_auto(msg),
         Format::CloudEvents => decode_cloudevent(msg).map(|event| vec![event]),
@@ -84,7 +96,7 @@ pub fn decode(msg: &WireMessage<'_>, format: Format) -> Result<Vec<Event>, Decod
 
 /// CloudEvents binary mode: attributes as headers, `data` as the body.
 /// See [`cloudevents::encode_binary`] for the exact header layout.
-pub fn encode_binary(event: &Event, style: HeaderStyle) -> (Vec<(String, String)>, Vec<u8>) {
+pub fn encode_binary(event: &Event, style: HeaderStyle) -> (cloudevents::BinaryHeaders, Vec<u8>) {
     cloudevents::encode_binary(event, style)
 }
 
@@ -105,7 +117,7 @@ pub enum Detected {
 }
 
 /// Which parser [`Format::Auto`] would use for a message (exposed for metrics and tests).
-pub fn detect(msg: &WireMessage<'_>) -> Detected {
+pub fn detect<H: HeaderPair>(msg: &WireMessage<'_, H>) -> Detected {
     if header(msg.headers, CONTENT_TYPE_HEADER).is_some_and(cloudevents::is_structured_content_type)
     {
         return Detected::Structured;
@@ -126,7 +138,7 @@ pub fn detect(msg: &WireMessage<'_>) -> Detected {
     }
 }
 
-fn decode_auto(msg: &WireMessage<'_>) -> Result<Vec<Event>, DecodeError> {
+fn decode_auto<H: HeaderPair>(msg: &WireMessage<'_, H>) -> Result<Vec<Event>, DecodeError> {
     match detect(msg) {
         Detected::Structured => {
             cloudevents::decode_structured(msg.payload.unwrap_or_default()).map(|e| vec![e])
@@ -163,7 +175,7 @@ fn looks_like_s3(object: &BTreeMap<String, &RawValue>) -> bool {
     })
 }
 
-fn decode_cloudevent(msg: &WireMessage<'_>) -> Result<Event, DecodeError> {
+fn decode_cloudevent<H: HeaderPair>(msg: &WireMessage<'_, H>) -> Result<Event, DecodeError> {
     let structured_header = header(msg.headers, CONTENT_TYPE_HEADER)
         .is_some_and(cloudevents::is_structured_content_type);
     if !structured_header && cloudevents::has_any_ce_header(msg.headers) {
@@ -176,12 +188,12 @@ fn decode_cloudevent(msg: &WireMessage<'_>) -> Result<Event, DecodeError> {
     }
 }
 
-fn decode_debezium(msg: &WireMessage<'_>) -> Result<Event, DecodeError> {
+fn decode_debezium<H: HeaderPair>(msg: &WireMessage<'_, H>) -> Result<Event, DecodeError> {
     let change = debezium::parse(msg.payload, msg.key)?;
     debezium::to_event(&change, msg.origin, msg.default_source)
 }
 
-fn decode_s3(msg: &WireMessage<'_>) -> Result<Vec<Event>, DecodeError> {
+fn decode_s3<H: HeaderPair>(msg: &WireMessage<'_, H>) -> Result<Vec<Event>, DecodeError> {
     let payload = msg
         .payload
         .ok_or_else(|| DecodeError::s3("no body (a null value)"))?;
@@ -191,7 +203,7 @@ fn decode_s3(msg: &WireMessage<'_>) -> Result<Vec<Event>, DecodeError> {
 
 /// A custom event: never fails. An empty or null body is no data, as in binary mode, so the
 /// event reads the same after Weir re-publishes it.
-fn decode_raw(msg: &WireMessage<'_>) -> Event {
+fn decode_raw<H: HeaderPair>(msg: &WireMessage<'_, H>) -> Event {
     let mut event = Event::new(
         derived_id(&[msg.origin, "0"]),
         msg.default_source,

@@ -2,9 +2,9 @@
 //!
 //! `cargo bench -p weir-tests --bench nats` measures, in one run and on one fresh
 //! `nats-server -js` (file storage):
-//! 1. JetStream → wasm `noop` → ack through Weir (in-process [`Runtime`], 8 instance slots):
-//!    N events pre-published, timed from the runtime's start until the consumer's
-//!    `num_pending + num_ack_pending` is 0;
+//! 1. JetStream → wasm `noop` → ack through Weir (in-process [`Runtime`], 8 instance slots,
+//!    the default prefetch of 32 per slot): N events pre-published, timed from the runtime's
+//!    start until the consumer's `num_pending + num_ack_pending` is 0;
 //! 2. a plain async-nats pull consumer acking the same N messages (fire-and-forget acks, as
 //!    Weir does and a typical program does), and the same with confirmed acks (`double_ack`, 8
 //!    at a time) to show what a confirmation per ack would cost;
@@ -13,6 +13,12 @@
 //!    keeps at most a window of messages unanswered, so core NATS never drops (no slow
 //!    consumer) and the rate is the sustained one;
 //! 5. end-to-end latency (p50, p99) of core NATS through Weir at half the rate of (3).
+//!
+//! Each row also gives the CPU time this process and the server used per event (from
+//! `/proc`), and the write and read system calls per event: where the time goes, beside how
+//! fast it went. `WEIR_BENCH_SLOTS` and `WEIR_BENCH_PREFETCH` change Weir's instance slots and
+//! JetStream prefetch (e.g. to see what a throughput-tuned configuration does);
+//! `WEIR_BENCH_ONLY=jetstream|core` runs one half.
 //!
 //! Without `--bench` (plain `cargo test`) it runs a tiny smoke version of the same steps that
 //! only checks every event came through. Native baselines use async-nats directly, which
@@ -30,6 +36,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use weir_broker_bridge::nats::{NatsConfig, NatsTransport, StreamConfig};
 use weir_dispatcher::runtime::Runtime;
+use weir_tests::cpu::{CpuMeter, CpuUsed};
 use weir_tests::nats_server::NatsServer;
 use weir_tests::weir::functions_dir;
 
@@ -40,11 +47,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const STREAM: &str = "BENCH";
 const JS_SUBJECT: &str = "bench.js";
+/// Weir's instance slots unless `WEIR_BENCH_SLOTS` says otherwise; also the confirmed-ack
+/// baseline's concurrency.
 const SLOTS: u32 = 8;
+/// JetStream prefetch per slot unless `WEIR_BENCH_PREFETCH` says otherwise (Weir's default).
+const PREFETCH: u32 = 32;
 
 /// Sizes of one run.
 struct Plan {
     full: bool,
+    /// Weir's instance slots (min = max) and JetStream prefetch per slot.
+    slots: u32,
+    prefetch: u32,
+    /// The server's process, whose CPU time each row reports beside this process's.
+    server_pid: u32,
     js_events: usize,
     core_events: u64,
     /// Most core messages published and not yet answered.
@@ -56,10 +72,15 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(full: bool) -> Plan {
-        if full {
+    fn new(full: bool, server_pid: u32) -> anyhow::Result<Plan> {
+        let slots = env_number("WEIR_BENCH_SLOTS", SLOTS)?;
+        let prefetch = env_number("WEIR_BENCH_PREFETCH", PREFETCH)?;
+        Ok(if full {
             Plan {
                 full,
+                slots,
+                prefetch,
+                server_pid,
                 js_events: 100_000,
                 core_events: 200_000,
                 core_window: 8_192,
@@ -70,6 +91,9 @@ impl Plan {
         } else {
             Plan {
                 full,
+                slots,
+                prefetch,
+                server_pid,
                 js_events: 300,
                 core_events: 2_000,
                 core_window: 256,
@@ -77,7 +101,19 @@ impl Plan {
                 js_budget: Duration::from_secs(60),
                 timeout: Duration::from_secs(60),
             }
-        }
+        })
+    }
+}
+
+/// A positive number from the environment, or `default` when the variable is not set.
+fn env_number(name: &str, default: u32) -> anyhow::Result<u32> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Ok(text) => match text.parse::<u32>() {
+            Ok(number) if number > 0 => Ok(number),
+            _ => bail!("{name} must be a positive whole number, not `{text}`"),
+        },
+        Err(err) => bail!("{name}: {err}"),
     }
 }
 
@@ -86,6 +122,9 @@ struct Row {
     name: String,
     events: u64,
     elapsed: Duration,
+    /// CPU this process (Weir or the native program, plus the bench's own publisher and
+    /// counter where the row says so) and the server used.
+    cpu: CpuUsed,
 }
 
 impl Row {
@@ -100,11 +139,12 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting tokio")?;
-    runtime.block_on(run(Plan::new(full)))
+    runtime.block_on(run(full))
 }
 
-async fn run(plan: Plan) -> anyhow::Result<()> {
+async fn run(full: bool) -> anyhow::Result<()> {
     let server = NatsServer::start()?;
+    let plan = Plan::new(full, server.pid().context("nats-server is not running")?)?;
     let url = server.url();
     let client = async_nats::connect(&url).await.context("connecting")?;
     let js = async_nats::jetstream::new(client.clone());
@@ -160,17 +200,20 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     println!(
-        "{:<52} {:>9} {:>9} {:>12} {:>12}  goal",
-        "measurement", "events", "seconds", "events/s", "Weir/native"
+        "{:<64} {:>9} {:>9} {:>12} {:>12} {:>10} {:>10}  goal",
+        "measurement", "events", "seconds", "events/s", "Weir/native", "µs cpu/ev", "server"
     );
     let line = |row: &Row, ratio: Option<f64>, goal: &str| {
+        let (own, server) = row.cpu.per_event_micros(row.events);
         println!(
-            "{:<52} {:>9} {:>9.2} {:>12.0} {:>12}  {goal}",
+            "{:<64} {:>9} {:>9.2} {:>12.0} {:>12} {:>10.1} {:>10.1}  {goal}",
             row.name,
             row.events,
             row.elapsed.as_secs_f64(),
             row.rate(),
-            ratio.map_or(String::new(), |r| format!("{r:.2}x"))
+            ratio.map_or(String::new(), |r| format!("{r:.2}x")),
+            own,
+            server,
         );
     };
     if let Some((publish_rate, weir_js, native_js, native_js_confirmed)) = &jetstream {
@@ -191,7 +234,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         );
         line(native_core, None, "");
         println!(
-            "{:<52} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+            "{:<64} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
             "core → echo → core latency through Weir",
             samples,
             p50.as_secs_f64() * 1e3,
@@ -200,6 +243,27 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     }
     transport.close().await?;
     drop(server);
+    println!();
+    println!("System calls per event (writes / reads): this process, then nats-server");
+    let calls = |row: &Row| {
+        let per = |n: u64| n as f64 / row.events.max(1) as f64;
+        println!(
+            "{:<64} {:>6.2} / {:<6.2} {:>6.2} / {:<6.2}",
+            row.name,
+            per(row.cpu.own_io.0),
+            per(row.cpu.own_io.1),
+            per(row.cpu.other_io.0),
+            per(row.cpu.other_io.1)
+        );
+    };
+    if let Some((_, weir_js, native_js, _)) = &jetstream {
+        calls(weir_js);
+        calls(native_js);
+    }
+    if let Some((weir_core, native_core, _, _)) = &core {
+        calls(weir_core);
+        calls(native_core);
+    }
     if !plan.full {
         // Every step above checked that each event came through.
         println!("smoke: 1 passed, 0 failed");
@@ -288,13 +352,17 @@ broker = "jetstream"
 topic = "{JS_SUBJECT}"
 stream = "{STREAM}"
 group = "weir-bench"
+prefetch = {prefetch}
 [functions.scaling]
-min = {SLOTS}
-max = {SLOTS}
+min = {slots}
+max = {slots}
 "#,
-        module = module("noop.wasm")?
+        slots = plan.slots,
+        prefetch = plan.prefetch,
+        module = module("noop.wasm")?,
     );
     let runtime = start_weir(url, &function).await?;
+    let meter = CpuMeter::start(plan.server_pid)?;
     let started = Instant::now();
     // Bounded: a slow Weir is measured over what it did within the budget, not waited for.
     let budget = started + plan.js_budget;
@@ -304,6 +372,7 @@ max = {SLOTS}
         left = lag(js, "weir-bench").await?;
     }
     let elapsed = started.elapsed();
+    let cpu = meter.stop()?;
     let shared = runtime.shared();
     let succeeded = shared
         .function("noop")
@@ -319,12 +388,19 @@ max = {SLOTS}
     }
     Ok(Row {
         name: if left == 0 {
-            format!("(1) JetStream → wasm noop → ack, Weir ({SLOTS} slots)")
+            format!(
+                "(1) JetStream → wasm noop → ack, Weir ({} slots, prefetch {})",
+                plan.slots, plan.prefetch
+            )
         } else {
-            format!("(1) JetStream → noop → ack, Weir ({SLOTS} slots; budget hit)")
+            format!(
+                "(1) JetStream → noop → ack, Weir ({} slots; budget hit)",
+                plan.slots
+            )
         },
         events: done,
         elapsed,
+        cpu,
     })
 }
 
@@ -345,6 +421,7 @@ async fn native_jetstream(
             ..Default::default()
         })
         .await?;
+    let meter = CpuMeter::start(plan.server_pid)?;
     let started = Instant::now();
     let deadline = started + plan.timeout;
     let mut messages = consumer
@@ -382,6 +459,7 @@ async fn native_jetstream(
     }
     drop(messages);
     wait_lag_zero(js, durable, deadline).await?;
+    let cpu = meter.stop()?;
     Ok(Row {
         name: if confirmed {
             format!("(2b) native pull + confirmed ack, {SLOTS} at a time")
@@ -390,17 +468,20 @@ async fn native_jetstream(
         },
         events: plan.js_events as u64,
         elapsed: started.elapsed(),
+        cpu,
     })
 }
 
 /// Publishes `events` core messages to `input` keeping at most `window` unanswered (counted by
-/// `answered`); returns the time from the first publish until every answer arrived.
+/// `answered`); returns the time from the first publish until every answer arrived, and the
+/// CPU used meanwhile (this process's includes the publisher and the counter).
 async fn drive_core(
     plan: &Plan,
     publisher: &async_nats::Client,
     input: &str,
     answered: &AtomicU64,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, CpuUsed)> {
+    let meter = CpuMeter::start(plan.server_pid)?;
     let started = Instant::now();
     let deadline = started + plan.timeout;
     let mut sent = 0u64;
@@ -438,7 +519,8 @@ async fn drive_core(
         );
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
-    Ok(started.elapsed())
+    let elapsed = started.elapsed();
+    Ok((elapsed, meter.stop()?))
 }
 
 /// Counts messages on `subject` into the returned counter.
@@ -460,7 +542,7 @@ async fn count_on(url: &str, subject: &str) -> anyhow::Result<Arc<AtomicU64>> {
     Ok(count)
 }
 
-fn echo_function(input: &str, output: &str) -> anyhow::Result<String> {
+fn echo_function(plan: &Plan, input: &str, output: &str) -> anyhow::Result<String> {
     Ok(format!(
         r#"
 [[functions]]
@@ -472,24 +554,34 @@ config = {{ output_topic = "{output}" }}
 broker = "nats"
 topic = "{input}"
 [functions.scaling]
-min = {SLOTS}
-max = {SLOTS}
+min = {slots}
+max = {slots}
 "#,
+        slots = plan.slots,
         module = module("echo.wasm")?
     ))
 }
 
 /// (3) core → echo → core through Weir.
 async fn weir_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
-    let runtime = start_weir(url, &echo_function("bench.core.in", "bench.core.out")?).await?;
+    let runtime = start_weir(
+        url,
+        &echo_function(plan, "bench.core.in", "bench.core.out")?,
+    )
+    .await?;
     let answered = count_on(url, "bench.core.out").await?;
     let publisher = async_nats::connect(url).await?;
-    let elapsed = drive_core(plan, &publisher, "bench.core.in", &answered).await;
+    let driven = drive_core(plan, &publisher, "bench.core.in", &answered).await;
     runtime.shutdown().await;
+    let (elapsed, cpu) = driven?;
     Ok(Row {
-        name: "(3) core → wasm echo → core publish, Weir".to_owned(),
+        name: format!(
+            "(3) core → wasm echo → core publish, Weir ({} slots)",
+            plan.slots
+        ),
         events: plan.core_events,
-        elapsed: elapsed?,
+        elapsed,
+        cpu,
     })
 }
 
@@ -516,12 +608,14 @@ async fn native_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
     });
     let answered = count_on(url, "bench.native.out").await?;
     let publisher = async_nats::connect(url).await?;
-    let elapsed = drive_core(plan, &publisher, "bench.native.in", &answered).await;
+    let driven = drive_core(plan, &publisher, "bench.native.in", &answered).await;
     task.abort();
+    let (elapsed, cpu) = driven?;
     Ok(Row {
         name: "(4) native async-nats subscribe + republish".to_owned(),
         events: plan.core_events,
-        elapsed: elapsed?,
+        elapsed,
+        cpu,
     })
 }
 
@@ -531,7 +625,7 @@ async fn weir_core_latency(
     url: &str,
     rate: f64,
 ) -> anyhow::Result<(Duration, Duration, usize)> {
-    let runtime = start_weir(url, &echo_function("bench.lat.in", "bench.lat.out")?).await?;
+    let runtime = start_weir(url, &echo_function(plan, "bench.lat.in", "bench.lat.out")?).await?;
     let total = ((rate * plan.latency_for.as_secs_f64()) as usize).max(10);
     let receiver = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)

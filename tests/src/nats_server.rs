@@ -81,6 +81,11 @@ impl NatsServer {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
+    /// The server's process id while it runs (benchmarks read its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The JetStream store directory (kept across [`NatsServer::restart`]).
     pub fn store_dir(&self) -> PathBuf {
         self.root.path().join("store")

@@ -65,7 +65,7 @@ async fn round_trip(broker: &KafkaBroker, config: &KafkaConfig, topic: &str) {
             .publish(OutboundMessage {
                 topic: topic.to_owned(),
                 key: Some(format!("k{n}").into_bytes().into()),
-                headers: vec![("ce_id".to_owned(), format!("evt-{n}"))],
+                headers: vec![("ce_id".into(), format!("evt-{n}"))],
                 payload: format!("payload-{n}").into_bytes().into(),
                 dedup_id: None,
             })

@@ -134,7 +134,10 @@ async fn headers_key_and_null_payload_survive_the_round_trip() {
         .publish(OutboundMessage {
             topic: setup.topic.clone(),
             key: Some(b"order-7".to_vec().into()),
-            headers: headers.clone(),
+            headers: headers
+                .iter()
+                .map(|(name, value)| (name.clone().into(), value.clone()))
+                .collect(),
             payload: br#"{"n":1}"#.to_vec().into(),
             dedup_id: None,
         })
@@ -142,7 +145,7 @@ async fn headers_key_and_null_payload_survive_the_round_trip() {
         .expect("publish");
     setup
         .publisher
-        .publish_record(&setup.topic, Some(b"order-7"), &[], None)
+        .publish_record::<&str, &str>(&setup.topic, Some(b"order-7"), &[], None)
         .await
         .expect("publish tombstone");
     assert_eq!(setup.publisher.broker(), BrokerKind::Kafka);

@@ -86,7 +86,7 @@ async fn expect_next(
 fn sequence_of(delivery: &Delivery) -> anyhow::Result<u64> {
     match &delivery.message.origin {
         Origin::JetStream { stream, sequence } => {
-            ensure!(stream == STREAM, "origin stream {stream}");
+            ensure!(&**stream == STREAM, "origin stream {stream}");
             Ok(*sequence)
         }
         other => bail!("not a JetStream origin: {other:?}"),
@@ -140,12 +140,12 @@ async fn confirmed_publish_consume_and_ack_leaves_nothing_pending() -> anyhow::R
     assert_eq!(inbound.delivery_count, 1);
     assert_eq!(inbound.key, None);
     assert_eq!(sequence_of(&delivery)?, 1);
-    assert!(inbound.headers.contains(&("ce-id".into(), "hello".into())));
-    assert!(inbound.headers.contains(&("x-multi".into(), "one".into())));
-    assert!(inbound.headers.contains(&("x-multi".into(), "two".into())));
-    assert!(inbound
-        .headers
-        .contains(&("Nats-Msg-Id".into(), "id-1".into())));
+    let headers = inbound.headers.view();
+    assert!(headers.contains(&("ce-id", "hello")));
+    assert!(headers.contains(&("x-multi", "one")));
+    assert!(headers.contains(&("x-multi", "two")));
+    assert!(headers.contains(&("Nats-Msg-Id", "id-1")));
+    assert_eq!(inbound.headers.get("CE-ID"), Some("hello"));
     delivery.ack().await?;
 
     // Acks are sent, not confirmed: the server applies them a moment later.
@@ -664,5 +664,79 @@ async fn connecting_to_a_closed_port_fails() -> anyhow::Result<()> {
         other => bail!("expected a connect error, got {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+/// What the dispatcher's batches rely on: `try_next` hands out what is ready without waiting,
+/// and nothing when nothing is.
+#[tokio::test]
+async fn try_next_takes_what_is_ready_without_waiting() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+
+    // JetStream: once the first delivery is in, the rest of the pull is buffered.
+    let publisher = transport.jetstream_publisher();
+    for index in 0..5 {
+        let mut message = message("batch", None);
+        message.payload = format!("js-{index}").into();
+        publisher.publish(message).await?;
+    }
+    let mut jetstream = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(30)), 8)
+        .await?;
+    let mut received = vec![expect_next(&mut jetstream, Duration::from_secs(5)).await?];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received.len() < 5 {
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of 5 ready",
+            received.len()
+        );
+        match jetstream.try_next() {
+            Some(delivery) => received.push(delivery),
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    ensure!(
+        jetstream.try_next().is_none(),
+        "a sixth delivery out of five"
+    );
+    let mut sequences = Vec::new();
+    for delivery in received {
+        sequences.push(sequence_of(&delivery)?);
+        delivery.ack().await?;
+    }
+    assert_eq!(sequences, vec![1, 2, 3, 4, 5], "in stream order");
+    jetstream.close().await;
+    assert!(jetstream.try_next().is_none(), "nothing after close");
+
+    // Core: what async-nats has received is ready.
+    let mut core = transport.subscribe_core("jobs.>", None).await?;
+    assert!(core.try_next().is_none(), "nothing published yet");
+    let core_publisher = transport.core_publisher();
+    for index in 0..5 {
+        core_publisher
+            .publish(OutboundMessage {
+                topic: "jobs.new".into(),
+                key: None,
+                headers: vec![("ce-id".into(), format!("core-{index}"))],
+                payload: index.to_string().into(),
+                dedup_id: None,
+            })
+            .await?;
+    }
+    let first = expect_next(&mut core, Duration::from_secs(5)).await?;
+    let mut ids = vec![first.message.headers.get("ce-id").map(str::to_owned)];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ids.len() < 5 {
+        ensure!(Instant::now() < deadline, "only {} of 5 ready", ids.len());
+        match core.try_next() {
+            Some(delivery) => ids.push(delivery.message.headers.get("ce-id").map(str::to_owned)),
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let expected: Vec<Option<String>> = (0..5).map(|i| Some(format!("core-{i}"))).collect();
+    assert_eq!(ids, expected, "in publish order");
+    core.close().await;
+    assert!(core.try_next().is_none(), "nothing after close");
     Ok(())
 }

@@ -851,39 +851,64 @@ impl KafkaSubscription {
     }
 }
 
+/// What [`KafkaSubscription::take_ready`] found.
+// Unpacked by the caller at once; boxing the delivery would cost an allocation per record.
+#[allow(clippy::large_enum_variant)]
+enum Ready {
+    Delivery(Delivery),
+    Nothing,
+    Closed,
+}
+
+impl KafkaSubscription {
+    /// The next record whose lane is free, without waiting.
+    fn take_ready(&self) -> Ready {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Ready::Closed;
+        }
+        let Some(popped) = state.scheduler.pop() else {
+            return Ready::Nothing;
+        };
+        let limit = self.shared.settings.max_buffered_per_partition;
+        let refill = !state.throttled.is_empty()
+            && state.scheduler.buffered(popped.partition) <= limit / 2
+            && state.throttled.remove(&popped.partition);
+        drop(state);
+        if refill {
+            self.shared.wake_consumer();
+        }
+        let record = popped.item;
+        let message = record.to_message(&self.shared.settings.topic);
+        let settle = KafkaSettle {
+            shared: self.shared.clone(),
+            partition: popped.partition,
+            offset: record.offset,
+            lane: popped.lane,
+            generation: popped.generation,
+            unsettled: Some(record),
+        };
+        Ready::Delivery(Delivery::new(message, Box::new(settle)))
+    }
+}
+
 #[async_trait]
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Delivery> {
         loop {
             let notified = self.shared.ready.notified();
-            {
-                let mut state = self.shared.lock();
-                if state.closed {
-                    return None;
-                }
-                if let Some(popped) = state.scheduler.pop() {
-                    let limit = self.shared.settings.max_buffered_per_partition;
-                    let refill = !state.throttled.is_empty()
-                        && state.scheduler.buffered(popped.partition) <= limit / 2
-                        && state.throttled.remove(&popped.partition);
-                    drop(state);
-                    if refill {
-                        self.shared.wake_consumer();
-                    }
-                    let record = popped.item;
-                    let message = record.to_message(&self.shared.settings.topic);
-                    let settle = KafkaSettle {
-                        shared: self.shared.clone(),
-                        partition: popped.partition,
-                        offset: record.offset,
-                        lane: popped.lane,
-                        generation: popped.generation,
-                        unsettled: Some(record),
-                    };
-                    return Some(Delivery::new(message, Box::new(settle)));
-                }
+            match self.take_ready() {
+                Ready::Delivery(delivery) => return Some(delivery),
+                Ready::Closed => return None,
+                Ready::Nothing => notified.await,
             }
-            notified.await;
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Delivery> {
+        match self.take_ready() {
+            Ready::Delivery(delivery) => Some(delivery),
+            Ready::Closed | Ready::Nothing => None,
         }
     }
 

@@ -83,7 +83,7 @@ impl Record {
         InboundMessage {
             topic: topic.to_owned(),
             key: self.key.clone(),
-            headers: self.decode_headers(),
+            headers: self.decode_headers().into(),
             payload: self.payload.clone(),
             origin: Origin::Kafka {
                 topic: topic.to_owned(),

@@ -13,20 +13,13 @@ use std::time::Duration;
 
 use async_nats::Client;
 use async_trait::async_trait;
-use futures::StreamExt;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use futures::{FutureExt as _, StreamExt};
 
-use super::{events, headers_to_pairs, pairs_to_headers, NatsTransport};
+use super::{events, pairs_to_headers, NatsTransport};
 use crate::{
-    BrokerKind, Delivery, InboundMessage, Origin, OutboundMessage, Publisher, RetryStyle, Settle,
-    Subscription, TransportError,
+    BrokerKind, Delivery, Headers, InboundMessage, Origin, OutboundMessage, Publisher, RetryStyle,
+    Settle, Subscription, TransportError,
 };
-
-/// Messages taken from async-nats but not yet handed to the dispatcher. Bounded so that lag is
-/// a real count; beyond it, async-nats buffers (and reports slow consumers).
-const CORE_BUFFER: usize = 4096;
 
 impl NatsTransport {
     /// Subscribes to a core subject (wildcards allowed). With a queue group, each message goes
@@ -52,94 +45,58 @@ impl NatsTransport {
             .flush()
             .await
             .map_err(|err| subscribe_error(err.to_string()))?;
-
-        let (sender, receiver) = mpsc::channel(CORE_BUFFER);
-        let cancel = CancellationToken::new();
-        let pump = tokio::spawn(pump(subscriber, sender, cancel.clone(), subject.to_owned()));
         Ok(NatsCoreSubscription {
-            receiver,
-            cancel,
-            pump: Some(pump),
-            closed: false,
+            subscriber: Some(subscriber),
+            subject: subject.to_owned(),
         })
     }
 }
 
-/// Moves messages from async-nats into our bounded buffer, whose length is the lag.
-async fn pump(
-    mut subscriber: async_nats::Subscriber,
-    sender: mpsc::Sender<async_nats::Message>,
-    cancel: CancellationToken,
-    subject: String,
-) {
-    loop {
-        let message = tokio::select! {
-            () = cancel.cancelled() => {
-                // Best effort: the connection may already be gone, which unsubscribes anyway.
-                let _ = subscriber.unsubscribe().await;
-                return;
-            }
-            message = subscriber.next() => message,
-        };
-        let Some(message) = message else {
-            events::record_core_subscription_ended(&subject);
-            return;
-        };
-        tokio::select! {
-            () = cancel.cancelled() => {
-                let _ = subscriber.unsubscribe().await;
-                return;
-            }
-            sent = sender.send(message) => if sent.is_err() { return },
-        }
-    }
-}
-
 /// A core NATS subscription: at-most-once, no redelivery (see the module docs).
+///
+/// Deliveries come straight from async-nats' subscriber (no task or buffer of ours in between:
+/// each hop between tasks costs a wake-up per message); async-nats buffers what the dispatcher
+/// has not taken yet and reports a slow consumer when that buffer overflows.
 pub struct NatsCoreSubscription {
-    receiver: mpsc::Receiver<async_nats::Message>,
-    cancel: CancellationToken,
-    pump: Option<JoinHandle<()>>,
-    closed: bool,
+    /// `None` once closed.
+    subscriber: Option<async_nats::Subscriber>,
+    subject: String,
 }
 
 impl std::fmt::Debug for NatsCoreSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsCoreSubscription")
-            .field("closed", &self.closed)
+            .field("subject", &self.subject)
+            .field("closed", &self.subscriber.is_none())
             .finish()
-    }
-}
-
-impl Drop for NatsCoreSubscription {
-    fn drop(&mut self) {
-        self.cancel.cancel();
     }
 }
 
 #[async_trait]
 impl Subscription for NatsCoreSubscription {
     async fn next(&mut self) -> Option<Delivery> {
-        if self.closed {
-            return None;
+        let subscriber = self.subscriber.as_mut()?;
+        match subscriber.next().await {
+            Some(message) => Some(core_delivery(message)),
+            None => {
+                events::record_core_subscription_ended(&self.subject);
+                self.subscriber = None;
+                None
+            }
         }
-        let message = self.receiver.recv().await?;
-        let subject = message.subject.to_string();
-        let inbound = InboundMessage {
-            topic: subject.clone(),
-            key: None,
-            headers: headers_to_pairs(message.headers.as_ref()),
-            payload: Some(message.payload),
-            origin: Origin::Nats { subject },
-            delivery_count: 1,
-        };
-        Some(Delivery::new(inbound, Box::new(CoreSettle)))
     }
 
-    /// Messages received from the server but not yet handed out (at most 4096; core NATS has
-    /// no server-side backlog to read).
+    fn try_next(&mut self) -> Option<Delivery> {
+        // Polled once: the subscriber is a channel receiver, so not waiting loses nothing; an
+        // ended subscription is noticed by the next `next`.
+        let message = self.subscriber.as_mut()?.next().now_or_never()??;
+        Some(core_delivery(message))
+    }
+
+    /// Always 0: core NATS keeps no backlog on the server, and what async-nats buffered for
+    /// this subscriber is not counted (a core trigger is not scaled on lag).
     async fn lag(&self) -> Result<u64, TransportError> {
-        Ok(u64::try_from(self.receiver.len()).unwrap_or(u64::MAX))
+        Ok(0)
     }
 
     fn retry_style(&self) -> RetryStyle {
@@ -150,16 +107,27 @@ impl Subscription for NatsCoreSubscription {
         BrokerKind::Nats
     }
 
-    /// Unsubscribes; messages buffered but not handed out are dropped (core NATS cannot hand
-    /// them back).
+    /// Unsubscribes; messages async-nats buffered but not handed out are dropped (core NATS
+    /// cannot hand them back).
     async fn close(&mut self) {
-        self.closed = true;
-        self.cancel.cancel();
-        if let Some(pump) = self.pump.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+        if let Some(mut subscriber) = self.subscriber.take() {
+            // Best effort: the connection may already be gone, which unsubscribes anyway.
+            let _ = tokio::time::timeout(Duration::from_secs(5), subscriber.unsubscribe()).await;
         }
-        self.receiver.close();
     }
+}
+
+fn core_delivery(message: async_nats::Message) -> Delivery {
+    let subject = message.subject.to_string();
+    let inbound = InboundMessage {
+        topic: subject.clone(),
+        key: None,
+        headers: Headers::from_nats(message.headers),
+        payload: Some(message.payload),
+        origin: Origin::Nats { subject },
+        delivery_count: 1,
+    };
+    Delivery::new(inbound, Box::new(CoreSettle))
 }
 
 /// Settling a core message: nothing to tell the server, which keeps no state about it.
@@ -191,6 +159,7 @@ impl Settle for CoreSettle {
 pub struct NatsPublisher {
     client: Client,
     flush_timeout: Duration,
+    counters: events::PublishCounters,
 }
 
 impl std::fmt::Debug for NatsPublisher {
@@ -206,6 +175,7 @@ impl NatsPublisher {
         Self {
             client,
             flush_timeout,
+            counters: events::PublishCounters::new(BrokerKind::Nats),
         }
     }
 }
@@ -215,41 +185,53 @@ impl Publisher for NatsPublisher {
     /// The key is not sent (core NATS has none); put it in a header if the receiver needs it.
     /// `dedup_id` is ignored: core NATS does not de-duplicate.
     async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
-        let topic = message.topic.clone();
-        let headers = pairs_to_headers(&topic, &message.headers)?;
+        let OutboundMessage {
+            topic,
+            headers,
+            payload,
+            ..
+        } = message;
+        let headers = match pairs_to_headers(&topic, headers) {
+            Ok(headers) => headers,
+            Err(err) => {
+                self.counters.error();
+                return Err(err);
+            }
+        };
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            events::record_publish(BrokerKind::Nats, "error");
+            self.counters.error();
             return Err(TransportError::Publish {
                 topic,
                 reason: "not connected to NATS (reconnecting)".into(),
             });
         }
-        let publish = async {
-            self.client
-                .publish_with_headers(message.topic, headers, message.payload)
-                .await
-                .map_err(|err| TransportError::Publish {
-                    topic: topic.clone(),
+        let subject = async_nats::Subject::from(topic.as_str());
+        // Queueing blocks only when the client's command queue is full.
+        let queued = tokio::time::timeout(
+            self.flush_timeout,
+            self.client.publish_with_headers(subject, headers, payload),
+        )
+        .await;
+        match queued {
+            Ok(Ok(())) => {
+                self.counters.ok();
+                Ok(())
+            }
+            Ok(Err(err)) => {
+                self.counters.error();
+                Err(TransportError::Publish {
+                    topic,
                     reason: err.to_string(),
                 })
-        };
-        // Queueing blocks only when the client's command queue is full.
-        let result = match tokio::time::timeout(self.flush_timeout, publish).await {
-            Ok(result) => result,
-            Err(_) => Err(TransportError::PublishTimeout {
-                topic: topic.clone(),
-                timeout: self.flush_timeout,
-            }),
-        };
-        events::record_publish(
-            BrokerKind::Nats,
-            match &result {
-                Ok(()) => "ok",
-                Err(TransportError::PublishTimeout { .. }) => "timeout",
-                Err(_) => "error",
-            },
-        );
-        result
+            }
+            Err(_) => {
+                self.counters.timeout();
+                Err(TransportError::PublishTimeout {
+                    topic,
+                    timeout: self.flush_timeout,
+                })
+            }
+        }
     }
 
     fn broker(&self) -> BrokerKind {

@@ -38,9 +38,9 @@ use tokio_util::sync::CancellationToken;
 use super::config::{
     DeliverFrom, DiscardKind, JetStreamConsumerOptions, RetentionKind, StorageKind, StreamConfig,
 };
-use super::{events, headers_to_pairs, pairs_to_headers, NatsTransport};
+use super::{events, pairs_to_headers, NatsTransport};
 use crate::{
-    BrokerKind, Delivery, FlowControl, InboundMessage, LagProbe, Origin, OutboundMessage,
+    BrokerKind, Delivery, FlowControl, Headers, InboundMessage, LagProbe, Origin, OutboundMessage,
     Publisher, RetryStyle, Settle, Subscription, TransportError,
 };
 
@@ -161,7 +161,7 @@ impl NatsTransport {
         });
         let fetcher = Fetcher {
             stream: stream.clone(),
-            stream_name: options.stream.clone(),
+            stream_name: Arc::from(options.stream.as_str()),
             consumer_name: name.clone(),
             consumer_config,
             flow: Arc::clone(&flow),
@@ -216,7 +216,7 @@ enum PullOutcome {
 /// The per-subscription task that pulls messages within the in-flight bound.
 struct Fetcher {
     stream: stream::Stream,
-    stream_name: String,
+    stream_name: Arc<str>,
     consumer_name: String,
     consumer_config: pull::Config,
     /// Holds the semaphore every fetched delivery takes a permit from.
@@ -345,7 +345,10 @@ impl Fetcher {
             Ok(batch) => batch,
             Err(err) => return PullOutcome::Failed(format!("pull request: {err}")),
         };
-        let deadline = Instant::now() + PULL_EXPIRES + PULL_GRACE;
+        // One clock read per pull, not per message: it starts each delivery's wait for the
+        // buffer heartbeat, which then comes a little early, never late.
+        let requested = Instant::now();
+        let deadline = requested + PULL_EXPIRES + PULL_GRACE;
         let mut delivered = 0usize;
         loop {
             let item = tokio::select! {
@@ -368,35 +371,44 @@ impl Fetcher {
             let Some(permit) = held.pop() else {
                 continue;
             };
-            let waiting = self.delivery(message, permit);
+            let waiting = self.delivery(message, permit, requested);
             self.prefetched.push(waiting);
             delivered += 1;
         }
     }
 
-    fn delivery(&self, message: js::Message, permit: OwnedSemaphorePermit) -> Waiting {
-        let (stream_name, sequence, delivered) = match message.info() {
-            Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
+    fn delivery(
+        &self,
+        message: js::Message,
+        permit: OwnedSemaphorePermit,
+        fetched: Instant,
+    ) -> Waiting {
+        let (stream, sequence, delivered) = match message.info() {
+            // Always our stream, unless it is a mirror's or source's name: share the name.
+            Ok(info) if info.stream == &*self.stream_name => (
+                Arc::clone(&self.stream_name),
+                info.stream_sequence,
+                info.delivered,
+            ),
+            Ok(info) => (Arc::from(info.stream), info.stream_sequence, info.delivered),
             Err(err) => {
                 events::record_missing_metadata(&self.stream_name, &err.to_string());
-                (self.stream_name.clone(), 0, 1)
+                (Arc::clone(&self.stream_name), 0, 1)
             }
         };
         let reply = message.reply.clone();
         let (message, acker) = message.split();
-        let origin = Origin::JetStream {
-            stream: stream_name,
-            sequence,
-        };
         let settle = JetStreamSettle {
             acker,
-            origin: origin.to_string(),
+            stream: Arc::clone(&stream),
+            sequence,
             _permit: permit,
         };
+        let origin = Origin::JetStream { stream, sequence };
         let inbound = InboundMessage {
             topic: message.subject.to_string(),
             key: None,
-            headers: headers_to_pairs(message.headers.as_ref()),
+            headers: Headers::from_nats(message.headers),
             payload: Some(message.payload),
             origin,
             delivery_count: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
@@ -404,7 +416,7 @@ impl Fetcher {
         Waiting {
             delivery: Delivery::new(inbound, Box::new(settle)),
             reply,
-            since: Instant::now(),
+            since: fetched,
         }
     }
 }
@@ -436,6 +448,11 @@ impl Prefetched {
         self.lock().push_back(waiting);
         // Stores a permit when nobody waits, so a push between `pop` and `notified` is not missed.
         self.ready.notify_one();
+    }
+
+    /// The oldest delivery, if one is waiting.
+    fn try_next(&self) -> Option<Delivery> {
+        self.lock().pop_front().map(|waiting| waiting.delivery)
     }
 
     /// The oldest delivery; waits for one.
@@ -545,6 +562,13 @@ impl Subscription for JetStreamSubscription {
         }
     }
 
+    fn try_next(&mut self) -> Option<Delivery> {
+        if self.closed {
+            return None;
+        }
+        self.prefetched.try_next()
+    }
+
     /// `num_pending + num_ack_pending` of the consumer, read from the server.
     async fn lag(&self) -> Result<u64, TransportError> {
         self.probe().lag().await
@@ -593,7 +617,8 @@ impl Subscription for JetStreamSubscription {
 /// why it is not confirmed). Holds one in-flight permit until it is settled or dropped.
 struct JetStreamSettle {
     acker: Acker,
-    origin: String,
+    stream: Arc<str>,
+    sequence: u64,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -601,11 +626,14 @@ impl JetStreamSettle {
     async fn send(&self, kind: AckKind, label: &'static str) -> Result<(), TransportError> {
         self.acker.ack_with(kind).await.map_err(|err| {
             let reason = format!("{label}: {err}");
-            events::record_settle_error(label, &self.origin, &reason);
-            TransportError::Settle {
-                origin: self.origin.clone(),
-                reason,
+            // Only a failure spells the origin out.
+            let origin = Origin::JetStream {
+                stream: Arc::clone(&self.stream),
+                sequence: self.sequence,
             }
+            .to_string();
+            events::record_settle_error(label, &origin, &reason);
+            TransportError::Settle { origin, reason }
         })
     }
 }
@@ -656,7 +684,7 @@ impl JetStreamPublisher {
 
     async fn publish_confirmed(&self, message: OutboundMessage) -> Result<(), TransportError> {
         let topic = message.topic.clone();
-        let mut headers = pairs_to_headers(&topic, &message.headers)?;
+        let mut headers = pairs_to_headers(&topic, message.headers)?;
         if let Some(id) = &message.dedup_id {
             let value =
                 id.parse::<async_nats::HeaderValue>()

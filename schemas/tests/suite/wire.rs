@@ -51,7 +51,7 @@ fn raw_never_fails() {
 fn derived_ids_are_stable_and_differ_by_origin() {
     let body = b"payload";
     let decode_at = |origin: &str| {
-        let msg = WireMessage {
+        let msg: WireMessage<'_> = WireMessage {
             headers: &[],
             payload: Some(body),
             key: None,
@@ -70,7 +70,7 @@ fn derived_ids_are_stable_and_differ_by_origin() {
     // S3 record ids are also stable per origin.
     let body = fixture("s3_aws_two_records.json");
     let ids = |origin: &str| {
-        let msg = WireMessage {
+        let msg: WireMessage<'_> = WireMessage {
             headers: &[],
             payload: Some(&body),
             key: None,
@@ -152,7 +152,7 @@ fn default_source_is_a_valid_uri_for_any_topic() {
     let source = weir_schemas::wire::default_source("nats", "orders.eu west/>");
     assert_eq!(source, "weir://nats/orders.eu%20west%2F%3E");
     let body = br#"{"op":"c","after":{"id":1},"source":{}}"#;
-    let msg = WireMessage {
+    let msg: WireMessage<'_> = WireMessage {
         headers: &[],
         payload: Some(body),
         key: None,
