@@ -150,26 +150,10 @@ impl Headers {
 
     /// The first value of a header, by case-insensitive name (in [`Headers::view`] order).
     pub fn get(&self, name: &str) -> Option<&str> {
-        match &self.0 {
-            HeadersRepr::Empty => None,
-            HeadersRepr::Pairs(pairs) => pairs
-                .iter()
-                .find(|(key, _)| key.eq_ignore_ascii_case(name))
-                .map(|(_, value)| value.as_str()),
-            HeadersRepr::Nats(_) => self
-                .view()
-                .into_iter()
-                .find(|(key, _)| key.eq_ignore_ascii_case(name))
-                .map(|(_, value)| value),
-        }
-    }
-
-    /// Owned copies of [`Headers::view`].
-    pub fn to_pairs(&self) -> Vec<(String, String)> {
         self.view()
             .into_iter()
-            .map(|(name, value)| (name.to_owned(), value.to_owned()))
-            .collect()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -25,11 +25,10 @@ mod core_nats;
 mod events;
 mod jetstream;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
-use std::borrow::Cow;
-
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 
 pub use self::config::{

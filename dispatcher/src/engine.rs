@@ -380,7 +380,7 @@ pub struct Instance {
     bindings: bindings::Function,
     limits: SandboxLimits,
     invocations: u64,
-    /// When its last call started (or it was made): the idle reaper's clock.
+    /// When its last call ended (or it was made): the idle reaper's clock.
     pub(crate) last_used: Instant,
 }
 
@@ -494,10 +494,8 @@ impl Instance {
         delivery: &WitDelivery,
     ) -> Result<Vec<WitOutput>, InvocationError> {
         self.invocations += 1;
-        // One clock read per call (they show up in a profile of a busy dispatcher): the
-        // deadline, the backstop timeout and `last_used` all start from it.
+        // The deadline and the backstop timeout start from one clock read.
         let started = Instant::now();
-        self.last_used = started;
         self.store.data_mut().current_event.clone_from(&event.id);
         self.store.data_mut().deadline = started + self.limits.timeout;
         self.store.set_epoch_deadline(1);
@@ -510,6 +508,9 @@ impl Instance {
         let backstop =
             tokio::time::Instant::from_std(started + self.limits.timeout + EPOCH_TICK * 10);
         let result = tokio::time::timeout_at(backstop, call).await;
+        // After the call, not at its start: a call that ran longer than the idle timeout must
+        // not leave its instance due for reaping the moment it is checked back in.
+        self.last_used = Instant::now();
         match result {
             Err(_) => Err(InvocationError::Timeout(self.limits.timeout)),
             Ok(Err(e)) => Err(classify_trap(&self.store, &self.limits, &e)),

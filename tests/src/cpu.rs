@@ -10,12 +10,17 @@ use anyhow::{bail, Context};
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on every Linux we run on).
 const TICKS_PER_SECOND: u64 = 100;
 
+/// `/proc/<pid>/<file>`, or this process's with `None`.
+fn proc_path(pid: Option<u32>, file: &str) -> String {
+    match pid {
+        Some(pid) => format!("/proc/{pid}/{file}"),
+        None => format!("/proc/self/{file}"),
+    }
+}
+
 /// User plus system CPU time `pid` has used so far (`None`: this process).
 pub fn cpu_time(pid: Option<u32>) -> anyhow::Result<Duration> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_owned(),
-    };
+    let path = proc_path(pid, "stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // The command name (field 2) may hold spaces; the fields after its closing parenthesis
     // start with field 3 (state), so utime (14) and stime (15) are the 12th and 13th.
@@ -36,10 +41,7 @@ pub fn cpu_time(pid: Option<u32>) -> anyhow::Result<Duration> {
 
 /// Write and read system calls `pid` has made so far (`/proc/<pid>/io`; `None`: this process).
 pub fn io_calls(pid: Option<u32>) -> anyhow::Result<(u64, u64)> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/io"),
-        None => "/proc/self/io".to_owned(),
-    };
+    let path = proc_path(pid, "io");
     let io = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let field = |name: &str| -> anyhow::Result<u64> {
         io.lines()
@@ -56,7 +58,7 @@ pub fn io_calls(pid: Option<u32>) -> anyhow::Result<(u64, u64)> {
 /// the system calls they made to write and read (few per event means the I/O is batched).
 #[derive(Debug, Clone, Copy)]
 pub struct CpuMeter {
-    other: Option<u32>,
+    other: u32,
     own_start: Duration,
     other_start: Duration,
     own_io_start: (u64, u64),
@@ -88,7 +90,7 @@ impl CpuMeter {
     /// Starts measuring this process and `other`.
     pub fn start(other: u32) -> anyhow::Result<CpuMeter> {
         Ok(CpuMeter {
-            other: Some(other),
+            other,
             own_start: cpu_time(None)?,
             other_start: cpu_time(Some(other))?,
             own_io_start: io_calls(None)?,
@@ -102,9 +104,9 @@ impl CpuMeter {
         };
         Ok(CpuUsed {
             own: cpu_time(None)?.saturating_sub(self.own_start),
-            other: cpu_time(self.other)?.saturating_sub(self.other_start),
+            other: cpu_time(Some(self.other))?.saturating_sub(self.other_start),
             own_io: since(io_calls(None)?, self.own_io_start),
-            other_io: since(io_calls(self.other)?, self.other_io_start),
+            other_io: since(io_calls(Some(self.other))?, self.other_io_start),
         })
     }
 }
