@@ -9,6 +9,11 @@
 //!    each offset and commits every 200 ms (Weir's test commit interval), no wasm, no decoding.
 //! 3. **broker ceiling**: N produced, then N consumed without a group and without processing.
 //!
+//! (1) and (2) run in alternating rounds (plain, then Weir, each on topics and groups of its
+//! own; 5 rounds unless `WEIR_BENCH_ROUNDS` says otherwise) and the table gives the median of
+//! each, with every round listed after it: the plain consumer alone varies from ~80k to
+//! ~137k/s between runs on the same Tansu, so one run each says little about the ratio.
+//!
 //! Rates for (1) and (2) are taken between 5 % and 100 % committed, so the group join (which
 //! has nothing to do with throughput) is not counted. The end offsets come from the producer's
 //! delivery reports: Tansu 0.6's ListOffsets(latest) under-reports for multi-record batches.
@@ -64,9 +69,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
     let broker = KafkaBroker::start().await?;
     let transport = KafkaTransport::connect(&broker.config()).await?;
-    for topic in ["bench.weir", "bench.plain", "bench.raw"] {
-        transport.ensure_topic(topic, PARTITIONS, 1).await?;
-    }
+    let rounds = rounds(bench)?;
+    transport.ensure_topic("bench.raw", PARTITIONS, 1).await?;
     let producer = producer(&broker.bootstrap())?;
     println!("kafka bench: {events} events of ~120 bytes, {PARTITIONS} partitions, one Tansu 0.6 (memory storage)");
 
@@ -76,14 +80,33 @@ async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
     let produce_rate = rate(events, started.elapsed());
     let consume_rate = consume_only(&broker.bootstrap(), "bench.raw", &raw_end)?;
 
-    // (2) A plain consumer group: store + commit, no wasm.
-    let plain_end = produce(&producer, "bench.plain", events).await?;
-    let plain_rate =
-        plain_consumer(&broker.bootstrap(), &transport, "bench.plain", &plain_end).await?;
+    let mut measured = Vec::new();
+    for round in 1..=rounds {
+        // (2) A plain consumer group: store + commit, no wasm.
+        let plain_topic = format!("bench.plain.{round}");
+        transport.ensure_topic(&plain_topic, PARTITIONS, 1).await?;
+        let plain_end = produce(&producer, &plain_topic, events).await?;
+        let plain_rate = plain_consumer(
+            &broker.bootstrap(),
+            &transport,
+            &plain_topic,
+            round,
+            &plain_end,
+        )
+        .await
+        .with_context(|| format!("plain consumer, round {round}"))?;
 
-    // (1) Weir: Kafka → noop → commit.
-    let weir_end = produce(&producer, "bench.weir", events).await?;
-    let weir_rate = weir(&broker.bootstrap(), &transport, &weir_end).await?;
+        // (1) Weir: Kafka → noop → commit.
+        let weir_topic = format!("bench.weir.{round}");
+        transport.ensure_topic(&weir_topic, PARTITIONS, 1).await?;
+        let weir_end = produce(&producer, &weir_topic, events).await?;
+        let weir_rate = weir(&broker.bootstrap(), &transport, round, &weir_end)
+            .await
+            .with_context(|| format!("Weir, round {round}"))?;
+        measured.push((weir_rate, plain_rate));
+    }
+    let weir_rate = median(measured.iter().map(|(weir, _)| *weir));
+    let plain_rate = median(measured.iter().map(|(_, plain)| *plain));
 
     println!();
     println!("| measurement                         | events/s | vs plain consumer | vs broker consume |");
@@ -100,7 +123,15 @@ async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
     );
     println!("| broker ceiling: consume only        | {consume_rate:>8.0} |                   | {:>17.2} |", 1.0);
     println!("| broker ceiling: produce (acks=all)  | {produce_rate:>8.0} |                   |                   |");
+    let every: Vec<String> = measured
+        .iter()
+        .map(|(weir, plain)| format!("{weir:.0} / {plain:.0} = {:.2}x", weir / plain))
+        .collect();
     println!();
+    println!(
+        "median of {rounds} alternating rounds; every round (weir / plain): {}",
+        every.join("; ")
+    );
     let ratio = weir_rate / plain_rate;
     println!(
         "goal: weir >= {GOAL_RATIO}x the plain consumer: {} ({ratio:.2}x)",
@@ -126,6 +157,26 @@ async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
         println!("(smoke run under `cargo test`: debug build, {events} events; numbers are not meaningful)");
     }
     Ok(())
+}
+
+/// Alternating plain/Weir rounds: `WEIR_BENCH_ROUNDS`, else 5 for a measurement and 1 for the
+/// smoke run.
+fn rounds(bench: bool) -> anyhow::Result<u32> {
+    match std::env::var("WEIR_BENCH_ROUNDS") {
+        Ok(text) => match text.parse::<u32>() {
+            Ok(rounds) if rounds > 0 => Ok(rounds),
+            _ => anyhow::bail!("WEIR_BENCH_ROUNDS must be a positive whole number, not `{text}`"),
+        },
+        Err(_) if bench => Ok(5),
+        Err(_) => Ok(1),
+    }
+}
+
+/// The median (the upper one of an even count); 0 for none.
+fn median(rates: impl Iterator<Item = f64>) -> f64 {
+    let mut rates: Vec<f64> = rates.collect();
+    rates.sort_by(f64::total_cmp);
+    rates.get(rates.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn rate(events: usize, elapsed: Duration) -> f64 {
@@ -285,11 +336,13 @@ async fn plain_consumer(
     bootstrap: &str,
     transport: &KafkaTransport,
     topic: &str,
+    round: u32,
     end: &BTreeMap<i32, i64>,
 ) -> anyhow::Result<f64> {
+    let group = format!("bench-plain-{round}");
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench-plain")
+        .set("group.id", &group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "200")
         .set("enable.auto.offset.store", "false")
@@ -316,7 +369,7 @@ async fn plain_consumer(
         }
         Ok(())
     });
-    let measured = committed_rate(transport, topic, "bench-plain", end).await;
+    let measured = committed_rate(transport, topic, &group, end).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     worker
         .join()
@@ -324,10 +377,12 @@ async fn plain_consumer(
     measured
 }
 
-/// Weir in process: the `noop` component on `bench.weir`.
+/// Weir in process: the `noop` component on `bench.weir.<round>`, as function
+/// `bench-noop-<round>` (so group `weir-bench-noop-<round>`).
 async fn weir(
     bootstrap: &str,
     transport: &KafkaTransport,
+    round: u32,
     end: &BTreeMap<i32, i64>,
 ) -> anyhow::Result<f64> {
     let config = format!(
@@ -338,12 +393,12 @@ commit_interval = "200ms"
 session_timeout = "10s"
 
 [[functions]]
-name = "bench-noop"
+name = "bench-noop-{round}"
 module = "noop.wasm"
 timeout = "5s"
 [functions.trigger]
 broker = "kafka"
-topic = "bench.weir"
+topic = "bench.weir.{round}"
 ordering = "partition"
 [functions.scaling]
 min = {PARTITIONS}
@@ -352,7 +407,9 @@ max_invocations = 1000000
 "#
     );
     let weir = InProcess::start(&config).await?;
-    let measured = committed_rate(transport, "bench.weir", "weir-bench-noop", end).await;
+    let topic = format!("bench.weir.{round}");
+    let group = format!("weir-bench-noop-{round}");
+    let measured = committed_rate(transport, &topic, &group, end).await;
     weir.shutdown().await?;
     measured
 }

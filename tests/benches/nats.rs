@@ -14,6 +14,10 @@
 //!    consumer) and the rate is the sustained one;
 //! 5. end-to-end latency (p50, p99) of core NATS through Weir at half the rate of (3).
 //!
+//! Throughput is measured in alternating rounds (Weir, then its baseline; 5 rounds unless
+//! `WEIR_BENCH_ROUNDS` says otherwise) and the table gives the median round of each, with
+//! every round's ratio listed after it: on a small machine one run each varies by ±25 %.
+//!
 //! Each row also gives the CPU time this process and the server used per event (from
 //! `/proc`), and the write and read system calls per event: where the time goes, beside how
 //! fast it went. `WEIR_BENCH_SLOTS` and `WEIR_BENCH_PREFETCH` change Weir's instance slots and
@@ -59,6 +63,8 @@ struct Plan {
     /// Weir's instance slots (min = max) and JetStream prefetch per slot.
     slots: u32,
     prefetch: u32,
+    /// Alternating Weir/native rounds of each throughput measurement.
+    rounds: u32,
     /// The server's process, whose CPU time each row reports beside this process's.
     server_pid: u32,
     js_events: usize,
@@ -75,11 +81,13 @@ impl Plan {
     fn new(full: bool, server_pid: u32) -> anyhow::Result<Plan> {
         let slots = env_number("WEIR_BENCH_SLOTS", SLOTS)?;
         let prefetch = env_number("WEIR_BENCH_PREFETCH", PREFETCH)?;
+        let rounds = env_number("WEIR_BENCH_ROUNDS", if full { 5 } else { 1 })?;
         Ok(if full {
             Plan {
                 full,
                 slots,
                 prefetch,
+                rounds,
                 server_pid,
                 js_events: 100_000,
                 core_events: 200_000,
@@ -93,6 +101,7 @@ impl Plan {
                 full,
                 slots,
                 prefetch,
+                rounds,
                 server_pid,
                 js_events: 300,
                 core_events: 2_000,
@@ -133,6 +142,54 @@ impl Row {
     }
 }
 
+/// Weir and its native baseline measured in alternating rounds. One run each says little on a
+/// small machine: the same build varies by ±25 % from run to run, the baseline as much as
+/// Weir, so the table reports the median round of each and every round's ratio beside it.
+#[derive(Default)]
+struct Rounds {
+    weir: Vec<Row>,
+    native: Vec<Row>,
+}
+
+impl Rounds {
+    fn median_weir(&self) -> &Row {
+        median(&self.weir)
+    }
+
+    fn median_native(&self) -> &Row {
+        median(&self.native)
+    }
+
+    fn median_ratio(&self) -> f64 {
+        self.median_weir().rate() / self.median_native().rate()
+    }
+
+    fn print(&self, name: &str) {
+        let rounds: Vec<String> = self
+            .weir
+            .iter()
+            .zip(&self.native)
+            .map(|(weir, native)| {
+                format!(
+                    "{:.0} / {:.0} = {:.2}x",
+                    weir.rate(),
+                    native.rate(),
+                    weir.rate() / native.rate()
+                )
+            })
+            .collect();
+        println!("  {name:<10} {}", rounds.join("; "));
+    }
+}
+
+/// The row with the median rate (the upper one of an even count). Every `Rounds` holds at
+/// least one round: `Plan::rounds` is positive.
+fn median(rows: &[Row]) -> &Row {
+    let mut sorted: Vec<&Row> = rows.iter().collect();
+    sorted.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    sorted[sorted.len() / 2]
+}
+
 fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|arg| arg == "--bench");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -171,33 +228,53 @@ async fn run(full: bool) -> anyhow::Result<()> {
         let published = Instant::now();
         publish_js(&js, plan.js_events).await?;
         let publish_rate = plan.js_events as f64 / published.elapsed().as_secs_f64();
-        let weir_js = weir_jetstream(&plan, &url, &js)
-            .await
-            .context("(1) Weir JetStream")?;
-        let native_js = native_jetstream(&plan, &js, "native", false)
-            .await
-            .context("(2) native JetStream")?;
+        // Each round reads the whole stream again through new durable consumers.
+        let mut rounds = Rounds::default();
+        for round in 1..=plan.rounds {
+            rounds.weir.push(
+                weir_jetstream(&plan, &url, &js, round)
+                    .await
+                    .with_context(|| format!("(1) Weir JetStream, round {round}"))?,
+            );
+            rounds.native.push(
+                native_jetstream(&plan, &js, &format!("native-{round}"), false)
+                    .await
+                    .with_context(|| format!("(2) native JetStream, round {round}"))?,
+            );
+        }
         let native_js_confirmed = native_jetstream(&plan, &js, "native-confirmed", true)
             .await
             .context("(2b) native JetStream, confirmed acks")?;
-        jetstream = Some((publish_rate, weir_js, native_js, native_js_confirmed));
+        jetstream = Some((publish_rate, rounds, native_js_confirmed));
     }
     let mut core = None;
     if only != "jetstream" {
-        let weir_core = weir_core(&plan, &url).await.context("(3) Weir core")?;
-        let native_core = native_core(&plan, &url).await.context("(4) native core")?;
-        let latency_rate = weir_core.rate() / 2.0;
+        let mut rounds = Rounds::default();
+        for round in 1..=plan.rounds {
+            rounds.weir.push(
+                weir_core(&plan, &url, round)
+                    .await
+                    .with_context(|| format!("(3) Weir core, round {round}"))?,
+            );
+            rounds.native.push(
+                native_core(&plan, &url, round)
+                    .await
+                    .with_context(|| format!("(4) native core, round {round}"))?,
+            );
+        }
+        let latency_rate = rounds.median_weir().rate() / 2.0;
         let latency = weir_core_latency(&plan, &url, latency_rate)
             .await
             .context("(5) Weir core latency")?;
-        core = Some((weir_core, native_core, latency_rate, latency));
+        core = Some((rounds, latency_rate, latency));
     }
 
     println!();
     println!(
-        "NATS benchmark ({}; nats-server -js, file storage; {} cores)",
+        "NATS benchmark ({}; nats-server -js, file storage; {} cores; median of {} alternating rounds)",
         if plan.full { "full" } else { "smoke" },
-        std::thread::available_parallelism().map_or(0, usize::from)
+        std::thread::available_parallelism().map_or(0, usize::from),
+        plan.rounds
     );
     println!(
         "{:<64} {:>9} {:>9} {:>12} {:>12} {:>10} {:>10}  goal",
@@ -216,23 +293,23 @@ async fn run(full: bool) -> anyhow::Result<()> {
             server,
         );
     };
-    if let Some((publish_rate, weir_js, native_js, native_js_confirmed)) = &jetstream {
+    if let Some((publish_rate, rounds, native_js_confirmed)) = &jetstream {
         line(
-            weir_js,
-            Some(weir_js.rate() / native_js.rate()),
+            rounds.median_weir(),
+            Some(rounds.median_ratio()),
             "≥ 0.8x native, ≥ 100000/s",
         );
-        line(native_js, None, "");
+        line(rounds.median_native(), None, "");
         line(native_js_confirmed, None, "(what a confirmed ack costs)");
         println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
     }
-    if let Some((weir_core, native_core, latency_rate, (p50, p99, samples))) = &core {
+    if let Some((rounds, latency_rate, (p50, p99, samples))) = &core {
         line(
-            weir_core,
-            Some(weir_core.rate() / native_core.rate()),
+            rounds.median_weir(),
+            Some(rounds.median_ratio()),
             "≥ 0.8x native, ≥ 250000/s",
         );
-        line(native_core, None, "");
+        line(rounds.median_native(), None, "");
         println!(
             "{:<64} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
             "core → echo → core latency through Weir",
@@ -256,13 +333,21 @@ async fn run(full: bool) -> anyhow::Result<()> {
             per(row.cpu.other_io.1)
         );
     };
-    if let Some((_, weir_js, native_js, _)) = &jetstream {
-        calls(weir_js);
-        calls(native_js);
+    if let Some((_, rounds, _)) = &jetstream {
+        calls(rounds.median_weir());
+        calls(rounds.median_native());
     }
-    if let Some((weir_core, native_core, _, _)) = &core {
-        calls(weir_core);
-        calls(native_core);
+    if let Some((rounds, _, _)) = &core {
+        calls(rounds.median_weir());
+        calls(rounds.median_native());
+    }
+    println!();
+    println!("Every round (events/s, Weir / native = ratio):");
+    if let Some((_, rounds, _)) = &jetstream {
+        rounds.print("JetStream");
+    }
+    if let Some((rounds, _, _)) = &core {
+        rounds.print("core");
     }
     if !plan.full {
         // Every step above checked that each event came through.
@@ -341,7 +426,8 @@ async fn start_weir(url: &str, function: &str) -> anyhow::Result<Runtime> {
 }
 
 /// (1) JetStream → noop → ack through Weir.
-async fn weir_jetstream(plan: &Plan, url: &str, js: &Context) -> anyhow::Result<Row> {
+async fn weir_jetstream(plan: &Plan, url: &str, js: &Context, round: u32) -> anyhow::Result<Row> {
+    let group = format!("weir-bench-{round}");
     let function = format!(
         r#"
 [[functions]]
@@ -351,7 +437,7 @@ module = "{module}"
 broker = "jetstream"
 topic = "{JS_SUBJECT}"
 stream = "{STREAM}"
-group = "weir-bench"
+group = "{group}"
 prefetch = {prefetch}
 [functions.scaling]
 min = {slots}
@@ -369,7 +455,7 @@ max = {slots}
     let mut left = plan.js_events as u64;
     while left > 0 && Instant::now() < budget {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        left = lag(js, "weir-bench").await?;
+        left = lag(js, &group).await?;
     }
     let elapsed = started.elapsed();
     let cpu = meter.stop()?;
@@ -563,15 +649,16 @@ max = {slots}
 }
 
 /// (3) core → echo → core through Weir.
-async fn weir_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
-    let runtime = start_weir(
-        url,
-        &echo_function(plan, "bench.core.in", "bench.core.out")?,
-    )
-    .await?;
-    let answered = count_on(url, "bench.core.out").await?;
+async fn weir_core(plan: &Plan, url: &str, round: u32) -> anyhow::Result<Row> {
+    // Subjects of its own per round, so a late message of one round never counts in the next.
+    let (input, output) = (
+        format!("bench.core.in.{round}"),
+        format!("bench.core.out.{round}"),
+    );
+    let runtime = start_weir(url, &echo_function(plan, &input, &output)?).await?;
+    let answered = count_on(url, &output).await?;
     let publisher = async_nats::connect(url).await?;
-    let driven = drive_core(plan, &publisher, "bench.core.in", &answered).await;
+    let driven = drive_core(plan, &publisher, &input, &answered).await;
     runtime.shutdown().await;
     let (elapsed, cpu) = driven?;
     Ok(Row {
@@ -586,19 +673,26 @@ async fn weir_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
 }
 
 /// (4) A plain subscriber that republishes each message.
-async fn native_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
+async fn native_core(plan: &Plan, url: &str, round: u32) -> anyhow::Result<Row> {
+    let (input, output) = (
+        format!("bench.native.in.{round}"),
+        format!("bench.native.out.{round}"),
+    );
     let relay = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
         .connect(url)
         .await?;
-    let mut subscriber = relay.subscribe("bench.native.in").await?;
+    let mut subscriber = relay.subscribe(input.clone()).await?;
     relay.flush().await?;
     let republisher = relay.clone();
+    // A `Subject` shares its bytes when cloned: no allocation per message, as with the
+    // `&'static str` the relay used before subjects were per round.
+    let republish_to = async_nats::Subject::from(output.as_str());
     let task = tokio::spawn(async move {
         while let Some(message) = subscriber.next().await {
             let headers = message.headers.unwrap_or_default();
             if republisher
-                .publish_with_headers("bench.native.out", headers, message.payload)
+                .publish_with_headers(republish_to.clone(), headers, message.payload)
                 .await
                 .is_err()
             {
@@ -606,9 +700,9 @@ async fn native_core(plan: &Plan, url: &str) -> anyhow::Result<Row> {
             }
         }
     });
-    let answered = count_on(url, "bench.native.out").await?;
+    let answered = count_on(url, &output).await?;
     let publisher = async_nats::connect(url).await?;
-    let driven = drive_core(plan, &publisher, "bench.native.in", &answered).await;
+    let driven = drive_core(plan, &publisher, &input, &answered).await;
     task.abort();
     let (elapsed, cpu) = driven?;
     Ok(Row {
