@@ -102,19 +102,16 @@ pub(super) fn record_consumer_rebound(stream: &str, consumer: &str) {
     counter!("weir_nats_consumer_rebinds_total", "outcome" => "ok").increment(1);
 }
 
-/// A publish finished; `outcome` is one of `ok`, `duplicate`, `error`, `timeout`.
-pub(super) fn record_publish(broker: crate::BrokerKind, outcome: &'static str) {
-    counter!("weir_nats_publish_total", "broker" => broker.as_str(), "outcome" => outcome)
-        .increment(1);
-}
-
-/// `weir_nats_publish_total` of one broker, registered once per publisher: a label lookup per
-/// message costs more than the rest of a core publish.
+/// `weir_nats_publish_total` of one broker (outcome `ok`, `error`, `timeout`, and for
+/// JetStream `duplicate`), registered once per publisher: a label lookup per message costs
+/// more than the rest of a core publish.
 #[derive(Clone)]
 pub(super) struct PublishCounters {
     ok: metrics::Counter,
     error: metrics::Counter,
     timeout: metrics::Counter,
+    /// Only JetStream de-duplicates, so only its publisher has this series.
+    duplicate: Option<metrics::Counter>,
 }
 
 impl PublishCounters {
@@ -124,6 +121,7 @@ impl PublishCounters {
             ok: outcome("ok"),
             error: outcome("error"),
             timeout: outcome("timeout"),
+            duplicate: (broker == crate::BrokerKind::JetStream).then(|| outcome("duplicate")),
         }
     }
 
@@ -138,16 +136,18 @@ impl PublishCounters {
     pub(super) fn timeout(&self) {
         self.timeout.increment(1);
     }
-}
 
-/// The stream already held a message with this `Nats-Msg-Id`: a redelivered input republished
-/// its outputs. This is success, reported at debug level only.
-pub(super) fn record_publish_duplicate(stream: &str, sequence: u64) {
-    debug!(
-        messaging.system = "jetstream",
-        stream, sequence, "publish was a duplicate inside the stream's duplicate window"
-    );
-    record_publish(crate::BrokerKind::JetStream, "duplicate");
+    /// The stream already held a message with this `Nats-Msg-Id`: a redelivered input
+    /// republished its outputs. This is success, reported at debug level only.
+    pub(super) fn duplicate(&self, stream: &str, sequence: u64) {
+        debug!(
+            messaging.system = "jetstream",
+            stream, sequence, "publish was a duplicate inside the stream's duplicate window"
+        );
+        if let Some(duplicate) = &self.duplicate {
+            duplicate.increment(1);
+        }
+    }
 }
 
 /// Settling a delivery (ack, nak, term, in-progress) failed.

@@ -664,6 +664,7 @@ impl Settle for JetStreamSettle {
 pub struct JetStreamPublisher {
     context: Context,
     ack_timeout: Duration,
+    counters: events::PublishCounters,
 }
 
 impl std::fmt::Debug for JetStreamPublisher {
@@ -679,6 +680,7 @@ impl JetStreamPublisher {
         Self {
             context,
             ack_timeout,
+            counters: events::PublishCounters::new(BrokerKind::JetStream),
         }
     }
 
@@ -717,9 +719,9 @@ impl JetStreamPublisher {
             .map_err(map_error)?;
         let ack = ack_future.await.map_err(map_error)?;
         if ack.duplicate {
-            events::record_publish_duplicate(&ack.stream, ack.sequence);
+            self.counters.duplicate(&ack.stream, ack.sequence);
         } else {
-            events::record_publish(BrokerKind::JetStream, "ok");
+            self.counters.ok();
         }
         Ok(())
     }
@@ -741,10 +743,8 @@ impl Publisher for JetStreamPublisher {
             };
         match &result {
             Ok(()) => {}
-            Err(TransportError::PublishTimeout { .. }) => {
-                events::record_publish(BrokerKind::JetStream, "timeout")
-            }
-            Err(_) => events::record_publish(BrokerKind::JetStream, "error"),
+            Err(TransportError::PublishTimeout { .. }) => self.counters.timeout(),
+            Err(_) => self.counters.error(),
         }
         result
     }
