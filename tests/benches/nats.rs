@@ -6,12 +6,17 @@
 //!    the default prefetch of 32 per slot): N events pre-published, timed from the runtime's
 //!    start until the consumer's `num_pending + num_ack_pending` is 0;
 //! 2. a plain async-nats pull consumer acking the same N messages (fire-and-forget acks, as
-//!    Weir does and a typical program does), and the same with confirmed acks (`double_ack`, 8
-//!    at a time) to show what a confirmation per ack would cost;
+//!    Weir does and a typical program does) with a generous window of its own (10,000
+//!    unacknowledged, pulls of 1,000), the same consumer held to Weir's limits (its
+//!    `max_ack_pending` of slots × (1 + prefetch), pulls of half that, as Weir pulls), and the
+//!    same with confirmed acks (`double_ack`, 8 at a time) to show what a confirmation per ack
+//!    would cost;
 //! 3. core NATS → wasm `echo` → core publish through Weir, beside
-//! 4. a plain async-nats subscriber that republishes each message; both fed by a publisher that
-//!    keeps at most a window of messages unanswered, so core NATS never drops (no slow
-//!    consumer) and the rate is the sustained one;
+//! 4. a plain async-nats subscriber that republishes each message as it came, and the same
+//!    republishing it with the nine headers Weir's output carries (the CloudEvents attributes
+//!    and Weir's chaining extensions); all fed by a publisher that keeps at most a window of
+//!    messages unanswered, so core NATS never drops (no slow consumer) and the rate is the
+//!    sustained one;
 //! 5. end-to-end latency (p50, p99) of core NATS through Weir at half the rate of (3).
 //!
 //! Throughput is measured in alternating rounds (Weir, then its baseline; 5 rounds unless
@@ -149,6 +154,9 @@ impl Row {
 struct Rounds {
     weir: Vec<Row>,
     native: Vec<Row>,
+    /// The native program doing exactly Weir's broker work, in the same rounds: on JetStream
+    /// within Weir's consumer limits, on core publishing Weir's output headers.
+    like_for_like: Vec<Row>,
 }
 
 impl Rounds {
@@ -164,21 +172,33 @@ impl Rounds {
         self.median_weir().rate() / self.median_native().rate()
     }
 
+    /// `None` when this measurement has no like-for-like baseline.
+    fn median_like_for_like(&self) -> Option<&Row> {
+        (!self.like_for_like.is_empty()).then(|| median(&self.like_for_like))
+    }
+
     fn print(&self, name: &str) {
-        let rounds: Vec<String> = self
-            .weir
-            .iter()
-            .zip(&self.native)
-            .map(|(weir, native)| {
-                format!(
-                    "{:.0} / {:.0} = {:.2}x",
-                    weir.rate(),
-                    native.rate(),
-                    weir.rate() / native.rate()
-                )
-            })
-            .collect();
-        println!("  {name:<10} {}", rounds.join("; "));
+        // Weir's round beside the same round of one baseline.
+        let against = |baseline: &[Row]| {
+            let rounds: Vec<String> = self
+                .weir
+                .iter()
+                .zip(baseline)
+                .map(|(weir, native)| {
+                    format!(
+                        "{:.0} / {:.0} = {:.2}x",
+                        weir.rate(),
+                        native.rate(),
+                        weir.rate() / native.rate()
+                    )
+                })
+                .collect();
+            rounds.join("; ")
+        };
+        println!("  {name:<10} {}", against(&self.native));
+        if !self.like_for_like.is_empty() {
+            println!("  {:<10} {}", "(same work)", against(&self.like_for_like));
+        }
     }
 }
 
@@ -237,14 +257,25 @@ async fn run(full: bool) -> anyhow::Result<()> {
                     .with_context(|| format!("(1) Weir JetStream, round {round}"))?,
             );
             rounds.native.push(
-                native_jetstream(&plan, &js, &format!("native-{round}"), false)
+                native_jetstream(&plan, &js, &format!("native-{round}"), NativeAcks::Own)
                     .await
                     .with_context(|| format!("(2) native JetStream, round {round}"))?,
             );
+            rounds.like_for_like.push(
+                native_jetstream(
+                    &plan,
+                    &js,
+                    &format!("native-limits-{round}"),
+                    NativeAcks::WeirLimits,
+                )
+                .await
+                .with_context(|| format!("(2c) native JetStream, Weir's limits, round {round}"))?,
+            );
         }
-        let native_js_confirmed = native_jetstream(&plan, &js, "native-confirmed", true)
-            .await
-            .context("(2b) native JetStream, confirmed acks")?;
+        let native_js_confirmed =
+            native_jetstream(&plan, &js, "native-confirmed", NativeAcks::Confirmed)
+                .await
+                .context("(2b) native JetStream, confirmed acks")?;
         jetstream = Some((publish_rate, rounds, native_js_confirmed));
     }
     let mut core = None;
@@ -257,9 +288,14 @@ async fn run(full: bool) -> anyhow::Result<()> {
                     .with_context(|| format!("(3) Weir core, round {round}"))?,
             );
             rounds.native.push(
-                native_core(&plan, &url, round)
+                native_core(&plan, &url, round, false)
                     .await
                     .with_context(|| format!("(4) native core, round {round}"))?,
+            );
+            rounds.like_for_like.push(
+                native_core(&plan, &url, round, true)
+                    .await
+                    .with_context(|| format!("(4c) native core, Weir's headers, round {round}"))?,
             );
         }
         let latency_rate = rounds.median_weir().rate() / 2.0;
@@ -300,6 +336,13 @@ async fn run(full: bool) -> anyhow::Result<()> {
             "≥ 0.8x native, ≥ 100000/s",
         );
         line(rounds.median_native(), None, "");
+        if let Some(like_for_like) = rounds.median_like_for_like() {
+            line(
+                like_for_like,
+                Some(rounds.median_weir().rate() / like_for_like.rate()),
+                "(Weir ÷ this row: same consumer limits)",
+            );
+        }
         line(native_js_confirmed, None, "(what a confirmed ack costs)");
         println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
     }
@@ -310,6 +353,13 @@ async fn run(full: bool) -> anyhow::Result<()> {
             "≥ 0.8x native, ≥ 250000/s",
         );
         line(rounds.median_native(), None, "");
+        if let Some(like_for_like) = rounds.median_like_for_like() {
+            line(
+                like_for_like,
+                Some(rounds.median_weir().rate() / like_for_like.rate()),
+                "(Weir ÷ this row: same output headers)",
+            );
+        }
         println!(
             "{:<64} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
             "core → echo → core latency through Weir",
@@ -336,10 +386,16 @@ async fn run(full: bool) -> anyhow::Result<()> {
     if let Some((_, rounds, _)) = &jetstream {
         calls(rounds.median_weir());
         calls(rounds.median_native());
+        if let Some(like_for_like) = rounds.median_like_for_like() {
+            calls(like_for_like);
+        }
     }
     if let Some((rounds, _, _)) = &core {
         calls(rounds.median_weir());
         calls(rounds.median_native());
+        if let Some(like_for_like) = rounds.median_like_for_like() {
+            calls(like_for_like);
+        }
     }
     println!();
     println!("Every round (events/s, Weir / native = ratio):");
@@ -490,20 +546,40 @@ max = {slots}
     })
 }
 
+/// How the native JetStream consumer of (2) acknowledges, and within which limits.
+#[derive(Clone, Copy, PartialEq)]
+enum NativeAcks {
+    /// Fire-and-forget acks; 10,000 unacknowledged at most, pulled 1,000 at a time.
+    Own,
+    /// Fire-and-forget acks within Weir's limits: the `max_ack_pending` Weir gives its
+    /// consumer (slots × (1 + prefetch)), pulled half of it at a time, as Weir's fetcher waits
+    /// for half its bound to be free before it pulls.
+    WeirLimits,
+    /// `double_ack`, a slot's worth at a time.
+    Confirmed,
+}
+
 /// (2) The same pull + ack with async-nats and no wasm.
 async fn native_jetstream(
     plan: &Plan,
     js: &Context,
     durable: &str,
-    confirmed: bool,
+    acks: NativeAcks,
 ) -> anyhow::Result<Row> {
+    let weir_bound = plan.slots.saturating_mul(plan.prefetch.saturating_add(1));
+    let (max_ack_pending, batch) = match acks {
+        NativeAcks::Own => (10_000, 1_000),
+        NativeAcks::WeirLimits => (weir_bound, (weir_bound / 2).max(1)),
+        NativeAcks::Confirmed => (SLOTS, SLOTS),
+    };
+    let confirmed = acks == NativeAcks::Confirmed;
     let stream = js.get_stream(STREAM).await?;
     let consumer: PullConsumer = stream
         .create_consumer(pull::Config {
             durable_name: Some(durable.to_owned()),
             ack_policy: AckPolicy::Explicit,
             deliver_policy: DeliverPolicy::All,
-            max_ack_pending: if confirmed { i64::from(SLOTS) } else { 10_000 },
+            max_ack_pending: i64::from(max_ack_pending),
             ..Default::default()
         })
         .await?;
@@ -512,7 +588,7 @@ async fn native_jetstream(
     let deadline = started + plan.timeout;
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(if confirmed { SLOTS as usize } else { 1000 })
+        .max_messages_per_batch(batch as usize)
         .messages()
         .await?;
     let mut done = 0usize;
@@ -547,10 +623,12 @@ async fn native_jetstream(
     wait_lag_zero(js, durable, deadline).await?;
     let cpu = meter.stop()?;
     Ok(Row {
-        name: if confirmed {
-            format!("(2b) native pull + confirmed ack, {SLOTS} at a time")
-        } else {
-            "(2) native async-nats pull + ack".to_owned()
+        name: match acks {
+            NativeAcks::Own => "(2) native async-nats pull + ack".to_owned(),
+            NativeAcks::WeirLimits => {
+                format!("(2c) native pull + ack, ≤ {max_ack_pending} unacked, pulls of {batch}")
+            }
+            NativeAcks::Confirmed => format!("(2b) native pull + confirmed ack, {SLOTS} at a time"),
         },
         events: plan.js_events as u64,
         elapsed: started.elapsed(),
@@ -673,10 +751,21 @@ async fn weir_core(plan: &Plan, url: &str, round: u32) -> anyhow::Result<Row> {
 }
 
 /// (4) A plain subscriber that republishes each message.
-async fn native_core(plan: &Plan, url: &str, round: u32) -> anyhow::Result<Row> {
+/// (4) A plain relay republishing each message with its own headers or, for (4c), with the
+/// nine headers Weir's `echo` outputs carry: the input's five (a new `ce-id`) plus `ce-time`,
+/// `ce-traceparent`, `ce-weirhops` and `ce-weircausation`, values of the same lengths as Weir's.
+/// The time is a fixed string and the ids come from a counter, so (4c) pays for carrying the
+/// headers, not for deriving them.
+async fn native_core(
+    plan: &Plan,
+    url: &str,
+    round: u32,
+    weir_headers: bool,
+) -> anyhow::Result<Row> {
+    let tag = if weir_headers { "native-ce" } else { "native" };
     let (input, output) = (
-        format!("bench.native.in.{round}"),
-        format!("bench.native.out.{round}"),
+        format!("bench.{tag}.in.{round}"),
+        format!("bench.{tag}.out.{round}"),
     );
     let relay = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
@@ -689,8 +778,23 @@ async fn native_core(plan: &Plan, url: &str, round: u32) -> anyhow::Result<Row> 
     // `&'static str` the relay used before subjects were per round.
     let republish_to = async_nats::Subject::from(output.as_str());
     let task = tokio::spawn(async move {
+        let mut relayed = 0u64;
         while let Some(message) = subscriber.next().await {
-            let headers = message.headers.unwrap_or_default();
+            let mut headers = message.headers.unwrap_or_default();
+            if weir_headers {
+                relayed += 1;
+                let causation = headers
+                    .get("ce-id")
+                    .map_or_else(String::new, |id| id.as_str().to_owned());
+                headers.insert("ce-id", format!("{relayed:032x}"));
+                headers.insert("ce-time", "2026-11-26T07:00:00.000Z");
+                headers.insert(
+                    "ce-traceparent",
+                    format!("00-{relayed:032x}-{relayed:016x}-01"),
+                );
+                headers.insert("ce-weirhops", "1");
+                headers.insert("ce-weircausation", causation);
+            }
             if republisher
                 .publish_with_headers(republish_to.clone(), headers, message.payload)
                 .await
@@ -706,7 +810,11 @@ async fn native_core(plan: &Plan, url: &str, round: u32) -> anyhow::Result<Row> 
     task.abort();
     let (elapsed, cpu) = driven?;
     Ok(Row {
-        name: "(4) native async-nats subscribe + republish".to_owned(),
+        name: if weir_headers {
+            "(4c) native subscribe + republish with Weir's 9 headers".to_owned()
+        } else {
+            "(4) native async-nats subscribe + republish".to_owned()
+        },
         events: plan.core_events,
         elapsed,
         cpu,
