@@ -750,7 +750,6 @@ async fn weir_core(plan: &Plan, url: &str, round: u32) -> anyhow::Result<Row> {
     })
 }
 
-/// (4) A plain subscriber that republishes each message.
 /// (4) A plain relay republishing each message with its own headers or, for (4c), with the
 /// nine headers Weir's `echo` outputs carry: the input's five (a new `ce-id`) plus `ce-time`,
 /// `ce-traceparent`, `ce-weirhops` and `ce-weircausation`, values of the same lengths as Weir's.
