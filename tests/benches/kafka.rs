@@ -84,8 +84,7 @@ async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
     for round in 1..=rounds {
         // (2) A plain consumer group: store + commit, no wasm.
         let plain_topic = format!("bench.plain.{round}");
-        transport.ensure_topic(&plain_topic, PARTITIONS, 1).await?;
-        let plain_end = produce(&producer, &plain_topic, events).await?;
+        let plain_end = filled_topic(&transport, &producer, &plain_topic, events).await?;
         let plain_rate = plain_consumer(
             &broker.bootstrap(),
             &transport,
@@ -98,11 +97,16 @@ async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
 
         // (1) Weir: Kafka → noop → commit.
         let weir_topic = format!("bench.weir.{round}");
-        transport.ensure_topic(&weir_topic, PARTITIONS, 1).await?;
-        let weir_end = produce(&producer, &weir_topic, events).await?;
-        let weir_rate = weir(&broker.bootstrap(), &transport, round, &weir_end)
-            .await
-            .with_context(|| format!("Weir, round {round}"))?;
+        let weir_end = filled_topic(&transport, &producer, &weir_topic, events).await?;
+        let weir_rate = weir(
+            &broker.bootstrap(),
+            &transport,
+            &weir_topic,
+            round,
+            &weir_end,
+        )
+        .await
+        .with_context(|| format!("Weir, round {round}"))?;
         measured.push((weir_rate, plain_rate));
     }
     let weir_rate = median(measured.iter().map(|(weir, _)| *weir));
@@ -192,6 +196,17 @@ fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
         .set("message.timeout.ms", "60000")
         .create()
         .context("creating the bench producer")
+}
+
+/// A round's own topic, created and filled with `events`; returns its end offsets.
+async fn filled_topic(
+    transport: &KafkaTransport,
+    producer: &FutureProducer,
+    topic: &str,
+    events: usize,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    transport.ensure_topic(topic, PARTITIONS, 1).await?;
+    produce(producer, topic, events).await
 }
 
 /// Produces `events` binary-mode CloudEvents round-robin over the partitions; returns the end
@@ -377,11 +392,12 @@ async fn plain_consumer(
     measured
 }
 
-/// Weir in process: the `noop` component on `bench.weir.<round>`, as function
-/// `bench-noop-<round>` (so group `weir-bench-noop-<round>`).
+/// Weir in process: the `noop` component on `topic`, as function `bench-noop-<round>` (so
+/// group `weir-bench-noop-<round>`).
 async fn weir(
     bootstrap: &str,
     transport: &KafkaTransport,
+    topic: &str,
     round: u32,
     end: &BTreeMap<i32, i64>,
 ) -> anyhow::Result<f64> {
@@ -398,7 +414,7 @@ module = "noop.wasm"
 timeout = "5s"
 [functions.trigger]
 broker = "kafka"
-topic = "bench.weir.{round}"
+topic = "{topic}"
 ordering = "partition"
 [functions.scaling]
 min = {PARTITIONS}
@@ -407,9 +423,8 @@ max_invocations = 1000000
 "#
     );
     let weir = InProcess::start(&config).await?;
-    let topic = format!("bench.weir.{round}");
     let group = format!("weir-bench-noop-{round}");
-    let measured = committed_rate(transport, &topic, &group, end).await;
+    let measured = committed_rate(transport, topic, &group, end).await;
     weir.shutdown().await?;
     measured
 }

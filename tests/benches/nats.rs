@@ -177,6 +177,15 @@ impl Rounds {
         (!self.like_for_like.is_empty()).then(|| median(&self.like_for_like))
     }
 
+    /// The median rows in table order: Weir, the native baseline, the like-for-like one.
+    fn medians(&self) -> Vec<&Row> {
+        [Some(self.median_weir()), Some(self.median_native())]
+            .into_iter()
+            .chain([self.median_like_for_like()])
+            .flatten()
+            .collect()
+    }
+
     fn print(&self, name: &str) {
         // Weir's round beside the same round of one baseline.
         let against = |baseline: &[Row]| {
@@ -329,37 +338,26 @@ async fn run(full: bool) -> anyhow::Result<()> {
             server,
         );
     };
-    if let Some((publish_rate, rounds, native_js_confirmed)) = &jetstream {
-        line(
-            rounds.median_weir(),
-            Some(rounds.median_ratio()),
-            "≥ 0.8x native, ≥ 100000/s",
-        );
+    // Weir's median row with its goal, the native one, and the like-for-like one with Weir's
+    // ratio to it.
+    let medians = |rounds: &Rounds, goal: &str, same_work: &str| {
+        line(rounds.median_weir(), Some(rounds.median_ratio()), goal);
         line(rounds.median_native(), None, "");
         if let Some(like_for_like) = rounds.median_like_for_like() {
             line(
                 like_for_like,
                 Some(rounds.median_weir().rate() / like_for_like.rate()),
-                "(Weir ÷ this row: same consumer limits)",
+                &format!("(Weir ÷ this row: {same_work})"),
             );
         }
+    };
+    if let Some((publish_rate, rounds, native_js_confirmed)) = &jetstream {
+        medians(rounds, "≥ 0.8x native, ≥ 100000/s", "same consumer limits");
         line(native_js_confirmed, None, "(what a confirmed ack costs)");
         println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
     }
     if let Some((rounds, latency_rate, (p50, p99, samples))) = &core {
-        line(
-            rounds.median_weir(),
-            Some(rounds.median_ratio()),
-            "≥ 0.8x native, ≥ 250000/s",
-        );
-        line(rounds.median_native(), None, "");
-        if let Some(like_for_like) = rounds.median_like_for_like() {
-            line(
-                like_for_like,
-                Some(rounds.median_weir().rate() / like_for_like.rate()),
-                "(Weir ÷ this row: same output headers)",
-            );
-        }
+        medians(rounds, "≥ 0.8x native, ≥ 250000/s", "same output headers");
         println!(
             "{:<64} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
             "core → echo → core latency through Weir",
@@ -383,19 +381,12 @@ async fn run(full: bool) -> anyhow::Result<()> {
             per(row.cpu.other_io.1)
         );
     };
-    if let Some((_, rounds, _)) = &jetstream {
-        calls(rounds.median_weir());
-        calls(rounds.median_native());
-        if let Some(like_for_like) = rounds.median_like_for_like() {
-            calls(like_for_like);
-        }
-    }
-    if let Some((rounds, _, _)) = &core {
-        calls(rounds.median_weir());
-        calls(rounds.median_native());
-        if let Some(like_for_like) = rounds.median_like_for_like() {
-            calls(like_for_like);
-        }
+    let measured = [
+        jetstream.as_ref().map(|(_, rounds, _)| rounds),
+        core.as_ref().map(|(rounds, _, _)| rounds),
+    ];
+    for row in measured.into_iter().flatten().flat_map(Rounds::medians) {
+        calls(row);
     }
     println!();
     println!("Every round (events/s, Weir / native = ratio):");
