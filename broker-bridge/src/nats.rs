@@ -236,6 +236,9 @@ fn read_secret_env(key: &str, var: &str) -> Result<String, TransportError> {
     }
 }
 
+/// Beyond this many headers [`pairs_to_headers`] does not look for repeated names.
+const MAX_COMPARED_HEADERS: usize = 32;
+
 /// The vocabulary's pairs → async-nats headers, taking the strings over (no copies; well-known
 /// names are static) and without the panicking conversions: a header name or value NATS
 /// cannot carry is a publish error naming the header.
@@ -248,6 +251,14 @@ fn pairs_to_headers(
         reason,
     };
     let mut headers = HeaderMap::new();
+    // `append` looks a name up before inserting it, which only a repeated name needs. Outputs
+    // carry about ten short names, none repeated, so comparing them is cheaper than hashing
+    // each twice; past a few dozen, every header is appended.
+    let repeated = pairs.len() > MAX_COMPARED_HEADERS
+        || pairs
+            .iter()
+            .enumerate()
+            .any(|(index, (name, _))| pairs[..index].iter().any(|(earlier, _)| earlier == name));
     for (name, value) in pairs {
         // Bytes, not a `char` pattern: this runs for every header of every output.
         if value.bytes().any(|b| b == b'\r' || b == b'\n') {
@@ -268,7 +279,12 @@ fn pairs_to_headers(
                 .map_err(|_| invalid("a header name is not valid in NATS".into()))?,
         };
         // Checked above: `From<String>` asserts there is no CR or LF, and takes the string over.
-        headers.append(header_name, HeaderValue::from(value));
+        let value = HeaderValue::from(value);
+        if repeated {
+            headers.append(header_name, value);
+        } else {
+            headers.insert(header_name, value);
+        }
     }
     Ok(headers)
 }
@@ -307,5 +323,40 @@ mod tests {
         assert!(pairs_to_headers("t", vec![(Cow::Borrowed("bad name"), "v".into())]).is_err());
         assert!(pairs_to_headers("t", vec![("bad:name".into(), "v".into())]).is_err());
         assert!(pairs_to_headers("t", vec![("ok".into(), "a\r\nb".into())]).is_err());
+    }
+
+    /// Unique names are inserted, repeated ones appended, at any count: nothing is lost either way.
+    #[test]
+    fn headers_keep_every_value_past_the_compared_count() {
+        // `Headers` compares in name order, as a map iterates in none.
+        let received = |headers: HeaderMap| crate::Headers::from_nats(Some(headers));
+        for count in [MAX_COMPARED_HEADERS, MAX_COMPARED_HEADERS + 8] {
+            let mut pairs: Vec<(String, String)> = (0..count)
+                .map(|i| (format!("x-{i:03}"), i.to_string()))
+                .collect();
+            let headers = pairs_to_headers(
+                "t",
+                pairs
+                    .iter()
+                    .map(|(name, value)| (Cow::Owned(name.clone()), value.clone()))
+                    .collect(),
+            )
+            .unwrap();
+            assert_eq!(received(headers), pairs, "{count} unique names");
+            // The repeat comes last, a static name beside the owned first one.
+            pairs.push(("x-000".to_owned(), "again".to_owned()));
+            let mut owned: Vec<(Cow<'static, str>, String)> = pairs
+                .iter()
+                .map(|(name, value)| (Cow::Owned(name.clone()), value.clone()))
+                .collect();
+            if let Some(last) = owned.last_mut() {
+                last.0 = Cow::Borrowed("x-000");
+            }
+            assert_eq!(
+                received(pairs_to_headers("t", owned).unwrap()),
+                pairs,
+                "{count} names and a repeat"
+            );
+        }
     }
 }

@@ -74,7 +74,10 @@ pub fn chain_outputs(
             if event.ty.is_empty() {
                 event.ty = format!("weir.{function}.output");
             }
-            event.specversion = SPECVERSION.to_owned();
+            // Guests echo it back as a rule: no new string for it then.
+            if event.specversion != SPECVERSION {
+                event.specversion = SPECVERSION.to_owned();
+            }
             if event.time.is_none() {
                 event.time = Some(now_rfc3339.to_owned());
             }

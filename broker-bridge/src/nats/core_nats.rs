@@ -205,11 +205,13 @@ impl Publisher for NatsPublisher {
                 reason: "not connected to NATS (reconnecting)".into(),
             });
         }
-        let subject = async_nats::Subject::from(topic.as_str());
+        // The subject takes the topic's buffer over; errors below name it from there.
+        let subject = async_nats::Subject::from(topic);
         // Queueing blocks only when the client's command queue is full.
         let queued = tokio::time::timeout(
             self.flush_timeout,
-            self.client.publish_with_headers(subject, headers, payload),
+            self.client
+                .publish_with_headers(subject.clone(), headers, payload),
         )
         .await;
         match queued {
@@ -220,14 +222,14 @@ impl Publisher for NatsPublisher {
             Ok(Err(err)) => {
                 self.counters.error();
                 Err(TransportError::Publish {
-                    topic,
+                    topic: subject.to_string(),
                     reason: err.to_string(),
                 })
             }
             Err(_) => {
                 self.counters.timeout();
                 Err(TransportError::PublishTimeout {
-                    topic,
+                    topic: subject.to_string(),
                     timeout: self.flush_timeout,
                 })
             }
