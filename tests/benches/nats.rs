@@ -8,16 +8,19 @@
 //! 2. a plain async-nats pull consumer acking the same N messages (fire-and-forget acks, as
 //!    Weir does and a typical program does) with a generous window of its own (10,000
 //!    unacknowledged, pulls of 1,000), the same consumer held to Weir's limits (its
-//!    `max_ack_pending` of slots × (1 + prefetch), pulls of half that, as Weir pulls), and the
-//!    same with confirmed acks (`double_ack`, 8 at a time) to show what a confirmation per ack
-//!    would cost;
+//!    `max_ack_pending` of slots × (1 + prefetch), pulls of half that waiting at most 1 s, as
+//!    Weir pulls), and the same with confirmed acks (`double_ack`, 8 at a time) to show what a
+//!    confirmation per ack would cost;
 //! 3. core NATS → wasm `echo` → core publish through Weir, beside
 //! 4. a plain async-nats subscriber that republishes each message as it came, and the same
 //!    republishing it with the nine headers Weir's output carries (the CloudEvents attributes
 //!    and Weir's chaining extensions); all fed by a publisher that keeps at most a window of
 //!    messages unanswered, so core NATS never drops (no slow consumer) and the rate is the
 //!    sustained one;
-//! 5. end-to-end latency (p50, p99) of core NATS through Weir at half the rate of (3).
+//! 5. end-to-end latency (p50, p99, max) of core NATS through Weir at half the rate of (3),
+//!    and
+//! 6. the same through the (4c) relay at the same rate, so that a p99 the machine causes (a
+//!    small shared machine stalls now and then) is not read as Weir's.
 //!
 //! Throughput is measured in alternating rounds (Weir, then its baseline; 5 rounds unless
 //! `WEIR_BENCH_ROUNDS` says otherwise) and the table gives the median round of each, with
@@ -308,10 +311,13 @@ async fn run(full: bool) -> anyhow::Result<()> {
             );
         }
         let latency_rate = rounds.median_weir().rate() / 2.0;
-        let latency = weir_core_latency(&plan, &url, latency_rate)
+        let weir_latency = weir_core_latency(&plan, &url, latency_rate)
             .await
             .context("(5) Weir core latency")?;
-        core = Some((rounds, latency_rate, latency));
+        let native_latency = native_core_latency(&plan, &url, latency_rate)
+            .await
+            .context("(6) native core latency")?;
+        core = Some((rounds, [weir_latency, native_latency]));
     }
 
     println!();
@@ -356,15 +362,23 @@ async fn run(full: bool) -> anyhow::Result<()> {
         line(native_js_confirmed, None, "(what a confirmed ack costs)");
         println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
     }
-    if let Some((rounds, latency_rate, (p50, p99, samples))) = &core {
+    if let Some((rounds, latencies)) = &core {
         medians(rounds, "≥ 0.8x native, ≥ 250000/s", "same output headers");
-        println!(
-            "{:<64} {:>9} at {latency_rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
+        let paths = [
             "core → echo → core latency through Weir",
-            samples,
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3
-        );
+            "core → (4c) relay → core latency, same rate",
+        ];
+        for (path, latency) in paths.iter().zip(latencies) {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "{path:<64} {:>9} at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+                latency.samples,
+                latency.rate,
+                ms(latency.p50),
+                ms(latency.p99),
+                ms(latency.max)
+            );
+        }
     }
     transport.close().await?;
     drop(server);
@@ -383,7 +397,7 @@ async fn run(full: bool) -> anyhow::Result<()> {
     };
     let measured = [
         jetstream.as_ref().map(|(_, rounds, _)| rounds),
-        core.as_ref().map(|(rounds, _, _)| rounds),
+        core.as_ref().map(|(rounds, _)| rounds),
     ];
     for row in measured.into_iter().flatten().flat_map(Rounds::medians) {
         calls(row);
@@ -393,7 +407,7 @@ async fn run(full: bool) -> anyhow::Result<()> {
     if let Some((_, rounds, _)) = &jetstream {
         rounds.print("JetStream");
     }
-    if let Some((rounds, _, _)) = &core {
+    if let Some((rounds, _)) = &core {
         rounds.print("core");
     }
     if !plan.full {
@@ -551,6 +565,9 @@ enum NativeAcks {
 }
 
 /// (2) The same pull + ack with async-nats and no wasm.
+/// How long one of Weir's JetStream pulls waits on the server (the fetcher's `PULL_EXPIRES`).
+const WEIR_PULL_EXPIRES: Duration = Duration::from_secs(1);
+
 async fn native_jetstream(
     plan: &Plan,
     js: &Context,
@@ -577,11 +594,15 @@ async fn native_jetstream(
     let meter = CpuMeter::start(plan.server_pid)?;
     let started = Instant::now();
     let deadline = started + plan.timeout;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(batch as usize)
-        .messages()
-        .await?;
+    let pulls = consumer.stream().max_messages_per_batch(batch as usize);
+    // Weir's limits include its pull expiry. A pull that stops short is renewed when it
+    // expires: after at most 1 s in Weir's fetcher, after async-nats' default of 30 s here
+    // (one (2c) round in fifteen once took 36 s instead of about 1.3).
+    let pulls = match acks {
+        NativeAcks::WeirLimits => pulls.expires(WEIR_PULL_EXPIRES),
+        NativeAcks::Own | NativeAcks::Confirmed => pulls,
+    };
+    let mut messages = pulls.messages().await?;
     let mut done = 0usize;
     if confirmed {
         let mut acks = futures::stream::FuturesUnordered::new();
@@ -617,7 +638,7 @@ async fn native_jetstream(
         name: match acks {
             NativeAcks::Own => "(2) native async-nats pull + ack".to_owned(),
             NativeAcks::WeirLimits => {
-                format!("(2c) native pull + ack, ≤ {max_ack_pending} unacked, pulls of {batch}")
+                format!("(2c) native pull + ack, ≤ {max_ack_pending} unacked, 1 s pulls of {batch}")
             }
             NativeAcks::Confirmed => format!("(2b) native pull + confirmed ack, {SLOTS} at a time"),
         },
@@ -757,17 +778,43 @@ async fn native_core(
         format!("bench.{tag}.in.{round}"),
         format!("bench.{tag}.out.{round}"),
     );
+    let task = spawn_relay(url, &input, &output, weir_headers).await?;
+    let answered = count_on(url, &output).await?;
+    let publisher = async_nats::connect(url).await?;
+    let driven = drive_core(plan, &publisher, &input, &answered).await;
+    task.abort();
+    let (elapsed, cpu) = driven?;
+    Ok(Row {
+        name: if weir_headers {
+            "(4c) native subscribe + republish with Weir's 9 headers".to_owned()
+        } else {
+            "(4) native async-nats subscribe + republish".to_owned()
+        },
+        events: plan.core_events,
+        elapsed,
+        cpu,
+    })
+}
+
+/// The plain relay of (4) and (4c): republishes every message on `input` to `output`, with
+/// Weir's nine output headers when `weir_headers`. Runs until aborted.
+async fn spawn_relay(
+    url: &str,
+    input: &str,
+    output: &str,
+    weir_headers: bool,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let relay = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
         .connect(url)
         .await?;
-    let mut subscriber = relay.subscribe(input.clone()).await?;
+    let mut subscriber = relay.subscribe(input.to_owned()).await?;
     relay.flush().await?;
     let republisher = relay.clone();
     // A `Subject` shares its bytes when cloned: no allocation per message, as with the
     // `&'static str` the relay used before subjects were per round.
-    let republish_to = async_nats::Subject::from(output.as_str());
-    let task = tokio::spawn(async move {
+    let republish_to = async_nats::Subject::from(output);
+    Ok(tokio::spawn(async move {
         let mut relayed = 0u64;
         while let Some(message) = subscriber.next().await {
             let mut headers = message.headers.unwrap_or_default();
@@ -793,37 +840,52 @@ async fn native_core(
                 return;
             }
         }
-    });
-    let answered = count_on(url, &output).await?;
-    let publisher = async_nats::connect(url).await?;
-    let driven = drive_core(plan, &publisher, &input, &answered).await;
-    task.abort();
-    let (elapsed, cpu) = driven?;
-    Ok(Row {
-        name: if weir_headers {
-            "(4c) native subscribe + republish with Weir's 9 headers".to_owned()
-        } else {
-            "(4) native async-nats subscribe + republish".to_owned()
-        },
-        events: plan.core_events,
-        elapsed,
-        cpu,
-    })
+    }))
 }
 
-/// (5) p50 and p99 of publish → echo → receive through Weir at `rate` events/s.
-async fn weir_core_latency(
+/// End-to-end latencies of one path at a fixed rate.
+struct Latency {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    samples: usize,
+}
+
+/// (5) publish → echo → receive through Weir at `rate` events/s.
+async fn weir_core_latency(plan: &Plan, url: &str, rate: f64) -> anyhow::Result<Latency> {
+    let (input, output) = ("bench.lat.in", "bench.lat.out");
+    let runtime = start_weir(url, &echo_function(plan, input, output)?).await?;
+    let latency = core_latency(plan, url, rate, input, output).await;
+    runtime.shutdown().await;
+    latency
+}
+
+/// (6) the same through the (4c) relay, in the same run: what the machine and the broker
+/// alone give at that rate, so a p99 can be told apart from the host's own stalls.
+async fn native_core_latency(plan: &Plan, url: &str, rate: f64) -> anyhow::Result<Latency> {
+    let (input, output) = ("bench.lat.native.in", "bench.lat.native.out");
+    let relay = spawn_relay(url, input, output, true).await?;
+    let latency = core_latency(plan, url, rate, input, output).await;
+    relay.abort();
+    latency
+}
+
+/// Publishes numbered probes to `input` at `rate` for the plan's latency period and times
+/// each one's answer on `output`.
+async fn core_latency(
     plan: &Plan,
     url: &str,
     rate: f64,
-) -> anyhow::Result<(Duration, Duration, usize)> {
-    let runtime = start_weir(url, &echo_function(plan, "bench.lat.in", "bench.lat.out")?).await?;
+    input: &'static str,
+    output: &str,
+) -> anyhow::Result<Latency> {
     let total = ((rate * plan.latency_for.as_secs_f64()) as usize).max(10);
     let receiver = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
         .connect(url)
         .await?;
-    let mut subscriber = receiver.subscribe("bench.lat.out").await?;
+    let mut subscriber = receiver.subscribe(output.to_owned()).await?;
     receiver.flush().await?;
     let base = Instant::now();
     let collect = tokio::spawn(async move {
@@ -861,7 +923,7 @@ async fn weir_core_latency(
             sent_at.push(base.elapsed());
             publisher
                 .publish_with_headers(
-                    "bench.lat.in",
+                    input,
                     ce_headers(&format!("l-{index}")),
                     Bytes::from(index.to_string()),
                 )
@@ -871,7 +933,6 @@ async fn weir_core_latency(
         publisher.flush().await?;
     }
     let received = collect.await.context("the latency receiver failed")?;
-    runtime.shutdown().await;
     let mut latencies: Vec<Duration> = received
         .iter()
         .zip(&sent_at)
@@ -884,5 +945,11 @@ async fn weir_core_latency(
     );
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    Ok((at(0.50), at(0.99), latencies.len()))
+    Ok(Latency {
+        rate,
+        p50: at(0.50),
+        p99: at(0.99),
+        max: at(1.0),
+        samples: latencies.len(),
+    })
 }
