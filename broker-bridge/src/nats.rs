@@ -325,7 +325,7 @@ mod tests {
         assert!(pairs_to_headers("t", vec![("ok".into(), "a\r\nb".into())]).is_err());
     }
 
-    /// Unique names are inserted, repeated ones appended, at any count: nothing is lost either way.
+    /// Unique names are inserted, repeated ones appended, at any count: no value is lost.
     #[test]
     fn headers_keep_every_value_past_the_compared_count() {
         // `Headers` compares in name order, as a map iterates in none.

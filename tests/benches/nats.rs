@@ -17,8 +17,7 @@
 //!    and Weir's chaining extensions); all fed by a publisher that keeps at most a window of
 //!    messages unanswered, so core NATS never drops (no slow consumer) and the rate is the
 //!    sustained one;
-//! 5. end-to-end latency (p50, p99, max) of core NATS through Weir at half the rate of (3),
-//!    and
+//! 5. end-to-end latency (p50, p99, max) of core NATS through Weir at half the rate of (3);
 //! 6. the same through the (4c) relay at the same rate, so that a p99 the machine causes (a
 //!    small shared machine stalls now and then) is not read as Weir's.
 //!
