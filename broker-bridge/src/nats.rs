@@ -38,6 +38,7 @@ pub use self::config::{
 pub use self::core_nats::{NatsCoreSubscription, NatsPublisher};
 pub use self::jetstream::{
     ensure_stream, JetStreamPublisher, JetStreamSubscription, StreamDifference, StreamReport,
+    PULL_EXPIRES,
 };
 use crate::{BrokerKind, TransportError};
 

@@ -45,7 +45,7 @@ use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt as _;
-use weir_broker_bridge::nats::{NatsConfig, NatsTransport, StreamConfig};
+use weir_broker_bridge::nats::{NatsConfig, NatsTransport, StreamConfig, PULL_EXPIRES};
 use weir_dispatcher::runtime::Runtime;
 use weir_tests::cpu::{CpuMeter, CpuUsed};
 use weir_tests::nats_server::NatsServer;
@@ -557,16 +557,13 @@ enum NativeAcks {
     Own,
     /// Fire-and-forget acks within Weir's limits: the `max_ack_pending` Weir gives its
     /// consumer (slots × (1 + prefetch)), pulled half of it at a time, as Weir's fetcher waits
-    /// for half its bound to be free before it pulls.
+    /// for half its bound to be free before it pulls, each pull expiring as Weir's do.
     WeirLimits,
     /// `double_ack`, a slot's worth at a time.
     Confirmed,
 }
 
 /// (2) The same pull + ack with async-nats and no wasm.
-/// How long one of Weir's JetStream pulls waits on the server (the fetcher's `PULL_EXPIRES`).
-const WEIR_PULL_EXPIRES: Duration = Duration::from_secs(1);
-
 async fn native_jetstream(
     plan: &Plan,
     js: &Context,
@@ -595,10 +592,10 @@ async fn native_jetstream(
     let deadline = started + plan.timeout;
     let pulls = consumer.stream().max_messages_per_batch(batch as usize);
     // Weir's limits include its pull expiry. A pull that stops short is renewed when it
-    // expires: after at most 1 s in Weir's fetcher, after async-nats' default of 30 s here
+    // expires: after `PULL_EXPIRES` in Weir's fetcher, after async-nats' default of 30 s here
     // (one (2c) round in fifteen once took 36 s instead of about 1.3).
     let pulls = match acks {
-        NativeAcks::WeirLimits => pulls.expires(WEIR_PULL_EXPIRES),
+        NativeAcks::WeirLimits => pulls.expires(PULL_EXPIRES),
         NativeAcks::Own | NativeAcks::Confirmed => pulls,
     };
     let mut messages = pulls.messages().await?;
@@ -637,7 +634,10 @@ async fn native_jetstream(
         name: match acks {
             NativeAcks::Own => "(2) native async-nats pull + ack".to_owned(),
             NativeAcks::WeirLimits => {
-                format!("(2c) native pull + ack, ≤ {max_ack_pending} unacked, 1 s pulls of {batch}")
+                format!(
+                    "(2c) native pull + ack, ≤ {max_ack_pending} unacked, {} pulls of {batch}",
+                    humantime::format_duration(PULL_EXPIRES)
+                )
             }
             NativeAcks::Confirmed => format!("(2b) native pull + confirmed ack, {SLOTS} at a time"),
         },

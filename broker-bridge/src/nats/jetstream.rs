@@ -44,8 +44,9 @@ use crate::{
     Publisher, RetryStyle, Settle, Subscription, TransportError,
 };
 
-/// How long one pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long one pull request waits on the server for messages. Public so the benchmark's
+/// plain consumer held to Weir's limits pulls the same way.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How long past `PULL_EXPIRES` we wait for the server's end-of-request before assuming the
 /// request was lost (e.g. in a server restart).
 const PULL_GRACE: Duration = Duration::from_secs(2);
