@@ -35,6 +35,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use weir_broker_bridge::kafka::KafkaTransport;
+use weir_tests::bench::env_number;
 use weir_tests::kafka_broker::KafkaBroker;
 use weir_tests::weir::InProcess;
 
@@ -44,8 +45,8 @@ use weir_tests::weir::InProcess;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const PARTITIONS: i32 = 3;
-const FULL_EVENTS: usize = 100_000;
-const SMOKE_EVENTS: usize = 2_000;
+const FULL_EVENTS: u32 = 100_000;
+const SMOKE_EVENTS: u32 = 2_000;
 /// Bound on any one measurement.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 const GOAL_RATIO: f64 = 0.8;
@@ -53,13 +54,10 @@ const GOAL_RATE: f64 = 150_000.0;
 
 fn main() -> anyhow::Result<()> {
     let bench = std::env::args().any(|a| a == "--bench");
-    let events = match std::env::var("WEIR_BENCH_KAFKA_EVENTS") {
-        Ok(value) => value
-            .parse()
-            .context("WEIR_BENCH_KAFKA_EVENTS is not a number")?,
-        Err(_) if bench => FULL_EVENTS,
-        Err(_) => SMOKE_EVENTS,
-    };
+    let events = env_number(
+        "WEIR_BENCH_KAFKA_EVENTS",
+        if bench { FULL_EVENTS } else { SMOKE_EVENTS },
+    )? as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -69,7 +67,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
     let broker = KafkaBroker::start().await?;
     let transport = KafkaTransport::connect(&broker.config()).await?;
-    let rounds = rounds(bench)?;
+    // Alternating plain/Weir rounds.
+    let rounds = env_number("WEIR_BENCH_ROUNDS", if bench { 5 } else { 1 })?;
     transport.ensure_topic("bench.raw", PARTITIONS, 1).await?;
     let producer = producer(&broker.bootstrap())?;
     println!("kafka bench: {events} events of ~120 bytes, {PARTITIONS} partitions, one Tansu 0.6 (memory storage)");
@@ -161,19 +160,6 @@ async fn run(events: usize, bench: bool) -> anyhow::Result<()> {
         println!("(smoke run under `cargo test`: debug build, {events} events; numbers are not meaningful)");
     }
     Ok(())
-}
-
-/// Alternating plain/Weir rounds: `WEIR_BENCH_ROUNDS`, else 5 for a measurement and 1 for the
-/// smoke run.
-fn rounds(bench: bool) -> anyhow::Result<u32> {
-    match std::env::var("WEIR_BENCH_ROUNDS") {
-        Ok(text) => match text.parse::<u32>() {
-            Ok(rounds) if rounds > 0 => Ok(rounds),
-            _ => anyhow::bail!("WEIR_BENCH_ROUNDS must be a positive whole number, not `{text}`"),
-        },
-        Err(_) if bench => Ok(5),
-        Err(_) => Ok(1),
-    }
 }
 
 /// The median (the upper one of an even count); 0 for none.

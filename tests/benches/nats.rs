@@ -19,7 +19,8 @@
 //!    sustained one;
 //! 5. end-to-end latency (p50, p99, max) of core NATS through Weir at half the rate of (3);
 //! 6. the same through the (4c) relay at the same rate, so that a p99 the machine causes (a
-//!    small shared machine stalls now and then) is not read as Weir's.
+//!    small shared machine stalls now and then) is not read as Weir's; each latency line also
+//!    says how often the host stalled while it was measured (a [`StallWatch`]).
 //!
 //! Throughput is measured in alternating rounds (Weir, then its baseline; 5 rounds unless
 //! `WEIR_BENCH_ROUNDS` says otherwise) and the table gives the median round of each, with
@@ -47,6 +48,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use weir_broker_bridge::nats::{NatsConfig, NatsTransport, StreamConfig, PULL_EXPIRES};
 use weir_dispatcher::runtime::Runtime;
+use weir_tests::bench::{env_number, StallWatch, Stalls};
 use weir_tests::cpu::{CpuMeter, CpuUsed};
 use weir_tests::nats_server::NatsServer;
 use weir_tests::weir::functions_dir;
@@ -118,18 +120,6 @@ impl Plan {
                 timeout: Duration::from_secs(60),
             }
         })
-    }
-}
-
-/// A positive number from the environment, or `default` when the variable is not set.
-fn env_number(name: &str, default: u32) -> anyhow::Result<u32> {
-    match std::env::var(name) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Ok(text) => match text.parse::<u32>() {
-            Ok(number) if number > 0 => Ok(number),
-            _ => bail!("{name} must be a positive whole number, not `{text}`"),
-        },
-        Err(err) => bail!("{name}: {err}"),
     }
 }
 
@@ -370,12 +360,13 @@ async fn run(full: bool) -> anyhow::Result<()> {
         for (path, latency) in paths.iter().zip(latencies) {
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             println!(
-                "{path:<64} {:>9} at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+                "{path:<64} {:>9} at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms ({})",
                 latency.samples,
                 latency.rate,
                 ms(latency.p50),
                 ms(latency.p99),
-                ms(latency.max)
+                ms(latency.max),
+                latency.stalls
             );
         }
     }
@@ -849,6 +840,8 @@ struct Latency {
     p99: Duration,
     max: Duration,
     samples: usize,
+    /// The host's stalls while it was measured.
+    stalls: Stalls,
 }
 
 /// (5) publish → echo → receive through Weir at `rate` events/s.
@@ -909,6 +902,7 @@ async fn core_latency(
         received
     });
     let publisher = async_nats::connect(url).await?;
+    let watch = StallWatch::start()?;
     let mut sent_at = Vec::with_capacity(total);
     let tick = Duration::from_millis(1);
     let per_tick = (rate / 1000.0).max(1.0);
@@ -932,6 +926,7 @@ async fn core_latency(
         publisher.flush().await?;
     }
     let received = collect.await.context("the latency receiver failed")?;
+    let stalls = watch.finish()?;
     let mut latencies: Vec<Duration> = received
         .iter()
         .zip(&sent_at)
@@ -950,5 +945,6 @@ async fn core_latency(
         p99: at(0.99),
         max: at(1.0),
         samples: latencies.len(),
+        stalls,
     })
 }

@@ -4,6 +4,7 @@
 //! Kafka-protocol broker (Tansu). Tests that need them fail loudly when a binary is missing, because
 //! `make test` installs them first.
 
+pub mod bench;
 pub mod cpu;
 pub mod kafka_broker;
 pub mod nats_server;

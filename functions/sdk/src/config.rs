@@ -1,6 +1,9 @@
 //! The function's configuration values, set per function in `weir.toml` (the serverless
-//! "environment variables"). Read them on each call: they are cheap host calls, and a value read
-//! once and kept in a static would outlive a config reload.
+//! "environment variables"). Each read is a host call that copies the value into the guest.
+//! Values are fixed for an instance's life: Weir reads `weir.toml` once at start and has no
+//! reload, and an instance never serves another function. So a value used on every event may
+//! be read once and kept in a static (a `std::sync::OnceLock`), as the `echo` test function
+//! does; a changed `weir.toml` takes effect when Weir restarts.
 
 use core::str::FromStr;
 
