@@ -4,7 +4,7 @@
 //! [`export!`]. The crate compiles with the function to a WebAssembly component (target
 //! `wasm32-wasip2`) of the world `weir:function/function` (`schemas/wit/function.wit`).
 //!
-//! ```ignore
+//! ```no_run
 //! use weir_function::prelude::*;
 //!
 //! struct OrderValidate;
