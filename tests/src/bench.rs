@@ -31,7 +31,8 @@ const NAP: Duration = Duration::from_millis(1);
 /// A wake-up this late counts as a stall: well past what scheduling a ready thread among a
 /// busy process's threads takes (a few milliseconds at most), well under the stalls it is for.
 pub const STALL: Duration = Duration::from_millis(10);
-/// The watch stops by itself after this long, should its owner never call `finish`.
+/// The watch stops by itself after this long, should its owner be stuck before `finish` (a
+/// watch dropped unfinished stops at its next wake-up).
 const WATCH_LIMIT: Duration = Duration::from_secs(600);
 
 /// A thread that naps for a millisecond at a time and records how late each wake-up came.
@@ -40,7 +41,8 @@ const WATCH_LIMIT: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub struct StallWatch {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Stalls>,
+    /// `None` once finished.
+    thread: Option<JoinHandle<Stalls>>,
 }
 
 /// What a [`StallWatch`] saw.
@@ -49,7 +51,7 @@ pub struct Stalls {
     pub wakeups: u64,
     /// Wake-ups at least [`STALL`] late.
     pub stalls: u64,
-    /// The latest wake-up's delay past its nap.
+    /// The longest delay of a wake-up past its nap.
     pub longest: Duration,
 }
 
@@ -70,20 +72,33 @@ impl StallWatch {
                 seen
             })
             .context("starting the stall watch thread")?;
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops the watch and returns what it saw.
-    pub fn finish(self) -> anyhow::Result<Stalls> {
+    pub fn finish(mut self) -> anyhow::Result<Stalls> {
         self.stop.store(true, Ordering::Relaxed);
-        let seen = self
+        let thread = self
             .thread
+            .take()
+            .context("the stall watch was already finished")?;
+        let seen = thread
             .join()
             .map_err(|_| anyhow::anyhow!("the stall watch thread panicked"))?;
         if seen.wakeups == 0 {
             bail!("the stall watch never woke up");
         }
         Ok(seen)
+    }
+}
+
+/// A measurement that fails between `start` and `finish` drops the watch: its thread stops.
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -102,7 +117,7 @@ impl std::fmt::Display for Stalls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "host: {} of {} 1 ms naps woke ≥ {} ms late, the latest {:.1} ms",
+            "host: {} of {} 1 ms naps woke ≥ {} ms late, the longest delay {:.1} ms",
             self.stalls,
             self.wakeups,
             STALL.as_millis(),
@@ -141,7 +156,7 @@ mod tests {
         assert_eq!(seen.longest, Duration::from_millis(73));
         assert_eq!(
             seen.to_string(),
-            "host: 2 of 4 1 ms naps woke ≥ 10 ms late, the latest 73.0 ms"
+            "host: 2 of 4 1 ms naps woke ≥ 10 ms late, the longest delay 73.0 ms"
         );
     }
 
