@@ -20,7 +20,8 @@
 //! 5. end-to-end latency (p50, p99, max) of core NATS through Weir at half the rate of (3);
 //! 6. the same through the (4c) relay at the same rate, so that a p99 the machine causes (a
 //!    small shared machine stalls now and then) is not read as Weir's; each latency line also
-//!    says how often the host stalled while it was measured (a [`StallWatch`]).
+//!    says when its slowest 1 % of probes were sent (warm-up, a passing stall or throughout)
+//!    and how often the host stalled while it was measured (a [`StallWatch`]).
 //!
 //! Throughput is measured in alternating rounds (Weir, then its baseline; 5 rounds unless
 //! `WEIR_BENCH_ROUNDS` says otherwise) and the table gives the median round of each, with
@@ -360,12 +361,22 @@ async fn run(full: bool) -> anyhow::Result<()> {
         for (path, latency) in paths.iter().zip(latencies) {
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             println!(
-                "{path:<64} {:>9} at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms ({})",
+                "{path:<64} {:>9} at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
                 latency.samples,
                 latency.rate,
                 ms(latency.p50),
                 ms(latency.p99),
                 ms(latency.max),
+            );
+            let slow = &latency.slow_sent;
+            println!(
+                "{:<64} slowest 1 % sent {:.2}–{:.2} s in, in {} of {} {} ms windows; {}",
+                "",
+                slow.first.as_secs_f64(),
+                slow.last.as_secs_f64(),
+                slow.windows,
+                slow.of_windows,
+                SLOW_WINDOW.as_millis(),
                 latency.stalls
             );
         }
@@ -840,9 +851,24 @@ struct Latency {
     p99: Duration,
     max: Duration,
     samples: usize,
+    /// When the slowest 1 % of probes were sent.
+    slow_sent: SlowSent,
     /// The host's stalls while it was measured.
     stalls: Stalls,
 }
+
+/// Where in a latency run its slowest 1 % of probes were sent: a few windows early on point
+/// at warm-up, a few anywhere at a passing stall, many at a steady cost.
+struct SlowSent {
+    first: Duration,
+    last: Duration,
+    /// How many of the run's [`SLOW_WINDOW`]s they were sent in.
+    windows: usize,
+    of_windows: usize,
+}
+
+/// The width of the windows [`SlowSent`] counts.
+const SLOW_WINDOW: Duration = Duration::from_millis(100);
 
 /// (5) publish → echo → receive through Weir at `rate` events/s.
 async fn weir_core_latency(plan: &Plan, url: &str, rate: f64) -> anyhow::Result<Latency> {
@@ -927,24 +953,48 @@ async fn core_latency(
     }
     let received = collect.await.context("the latency receiver failed")?;
     let stalls = watch.finish()?;
-    let mut latencies: Vec<Duration> = received
+    // (latency, when it was sent), slowest last.
+    let mut probes: Vec<(Duration, Duration)> = received
         .iter()
         .zip(&sent_at)
-        .filter_map(|(got, sent)| got.map(|got| got.saturating_sub(*sent)))
+        .filter_map(|(got, sent)| got.map(|got| (got.saturating_sub(*sent), *sent)))
         .collect();
     ensure!(
-        latencies.len() == total,
+        probes.len() == total,
         "{} of {total} latency probes came back",
-        latencies.len()
+        probes.len()
     );
-    latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    probes.sort();
+    let at = |q: f64| probes[((probes.len() as f64 * q) as usize).min(probes.len() - 1)].0;
+    let slowest = &probes[probes.len() - probes.len().div_ceil(100)..];
+    let mut windows: Vec<u128> = slowest
+        .iter()
+        .map(|(_, sent)| sent.as_millis() / SLOW_WINDOW.as_millis())
+        .collect();
+    windows.sort_unstable();
+    windows.dedup();
     Ok(Latency {
         rate,
         p50: at(0.50),
         p99: at(0.99),
         max: at(1.0),
-        samples: latencies.len(),
+        samples: probes.len(),
+        slow_sent: SlowSent {
+            first: slowest
+                .iter()
+                .map(|(_, sent)| *sent)
+                .min()
+                .unwrap_or_default(),
+            last: slowest
+                .iter()
+                .map(|(_, sent)| *sent)
+                .max()
+                .unwrap_or_default(),
+            windows: windows.len(),
+            of_windows: sent_at.last().map_or(0, |last| {
+                (last.as_millis() / SLOW_WINDOW.as_millis()) as usize + 1
+            }),
+        },
         stalls,
     })
 }
