@@ -966,12 +966,14 @@ async fn core_latency(
     );
     probes.sort();
     let at = |q: f64| probes[((probes.len() as f64 * q) as usize).min(probes.len() - 1)].0;
-    let slowest = &probes[probes.len() - probes.len().div_ceil(100)..];
-    let mut windows: Vec<u128> = slowest
+    // When the slowest 1 % were sent, in order, and which windows those times fall in.
+    let mut slow_sends: Vec<Duration> = probes[probes.len() - probes.len().div_ceil(100)..]
         .iter()
-        .map(|(_, sent)| sent.as_millis() / SLOW_WINDOW.as_millis())
+        .map(|(_, sent)| *sent)
         .collect();
-    windows.sort_unstable();
+    slow_sends.sort_unstable();
+    let window_of = |sent: &Duration| sent.as_millis() / SLOW_WINDOW.as_millis();
+    let mut windows: Vec<u128> = slow_sends.iter().map(window_of).collect();
     windows.dedup();
     Ok(Latency {
         rate,
@@ -980,20 +982,12 @@ async fn core_latency(
         max: at(1.0),
         samples: probes.len(),
         slow_sent: SlowSent {
-            first: slowest
-                .iter()
-                .map(|(_, sent)| *sent)
-                .min()
-                .unwrap_or_default(),
-            last: slowest
-                .iter()
-                .map(|(_, sent)| *sent)
-                .max()
-                .unwrap_or_default(),
+            first: slow_sends.first().copied().unwrap_or_default(),
+            last: slow_sends.last().copied().unwrap_or_default(),
             windows: windows.len(),
-            of_windows: sent_at.last().map_or(0, |last| {
-                (last.as_millis() / SLOW_WINDOW.as_millis()) as usize + 1
-            }),
+            of_windows: sent_at
+                .last()
+                .map_or(0, |last| window_of(last) as usize + 1),
         },
         stalls,
     })

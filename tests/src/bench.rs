@@ -117,9 +117,10 @@ impl std::fmt::Display for Stalls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "host: {} of {} 1 ms naps woke ≥ {} ms late, the longest delay {:.1} ms",
+            "host: {} of {} {} ms naps woke ≥ {} ms late, the longest delay {:.1} ms",
             self.stalls,
             self.wakeups,
+            NAP.as_millis(),
             STALL.as_millis(),
             self.longest.as_secs_f64() * 1e3
         )
