@@ -13,6 +13,8 @@
 //!   connection (an ack the server misses means a redelivery, never a loss; [`NatsTransport::flush`]
 //!   at shutdown makes a clean stop leave none); retries are NAK-with-delay (never a bare
 //!   NAK); publishes wait for the stream's ack and carry `Nats-Msg-Id` for de-duplication.
+//! - [`NatsTransport::read_subject_history`] reads what a stream holds for a subject (for
+//!   `weir tail`), with an ordered consumer that leaves no state behind.
 //! - [`ensure_stream`] creates missing streams and reports (never changes) existing ones whose
 //!   settings differ.
 //!
@@ -23,6 +25,7 @@
 mod config;
 mod core_nats;
 mod events;
+mod history;
 mod jetstream;
 
 use std::borrow::Cow;
@@ -30,12 +33,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::Context;
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
+use futures::StreamExt as _;
 
 pub use self::config::{
     DeliverFrom, DiscardKind, JetStreamConsumerOptions, NatsConfig, RetentionKind, StorageKind,
     StreamConfig, DEFAULT_PREFETCH, MAX_PREFETCH,
 };
 pub use self::core_nats::{NatsCoreSubscription, NatsPublisher};
+pub use self::history::SubjectHistory;
 pub use self::jetstream::{
     ensure_stream, JetStreamPublisher, JetStreamSubscription, StreamDifference, StreamReport,
     PULL_EXPIRES,
@@ -127,34 +132,64 @@ impl NatsTransport {
         Ok(stream_handle.cached_info().state.messages)
     }
 
-    /// Writes everything queued on the connection (publishes, acks) to its socket and waits
-    /// until it has.
+    /// Writes everything queued on the connection (publishes, acks) and waits until the server
+    /// has read it: a message to the connection's own inbox comes back only after the server
+    /// processed what was sent before it. Writing to the socket alone would not do for a
+    /// process about to exit, whose close may reset the connection before the server reads.
     pub async fn flush(&self) -> Result<(), TransportError> {
-        let flushed = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
+        let flushed = tokio::time::timeout(self.request_timeout, self.round_trip()).await;
         match flushed {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(TransportError::Connect {
+            Ok(Err(reason)) => Err(TransportError::Connect {
                 broker: BrokerKind::Nats,
-                reason: format!("flushing: {err}"),
+                reason: format!("flushing: {reason}"),
             }),
             Err(_) => Err(TransportError::Connect {
                 broker: BrokerKind::Nats,
-                reason: format!("flushing: no answer within {:?}", self.request_timeout),
+                reason: format!(
+                    "flushing: the server did not answer within {:?}",
+                    self.request_timeout
+                ),
             }),
         }
     }
 
-    /// Drains the connection: unsubscribes, writes everything queued (publishes, acks) and
-    /// closes it cleanly. The runtime calls it at shutdown so that a clean stop leaves no ack
-    /// unsent (which would mean a redelivery, i.e. a duplicate, after the restart).
+    async fn round_trip(&self) -> Result<(), String> {
+        let inbox = self.client.new_inbox();
+        let mut echo = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| err.to_string())?;
+        self.client
+            .publish(inbox, bytes::Bytes::new())
+            .await
+            .map_err(|err| err.to_string())?;
+        self.client.flush().await.map_err(|err| err.to_string())?;
+        let answered = echo.next().await.is_some();
+        // Best effort: the subscription is gone with the connection anyway.
+        let _ = echo.unsubscribe().await;
+        if answered {
+            Ok(())
+        } else {
+            Err("the connection closed".to_owned())
+        }
+    }
+
+    /// Sends everything queued (publishes, acks; see [`NatsTransport::flush`]), then drains
+    /// the connection: unsubscribes and closes it. The runtime calls it at shutdown so that a
+    /// clean stop leaves no ack unsent (which would mean a redelivery, i.e. a duplicate, after
+    /// the restart), and `weir publish` before it exits so that no core publish is lost.
     pub async fn close(&self) -> Result<(), TransportError> {
+        let flushed = self.flush().await;
         self.client
             .drain()
             .await
             .map_err(|err| TransportError::Connect {
                 broker: BrokerKind::Nats,
                 reason: format!("closing: {err}"),
-            })
+            })?;
+        flushed
     }
 }
 

@@ -20,6 +20,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use weir_broker_bridge::BrokerKind;
 use weir_schemas::{Event, Format, WireMessage};
 
 use crate::ingress;
@@ -276,6 +277,23 @@ async fn events(
     Query(query): Query<EventsQuery>,
 ) -> Result<Json<Value>, Problem> {
     check_topic(&topic)?;
+    // The memory bus would answer for any name with an empty history, and a `weir tail` would
+    // wait on it for ever: say where the topic is instead.
+    let broker = state.shared.topic_broker(&topic);
+    if broker != BrokerKind::Memory {
+        let flag = match broker {
+            BrokerKind::Kafka => "--kafka BOOTSTRAP",
+            _ => "--nats URL",
+        };
+        return Err(Problem {
+            status: StatusCode::CONFLICT,
+            kind: "broker",
+            message: format!(
+                "topic {topic} is on {} in this weir, not on its memory bus: read it there (weir tail {topic} {flag})",
+                broker.as_str()
+            ),
+        });
+    }
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let wait = match query.wait.as_deref() {
         None => Duration::ZERO,

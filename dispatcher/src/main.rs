@@ -18,6 +18,9 @@ use weir_dispatcher::{demo, engine, http, ingress, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Where `weir up` serves HTTP and where `publish` / `tail` look for a weir by default.
+const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "weir",
@@ -49,7 +52,7 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Publish events to a running weir.
+    /// Publish events to a running weir, or straight to NATS or Kafka.
     Publish(PublishArgs),
     /// Print a topic's events as JSON lines, from its retained history on, and follow.
     Tail(TailArgs),
@@ -58,7 +61,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct UpArgs {
     /// Where the HTTP server listens.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
     http: SocketAddr,
     /// Directory with the example components (default: the `make functions` output).
     #[arg(long, value_name = "DIR")]
@@ -108,7 +111,7 @@ struct PublishArgs {
     /// Events per second (default: as fast as the server accepts them).
     #[arg(long)]
     rate: Option<f64>,
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
     http: String,
     /// Publish straight to NATS at this URL (JetStream, confirmed), not through a running weir.
     #[arg(long, value_name = "URL")]
@@ -127,11 +130,16 @@ struct TailArgs {
     /// Exit after this many events.
     #[arg(long)]
     limit: Option<u64>,
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
     http: String,
-    /// Follow the subject on NATS at this URL (new messages only) instead of a weir's history.
+    /// Read the subject on NATS at this URL instead of a weir's history: when a JetStream
+    /// stream captures it, from the stream's first message on, then following; else (a core
+    /// subject) new messages only.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
+    /// With --nats: follow the core subject (new messages only) even when a stream captures it.
+    #[arg(long, requires = "nats")]
+    core: bool,
     /// Read the topic on Kafka at this bootstrap address, from its earliest retained offset on.
     #[arg(long, value_name = "BOOTSTRAP", conflicts_with = "nats")]
     kafka: Option<String>,
@@ -205,20 +213,34 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let broker = args.demo_broker();
     let config = demo::config(&broker, &dir, args.http)
         .map_err(|e| anyhow::anyhow!("demo configuration:\n{e}"))?;
-    let on = match &broker {
-        demo::DemoBroker::Memory => "the embedded memory bus".to_owned(),
-        demo::DemoBroker::JetStream(url) => format!("JetStream at {url}"),
-        demo::DemoBroker::Kafka(bootstrap) => format!("Kafka at {bootstrap}"),
+    let default_http: SocketAddr = DEFAULT_HTTP.parse()?;
+    // The demo's topics live on its broker, so the commands to try go there; on the memory
+    // bus they go through this weir's HTTP server.
+    let (on, via) = match &broker {
+        demo::DemoBroker::Memory if args.http == default_http => {
+            ("the embedded memory bus".to_owned(), String::new())
+        }
+        demo::DemoBroker::Memory => (
+            "the embedded memory bus".to_owned(),
+            format!(" --http {}", args.http),
+        ),
+        demo::DemoBroker::JetStream(url) => {
+            (format!("JetStream at {url}"), format!(" --nats {url}"))
+        }
+        demo::DemoBroker::Kafka(bootstrap) => (
+            format!("Kafka at {bootstrap}"),
+            format!(" --kafka {bootstrap}"),
+        ),
     };
     let banner = format!(
         r#"
 Weir is up: the demo pipeline on {on}, HTTP on http://{addr}
 
 Try, in another terminal:
-  weir publish orders --type com.example.order --data '{{"id":"o-1","amount":42}}'
-  weir tail orders.enriched --limit 1
-  weir publish orders --type com.example.order --data '{{"id":"o-2"}}'     # rejected: no amount
-  weir tail weir.dlq.order-validate --limit 1
+  weir publish orders --type com.example.order --data '{{"id":"o-1","amount":42}}'{via}
+  weir tail orders.enriched --limit 1{via}
+  weir publish orders --type com.example.order --data '{{"id":"o-2"}}'{via}     # rejected: no amount
+  weir tail weir.dlq.order-validate --limit 1{via}
   curl -s http://{addr}/v1/functions
 "#,
         addr = args.http
@@ -352,18 +374,20 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         .rate
         .map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
     let mut accepted = 0u64;
+    let mut last_answer = String::new();
     for _ in 0..args.count {
         if let Some(ticker) = ticker.as_mut() {
             ticker.tick().await;
         }
         let headers = request_headers(&args, &body);
-        let answer = sink.send(&args.topic, headers, &body).await?;
+        last_answer = sink.send(&args.topic, headers, &body).await?;
         accepted += 1;
-        if args.count == 1 {
-            println!("{answer}");
-        }
     }
-    if args.count != 1 {
+    // Only once it all reached the broker does it count as published.
+    sink.finish().await?;
+    if args.count == 1 {
+        println!("{last_answer}");
+    } else {
         println!("{{\"accepted\":{accepted}}}");
     }
     Ok(ExitCode::SUCCESS)
@@ -398,6 +422,8 @@ enum Sink {
         publisher: Box<dyn weir_broker_bridge::Publisher>,
         broker: BrokerKind,
         key: Option<String>,
+        /// Closed (flushed) before `weir publish` exits: core publishes are only queued.
+        nats: Option<Box<weir_broker_bridge::nats::NatsTransport>>,
     },
 }
 
@@ -414,18 +440,19 @@ impl Sink {
 
     async fn nats(url: &str, core: bool) -> anyhow::Result<Self> {
         let transport = connect_nats(url).await?;
-        Ok(if core {
-            Sink::Broker {
-                publisher: Box::new(transport.core_publisher()),
-                broker: BrokerKind::Nats,
-                key: None,
-            }
+        let (publisher, broker): (Box<dyn weir_broker_bridge::Publisher>, _) = if core {
+            (Box::new(transport.core_publisher()), BrokerKind::Nats)
         } else {
-            Sink::Broker {
-                publisher: Box::new(transport.jetstream_publisher()),
-                broker: BrokerKind::JetStream,
-                key: None,
-            }
+            (
+                Box::new(transport.jetstream_publisher()),
+                BrokerKind::JetStream,
+            )
+        };
+        Ok(Sink::Broker {
+            publisher,
+            broker,
+            key: None,
+            nats: Some(Box::new(transport)),
         })
     }
 
@@ -436,7 +463,24 @@ impl Sink {
             publisher: Box::new(publisher),
             broker: BrokerKind::Kafka,
             key,
+            nats: None,
         })
+    }
+
+    /// Make sure everything sent has reached the broker (Kafka and JetStream publishes were
+    /// confirmed one by one; core NATS ones are only queued until this).
+    async fn finish(self) -> anyhow::Result<()> {
+        if let Sink::Broker {
+            nats: Some(transport),
+            ..
+        } = self
+        {
+            transport
+                .close()
+                .await
+                .context("sending the queued publishes to NATS")?;
+        }
+        Ok(())
     }
 
     /// Send one event; returns the answer to print.
@@ -467,6 +511,7 @@ impl Sink {
                 publisher,
                 broker,
                 key,
+                ..
             } => {
                 let events = ingress::decode_request(topic, &headers, body)
                     .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
@@ -498,7 +543,19 @@ fn looks_like_json(body: &[u8]) -> bool {
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.nats {
         let transport = connect_nats(url).await?;
+        if !args.core {
+            if let Some(history) = transport.read_subject_history(&args.topic).await? {
+                eprintln!(
+                    "reading {} from the first message stream {} holds, then following",
+                    args.topic,
+                    history.stream()
+                );
+                return tail_broker(Box::new(history), "jetstream", args.limit).await;
+            }
+        }
         let subscription = transport.subscribe_core(&args.topic, None).await?;
+        // Once subscribed (the server has registered it), nothing published from now on is missed.
+        eprintln!("following core subject {} (new messages only)", args.topic);
         return tail_broker(Box::new(subscription), "nats", args.limit).await;
     }
     if let Some(bootstrap) = &args.kafka {

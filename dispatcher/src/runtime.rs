@@ -90,15 +90,33 @@ impl Shared {
         self.functions.iter().find(|f| &*f.spec.name == name)
     }
 
-    /// Where an event posted to `topic` over HTTP goes: the broker of the functions triggered by
-    /// that topic, else the memory bus.
-    pub fn ingress(&self, topic: &str) -> anyhow::Result<(BrokerKind, Arc<dyn Publisher>)> {
-        let broker = self
-            .config
-            .functions
+    /// The broker `topic` lives on in this configuration: that of the functions it triggers,
+    /// else that of the functions publishing to it, else (a dead-letter topic) that of their
+    /// dead letters, else the memory bus.
+    pub fn topic_broker(&self, topic: &str) -> BrokerKind {
+        let functions = &self.config.functions;
+        functions
             .iter()
-            .find(|f| f.trigger.topic == topic)
-            .map_or(BrokerKind::Memory, |f| f.trigger.broker);
+            .find(|f| crate::config::topic_matches(&f.trigger.topic, topic))
+            .map(|f| f.trigger.broker)
+            .or_else(|| {
+                functions
+                    .iter()
+                    .find(|f| f.output_allowed(topic))
+                    .map(|f| f.output_broker)
+            })
+            .or_else(|| {
+                functions
+                    .iter()
+                    .find(|f| f.dead_letter.topic == topic)
+                    .map(|f| f.dead_letter.broker)
+            })
+            .unwrap_or(BrokerKind::Memory)
+    }
+
+    /// Where an event posted to `topic` over HTTP goes: see [`Shared::topic_broker`].
+    pub fn ingress(&self, topic: &str) -> anyhow::Result<(BrokerKind, Arc<dyn Publisher>)> {
+        let broker = self.topic_broker(topic);
         Ok((broker, self.transports.publisher(broker)?))
     }
 }
@@ -268,24 +286,13 @@ impl Transports {
                 let transport = NatsTransport::connect(nats_config).await.with_context(|| {
                     format!("connecting to NATS at {}", nats_config.servers.join(", "))
                 })?;
+                // The bridge logs (and counts) a created or differing stream; an existing
+                // stream is never changed behind its operator's back.
                 for stream in &config.brokers.nats_streams {
-                    let report = transport
+                    transport
                         .ensure_stream(stream)
                         .await
                         .with_context(|| format!("declaring JetStream stream {}", stream.name))?;
-                    if report.created {
-                        tracing::info!(stream = %report.name, "JetStream stream created");
-                    }
-                    for difference in &report.differences {
-                        // An existing stream is never changed behind its operator's back.
-                        tracing::warn!(
-                            stream = %report.name,
-                            field = difference.field,
-                            configured = %difference.configured,
-                            actual = %difference.actual,
-                            "JetStream stream differs from the configuration; leaving it unchanged"
-                        );
-                    }
                 }
                 Some(transport)
             }

@@ -362,6 +362,12 @@ pub struct WeirUp {
 impl WeirUp {
     /// Start it and wait (at most [`STARTUP_TIMEOUT`]) until `/healthz` answers.
     pub fn start() -> anyhow::Result<WeirUp> {
+        Self::start_with(&[])
+    }
+
+    /// Start it with more arguments (`--nats URL`, `--kafka BOOTSTRAP`) and wait as
+    /// [`WeirUp::start`] does.
+    pub fn start_with(args: &[&str]) -> anyhow::Result<WeirUp> {
         let bin = weir_bin()?;
         let functions = functions_dir()?;
         let port = free_port().context("finding a free port")?;
@@ -374,6 +380,7 @@ impl WeirUp {
         let child = Command::new(&bin)
             .args(["up", "--http", &addr.to_string(), "--functions"])
             .arg(&functions)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.reopen().context("opening the log file")?)
             .stderr(log.reopen().context("opening the log file")?)

@@ -1,5 +1,6 @@
 //! The real `weir` binary: `weir check` and `weir run` on good and bad configurations, and the
-//! demo pipeline of `weir up` driven by `weir publish` and `weir tail`.
+//! demo pipeline of `weir up` driven by `weir publish` and `weir tail`, on the memory bus and on
+//! a real `nats-server -js` (`weir up --nats`, `publish --nats [--core]`, `tail --nats`).
 //!
 //! Needs `make functions` and `cargo build -p weir-dispatcher --bin weir` first (the harness
 //! says so when they are missing). Every command runs with a bound.
@@ -9,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use serde_json::Value;
-use weir_tests::weir::{functions_dir, run_weir, CommandOutput, WeirUp};
+use weir_tests::nats_server::NatsServer;
+use weir_tests::weir::{functions_dir, run_weir, weir_bin, CommandOutput, WeirUp};
 
 /// `weir check` compiles every component (Cranelift, debug build, shared machine).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -192,6 +194,25 @@ fn json_lines(output: &CommandOutput) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
+/// `weir tail ARGS --limit 1`: what it printed and the one event, or an error with the log of
+/// the `weir up` it read from.
+async fn tail_one(up: &WeirUp, args: &[&str]) -> anyhow::Result<(CommandOutput, Value)> {
+    let output = run_weir(
+        ["tail"].iter().chain(args).chain(&["--limit", "1"]),
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(0),
+        "tail failed: {output:?}\nweir up log:\n{}",
+        up.log_text()
+    );
+    let mut events = json_lines(&output)?;
+    ensure!(events.len() == 1, "one event expected: {output:?}");
+    let event = events.remove(0);
+    Ok((output, event))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     let up = WeirUp::start()?;
@@ -220,19 +241,7 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         serde_json::from_str(output.stdout.trim()).context("publish prints the 202 answer")?;
     assert_eq!(accepted["topic"], "orders");
 
-    let output = run_weir(
-        ["tail", "orders.enriched", "--limit", "1", "--http", &http],
-        CLIENT_TIMEOUT,
-    )
-    .await?;
-    ensure!(
-        output.code == Some(0),
-        "tail failed: {output:?}\nweir up log:\n{}",
-        up.log_text()
-    );
-    let events = json_lines(&output)?;
-    assert_eq!(events.len(), 1, "{output:?}");
-    let enriched = &events[0];
+    let (_, enriched) = tail_one(&up, &["orders.enriched", "--http", &http]).await?;
     assert_eq!(enriched["type"], "weir.order.enriched");
     assert_eq!(enriched["weirhops"], "2");
     assert_eq!(enriched["data"]["id"], "o-1");
@@ -259,23 +268,139 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     )
     .await?;
     ensure!(output.code == Some(0), "publish --file failed: {output:?}");
+    let (_, audit) = tail_one(&up, &["db.audit", "--http", &http]).await?;
+    assert_eq!(audit["type"], "weir.db.audit");
+    assert_eq!(
+        audit["data"],
+        serde_json::json!({"table": "public.stock", "op": "update", "key": null, "changed": ["qty"]})
+    );
+    assert_eq!(audit["weirhops"], "1");
+    Ok(())
+}
+
+/// `weir publish ... --nats URL [--core]`; fails unless it exits 0.
+async fn publish_nats(url: &str, topic: &str, data: &str, core: bool) -> anyhow::Result<Value> {
+    let mut args = vec![
+        "publish",
+        topic,
+        "--type",
+        "com.example.order",
+        "--data",
+        data,
+        "--nats",
+        url,
+    ];
+    if core {
+        args.push("--core");
+    }
+    let output = run_weir(&args, CLIENT_TIMEOUT).await?;
+    ensure!(output.code == Some(0), "publish failed: {output:?}");
+    serde_json::from_str(output.stdout.trim()).context("publish prints what it published")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let up = WeirUp::start_with(&["--nats", &url])?;
+    let log = up.log_text();
+    ensure!(
+        log.contains(&format!("weir tail orders.enriched --limit 1 --nats {url}")),
+        "the banner's commands go to the demo's broker:\n{log}"
+    );
+
+    // JetStream: published (confirmed) before the tail starts, read from the stream's history.
+    let accepted = publish_nats(&url, "orders", r#"{"id":"o-1","amount":42}"#, false).await?;
+    assert_eq!(accepted["broker"], "jetstream", "{accepted}");
+    let (output, enriched) = tail_one(&up, &["orders.enriched", "--nats", &url]).await?;
+    ensure!(
+        output
+            .stderr
+            .contains("from the first message stream WEIR_DEMO_ORDERS holds"),
+        "{output:?}"
+    );
+    assert_eq!(enriched["type"], "weir.order.enriched");
+    assert_eq!(enriched["weirhops"], "2");
+    assert_eq!(enriched["data"]["id"], "o-1");
+    assert_eq!(enriched["data"]["tier"], "small");
+
+    // A rejected order: its dead-letter record, read back the same way.
+    let accepted = publish_nats(&url, "orders", r#"{"id":"o-2"}"#, false).await?;
+    let (_, record) = tail_one(&up, &["weir.dlq.order-validate", "--nats", &url]).await?;
+    assert_eq!(record["id"], accepted["ids"][0], "{record}");
+    assert_eq!(record["weirdlqreason"], "rejected");
+    assert_eq!(record["weirdlqfunction"], "order-validate");
+
+    // Reading a JetStream topic through the weir's HTTP server is refused with where to look,
+    // instead of waiting for ever on an empty memory-bus topic.
+    let http = up.addr().to_string();
     let output = run_weir(
-        ["tail", "db.audit", "--limit", "1", "--http", &http],
+        ["tail", "orders.enriched", "--limit", "1", "--http", &http],
         CLIENT_TIMEOUT,
     )
     .await?;
+    assert_eq!(output.code, Some(1), "{output:?}");
     ensure!(
-        output.code == Some(0),
-        "tail failed: {output:?}\nweir up log:\n{}",
-        up.log_text()
+        output.stderr.contains("409")
+            && output.stderr.contains("is on jetstream")
+            && output.stderr.contains("--nats URL"),
+        "{output:?}"
     );
-    let events = json_lines(&output)?;
-    assert_eq!(events.len(), 1, "{output:?}");
-    assert_eq!(events[0]["type"], "weir.db.audit");
-    assert_eq!(
-        events[0]["data"],
-        serde_json::json!({"table": "public.stock", "op": "update", "key": null, "changed": ["qty"]})
-    );
-    assert_eq!(events[0]["weirhops"], "1");
+    Ok(())
+}
+
+/// Core NATS through the CLI: every `weir publish --core` reaches a `weir tail` that was
+/// following the subject, though each publisher exits right after publishing (core publishes
+/// are only queued on the connection until it is flushed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats_publish_and_tail_lose_nothing() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let mut tail = tokio::process::Command::new(weir_bin()?)
+        .args(["tail", "cli.core", "--limit", "5", "--nats", &url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting weir tail")?;
+    let stderr = tail.stderr.take().context("tail's stderr")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    // The tail says it is following only once the server registered its subscription.
+    let ready = tokio::time::timeout(CLIENT_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("following core subject cli.core") {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("weir tail ended before following the subject")
+    })
+    .await
+    .context("weir tail did not start following in time")?;
+    ready?;
+
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let accepted = publish_nats(&url, "cli.core", &format!(r#"{{"n":{n}}}"#), true).await?;
+        assert_eq!(accepted["broker"], "nats", "{accepted}");
+        ids.push(accepted["ids"][0].clone());
+    }
+    let output = tokio::time::timeout(CLIENT_TIMEOUT, tail.wait_with_output())
+        .await
+        .context("weir tail did not see 5 events in time: core publishes were lost")??;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Vec<Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("not JSON lines: {stdout}"))?;
+    let seen_ids: Vec<Value> = seen.iter().map(|e| e["id"].clone()).collect();
+    assert_eq!(seen_ids, ids, "core NATS keeps one publisher's order");
+    for (n, event) in seen.iter().enumerate() {
+        assert_eq!(event["data"]["n"], n, "{event}");
+    }
     Ok(())
 }

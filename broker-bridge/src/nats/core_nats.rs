@@ -41,8 +41,7 @@ impl NatsTransport {
         }
         .map_err(|err| subscribe_error(err.to_string()))?;
         // Make sure the server registered the interest before the caller starts publishing.
-        self.client
-            .flush()
+        self.flush()
             .await
             .map_err(|err| subscribe_error(err.to_string()))?;
         Ok(NatsCoreSubscription {
@@ -130,8 +129,9 @@ fn core_delivery(message: async_nats::Message) -> Delivery {
     Delivery::new(inbound, Box::new(CoreSettle))
 }
 
-/// Settling a core message: nothing to tell the server, which keeps no state about it.
-struct CoreSettle;
+/// Settling a message the server keeps no delivery state for (a core message, or one read by
+/// an ordered consumer): there is nothing to tell it.
+pub(super) struct CoreSettle;
 
 #[async_trait]
 impl Settle for CoreSettle {
@@ -139,7 +139,7 @@ impl Settle for CoreSettle {
         Ok(())
     }
 
-    /// Core NATS cannot redeliver: the message is gone after this. Core subscriptions use
+    /// The server cannot redeliver: the message is gone after this. Such subscriptions use
     /// [`RetryStyle::InPlace`], so the dispatcher retries before settling.
     async fn retry_after(self: Box<Self>, _delay: Duration) -> Result<(), TransportError> {
         Ok(())

@@ -201,3 +201,15 @@ pub(super) fn record_core_subscription_ended(subject: &str) {
         subject, "core NATS subscription ended"
     );
 }
+
+/// A history read (`weir tail --nats` on a stream's subject) ended on an error the ordered
+/// consumer could not ride out.
+pub(super) fn record_history_ended(stream: &str, subject: &str, reason: &str) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        subject,
+        error = reason,
+        "reading the stream ended"
+    );
+}
