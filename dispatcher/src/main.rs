@@ -521,10 +521,8 @@ impl Sink {
                     if let Some(key) = key {
                         message.key = Some(key.clone().into_bytes().into());
                     }
-                    publisher
-                        .publish(message)
-                        .await
-                        .with_context(|| format!("publishing to {topic}"))?;
+                    // The transport's error names the topic.
+                    publisher.publish(message).await?;
                     ids.push(event.id);
                 }
                 Ok(

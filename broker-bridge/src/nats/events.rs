@@ -35,11 +35,10 @@ pub(super) fn connection_event(event: &async_nats::Event) {
             info!(messaging.system = "nats", "NATS connection draining");
             "draining"
         }
+        // async-nats reports `Closed` only for a close asked for (a drain, or every handle
+        // dropped); giving up on reconnecting is a `ClientError` (max reconnects) instead.
         Event::Closed => {
-            warn!(
-                messaging.system = "nats",
-                "NATS connection closed; no more reconnects"
-            );
+            info!(messaging.system = "nats", "NATS connection closed");
             "closed"
         }
         Event::SlowConsumer(sid) => {
