@@ -134,7 +134,7 @@ struct TailArgs {
     http: String,
     /// Read the subject on NATS at this URL instead of a weir's history: when a JetStream
     /// stream captures it, from the stream's first message on, then following; else (a core
-    /// subject) new messages only.
+    /// subject, or a server without JetStream) new messages only.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
     /// With --nats: follow the core subject (new messages only) even when a stream captures it.

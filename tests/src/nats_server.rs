@@ -34,12 +34,23 @@ pub struct NatsServer {
     http_port: u16,
     /// Holds `store/` (JetStream data) and `server.log`; removed on drop.
     root: tempfile::TempDir,
+    /// Started with `-js` (all but [`NatsServer::start_core_only`]).
+    jetstream: bool,
 }
 
 impl NatsServer {
     /// Starts a server on free loopback ports and waits (at most 10 s) until it accepts
     /// clients and `/healthz` (which includes JetStream) answers 200.
     pub fn start() -> anyhow::Result<NatsServer> {
+        Self::start_with(true)
+    }
+
+    /// A server without JetStream, as a core-only deployment runs it.
+    pub fn start_core_only() -> anyhow::Result<NatsServer> {
+        Self::start_with(false)
+    }
+
+    fn start_with(jetstream: bool) -> anyhow::Result<NatsServer> {
         let binary = server_binary()?;
         let root = tempfile::Builder::new()
             .prefix("weir-nats-")
@@ -57,6 +68,7 @@ impl NatsServer {
             port,
             http_port,
             root,
+            jetstream,
         };
         server.spawn()?;
         Ok(server)
@@ -121,8 +133,11 @@ impl NatsServer {
         if self.child.is_some() {
             bail!("nats-server is already running");
         }
-        let child = Command::new(&self.binary)
-            .arg("-js")
+        let mut command = Command::new(&self.binary);
+        if self.jetstream {
+            command.arg("-js");
+        }
+        let child = command
             .args(["-a", "127.0.0.1"])
             .args(["-p", &self.port.to_string()])
             .args(["-m", &self.http_port.to_string()])

@@ -351,15 +351,25 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
 
 /// Core NATS through the CLI: every `weir publish --core` reaches a `weir tail` that was
 /// following the subject, though each publisher exits right after publishing (core publishes
-/// are only queued on the connection until it is flushed).
+/// are only queued on the connection until it is flushed). On a JetStream server whose
+/// streams do not capture the subject, and on a server without JetStream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_nats_publish_and_tail_lose_nothing() -> anyhow::Result<()> {
+    let with_jetstream = NatsServer::start()?;
+    core_publish_and_tail(&with_jetstream.url())
+        .await
+        .context("on a server with JetStream")?;
+    let core_only = NatsServer::start_core_only()?;
+    core_publish_and_tail(&core_only.url())
+        .await
+        .context("on a server without JetStream")
+}
+
+async fn core_publish_and_tail(url: &str) -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt as _;
 
-    let server = NatsServer::start()?;
-    let url = server.url();
     let mut tail = tokio::process::Command::new(weir_bin()?)
-        .args(["tail", "cli.core", "--limit", "5", "--nats", &url])
+        .args(["tail", "cli.core", "--limit", "5", "--nats", url])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -370,12 +380,17 @@ async fn core_nats_publish_and_tail_lose_nothing() -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(stderr).lines();
     // The tail says it is following only once the server registered its subscription.
     let ready = tokio::time::timeout(CLIENT_TIMEOUT, async {
+        let mut said = Vec::new();
         while let Some(line) = lines.next_line().await? {
             if line.contains("following core subject cli.core") {
                 return Ok(());
             }
+            said.push(line);
         }
-        anyhow::bail!("weir tail ended before following the subject")
+        anyhow::bail!(
+            "weir tail ended before following the subject:\n{}",
+            said.join("\n")
+        )
     })
     .await
     .context("weir tail did not start following in time")?;
@@ -383,7 +398,7 @@ async fn core_nats_publish_and_tail_lose_nothing() -> anyhow::Result<()> {
 
     let mut ids = Vec::new();
     for n in 0..5 {
-        let accepted = publish_nats(&url, "cli.core", &format!(r#"{{"n":{n}}}"#), true).await?;
+        let accepted = publish_nats(url, "cli.core", &format!(r#"{{"n":{n}}}"#), true).await?;
         assert_eq!(accepted["broker"], "nats", "{accepted}");
         ids.push(accepted["ids"][0].clone());
     }

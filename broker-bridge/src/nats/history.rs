@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-use async_nats::jetstream::context::GetStreamByNameErrorKind;
+use async_nats::jetstream::context::{
+    GetStreamByNameError, GetStreamByNameErrorKind, RequestError, RequestErrorKind,
+};
 use async_trait::async_trait;
 use futures::StreamExt;
 
@@ -22,7 +24,8 @@ use crate::{
 
 impl NatsTransport {
     /// The stream that captures `subject`, read from its first message on (then followed), or
-    /// `None` when no stream captures it (a core subject: only new messages can be seen).
+    /// `None` when no stream captures it or the server has no JetStream (a core subject: only
+    /// new messages can be seen).
     pub async fn read_subject_history(
         &self,
         subject: &str,
@@ -34,6 +37,7 @@ impl NatsTransport {
         let stream_name = match self.jetstream.stream_by_subject(subject).await {
             Ok(name) => name,
             Err(err) if err.kind() == GetStreamByNameErrorKind::NotFound => return Ok(None),
+            Err(err) if jetstream_absent(&err) => return Ok(None),
             Err(err) => {
                 return Err(subscribe_error(format!(
                     "looking up the JetStream stream that captures it: {err}"
@@ -68,6 +72,24 @@ impl NatsTransport {
             messages: Some(std::sync::Mutex::new(messages)),
         }))
     }
+}
+
+/// Whether the lookup failed because nothing answers JetStream's API on this server (started
+/// without JetStream, or an account without it): core subjects are all there is then.
+fn jetstream_absent(err: &GetStreamByNameError) -> bool {
+    // async-nats wraps the no-responders error in a second request error; look down the
+    // whole chain rather than rely on that depth.
+    let mut source = std::error::Error::source(err);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<RequestError>()
+            .is_some_and(|request| request.kind() == RequestErrorKind::NoResponders)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// A stream's messages on one subject, oldest first, then new ones as they are stored.
