@@ -214,27 +214,25 @@ pub async fn control_loop(
         let mut decision = scaler.decide(now, sample, current);
         // The pool starts at `max` slots (it cannot know better); the first sample sets it
         // right at once instead of waiting out a window, and the log says so.
-        let (up_reason, down_reason) = if first {
-            first = false;
+        let initial = std::mem::take(&mut first);
+        if initial {
             decision = match wanted.cmp(&current) {
                 std::cmp::Ordering::Greater => Some(Decision::Up(wanted)),
                 std::cmp::Ordering::Less => Some(Decision::Down(wanted)),
                 std::cmp::Ordering::Equal => None,
             };
-            ("first lag reading", "first lag reading")
-        } else {
-            ("lag above target", "lower for the whole window")
-        };
+        }
+        let reason = |later: &'static str| if initial { "first lag reading" } else { later };
         match decision {
             Some(Decision::Up(desired)) => {
                 pool.set_desired(desired);
                 telemetry::scale_event(&function, "up");
-                tracing::info!(function = %function, broker = %broker, lag, rate = format_args!("{rate:.0}/s"), busy = sample.busy, current, desired, reason = up_reason, "scaling up");
+                tracing::info!(function = %function, broker = %broker, lag, rate = format_args!("{rate:.0}/s"), busy = sample.busy, current, desired, reason = reason("lag above target"), "scaling up");
             }
             Some(Decision::Down(desired)) => {
                 pool.set_desired(desired);
                 telemetry::scale_event(&function, "down");
-                tracing::info!(function = %function, broker = %broker, lag, rate = format_args!("{rate:.0}/s"), busy = sample.busy, current, desired, window = ?settings.scale_down_window, reason = down_reason, "scaling down");
+                tracing::info!(function = %function, broker = %broker, lag, rate = format_args!("{rate:.0}/s"), busy = sample.busy, current, desired, window = ?settings.scale_down_window, reason = reason("lower for the whole window"), "scaling down");
             }
             None => {}
         }

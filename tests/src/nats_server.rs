@@ -25,7 +25,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Oldest server without the JetStream data-loss bugs Jepsen found.
 const MIN_VERSION: (u64, u64, u64) = (2, 10, 23);
 
-/// A running nats-server with JetStream, stopped when dropped.
+/// A running nats-server (with JetStream unless started core-only), stopped when dropped.
 #[derive(Debug)]
 pub struct NatsServer {
     binary: PathBuf,
