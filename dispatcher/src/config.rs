@@ -139,6 +139,17 @@ impl ConfigErrors {
         self.problems.extend(other.problems);
     }
 
+    /// Drops every problem at one of `paths` but the first one there.
+    fn keep_first_at(&mut self, paths: &[String]) {
+        let mut seen = std::collections::HashSet::new();
+        self.problems.retain(
+            |problem| match paths.iter().find(|path| **path == problem.path) {
+                Some(path) => seen.insert(path.as_str()),
+                None => true,
+            },
+        );
+    }
+
     /// `Ok(value)` if there is no problem, else `Err(self)`.
     pub fn into_result<T>(self, value: T) -> Result<T, ConfigErrors> {
         if self.is_empty() {
@@ -677,17 +688,22 @@ fn parse_sections(
             ),
         }
     }
+    // Values that did not parse and were taken out, so the checks after parsing can run.
+    let mut taken_out: Vec<String> = Vec::new();
     // Sections are parsed in a fixed order so problems come out in a stable order.
     if let Some(value) = http_value {
-        http = section::<HttpConfig>(value, "http", errors);
+        http = section::<HttpConfig>(value, "http", errors, &mut taken_out);
     }
     let mut brokers_ok = true;
     if let Some(value) = brokers_value {
-        brokers = section::<BrokersConfig>(value, "brokers", errors);
-        brokers_ok = brokers.is_some();
+        let before = errors.len();
+        brokers = section::<BrokersConfig>(value, "brokers", errors, &mut taken_out);
+        // A broker whose settings had a mistake may have been taken out whole; functions
+        // naming it would only repeat that mistake as "not configured".
+        brokers_ok = errors.len() == before;
     }
     if let Some(value) = defaults_value {
-        defaults = section::<Defaults>(value, "defaults", errors);
+        defaults = section::<Defaults>(value, "defaults", errors, &mut taken_out);
     }
 
     let functions: Vec<Option<RawFunction>> = match raw_functions {
@@ -706,7 +722,10 @@ fn parse_sections(
             Ok(items) => items
                 .into_iter()
                 .enumerate()
-                .map(|(i, item)| section::<RawFunction>(item, &format!("functions[{i}]"), errors))
+                .map(|(i, item)| {
+                    let path = format!("functions[{i}]");
+                    section::<RawFunction>(item, &path, errors, &mut taken_out)
+                })
                 .collect(),
             Err(_) => {
                 errors.push("functions", "must be an array of tables ([[functions]])");
@@ -745,6 +764,9 @@ fn parse_sections(
         );
         resolved.push(function);
     }
+    // A value taken out looks unset to those checks ("missing: set it here or in
+    // [defaults]"); its parse error already says what is wrong there.
+    errors.keep_first_at(&taken_out);
 
     Some(Config {
         http,
@@ -754,26 +776,125 @@ fn parse_sections(
     })
 }
 
-/// Deserializes one section, recording its error (with the full path) if it does not parse.
+/// Past this many problems in one section, the rest of it is not examined.
+const MAX_PROBLEMS_PER_SECTION: usize = 32;
+
+/// Deserializes one section, recording every value that does not parse (with its full path).
+///
+/// serde stops at a section's first error, which would make a user fix a file in rounds. So a
+/// value that does not parse is reported, taken out of the section, and the section is read
+/// again: a field with a default falls back to it, which lets the remaining fields (and the
+/// section's own checks afterwards) be examined in the same run. A required field that had to be
+/// taken out ends the section (`None`) without a second "missing field" for the same mistake.
 fn section<T: serde::de::DeserializeOwned>(
-    value: config::Value,
+    mut value: config::Value,
     prefix: &str,
     errors: &mut ConfigErrors,
+    taken_out: &mut Vec<String>,
 ) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(parsed) => Some(parsed),
-        Err(err) => {
-            let inner_path = err.path().to_string();
-            let path = if inner_path == "." || inner_path.is_empty() {
-                prefix.to_owned()
-            } else if inner_path.starts_with('[') {
-                format!("{prefix}{inner_path}")
-            } else {
-                format!("{prefix}.{inner_path}")
-            };
-            errors.push(path, bare_message(err.inner()));
-            None
+    let first_problem = errors.len();
+    // Unknown keys taken out of this section: most likely misspellings of a required one.
+    let mut unknown_keys: Vec<String> = Vec::new();
+    let parsed = loop {
+        if errors.len() - first_problem >= MAX_PROBLEMS_PER_SECTION {
+            errors.push(
+                prefix,
+                format!("more than {MAX_PROBLEMS_PER_SECTION} problems; the rest of this section was not checked"),
+            );
+            break None;
         }
+        let err = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => break Some(parsed),
+            Err(err) => err,
+        };
+        let path = joined_path(prefix, &err.path().to_string());
+        if let Some(key) = missing_key(err.inner()) {
+            // A required value that was there but wrong, or an unknown key beside it (`topc`
+            // for `topic`), has been reported already.
+            let missing = joined_path(prefix, key);
+            let (holder, field) = missing.rsplit_once('.').unwrap_or(("", &missing));
+            let explained = taken_out.contains(&missing)
+                || unknown_keys
+                    .iter()
+                    .any(|unknown| unknown.rsplit_once('.').map(|(h, _)| h) == Some(holder));
+            if !explained {
+                errors.push(path, format!("missing field `{field}`"));
+            }
+            break None;
+        }
+        let message = bare_message(err.inner());
+        if message.starts_with("unknown field `") {
+            unknown_keys.push(path.clone());
+        }
+        errors.push(path.clone(), message);
+        match take_out(&mut value, err.path()) {
+            Some(TakenOut::Value) => taken_out.push(path),
+            // The elements after it would be renumbered, so the whole list goes.
+            Some(TakenOut::ListHolding) => match path.rsplit_once('[') {
+                Some((list_path, _)) => taken_out.push(list_path.to_owned()),
+                None => break None,
+            },
+            None => break None,
+        }
+    };
+    // Map keys come in hash order; sorting keeps a section's problems in a stable order.
+    errors.problems[first_problem..].sort_by(|a, b| a.path.cmp(&b.path));
+    parsed
+}
+
+/// `prefix` and a path as serde_path_to_error prints it (`.` for the value itself).
+fn joined_path(prefix: &str, inner_path: &str) -> String {
+    if inner_path == "." || inner_path.is_empty() {
+        prefix.to_owned()
+    } else if inner_path.starts_with('[') {
+        format!("{prefix}{inner_path}")
+    } else {
+        format!("{prefix}.{inner_path}")
+    }
+}
+
+/// The key (a path from the section's top) of a required value that is missing.
+fn missing_key(err: &config::ConfigError) -> Option<&str> {
+    match err {
+        config::ConfigError::At { error, .. } => missing_key(error),
+        config::ConfigError::NotFound(key) => Some(key),
+        _ => None,
+    }
+}
+
+/// What [`take_out`] removed.
+enum TakenOut {
+    /// The value at the path.
+    Value,
+    /// The list the path's element belongs to.
+    ListHolding,
+}
+
+/// Removes the value at `path` from `value` (for a list's element, the whole list); `None`
+/// when the path does not lead to a table's entry (the error is about the section as a whole,
+/// an enum's variant, or a list inside a list).
+fn take_out(value: &mut config::Value, path: &serde_path_to_error::Path) -> Option<TakenOut> {
+    use config::ValueKind;
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let (target, taken) = match segments.split_last()? {
+        (Segment::Seq { .. }, parents) => (parents, TakenOut::ListHolding),
+        _ => (segments.as_slice(), TakenOut::Value),
+    };
+    let (Segment::Map { key }, parents) = target.split_last()? else {
+        return None;
+    };
+    let mut current = value;
+    for segment in parents {
+        current = match (segment, &mut current.kind) {
+            (Segment::Map { key }, ValueKind::Table(table)) => table.get_mut(key)?,
+            (Segment::Seq { index }, ValueKind::Array(items)) => items.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    match &mut current.kind {
+        ValueKind::Table(table) => table.remove(key).map(|_| taken),
+        _ => None,
     }
 }
 

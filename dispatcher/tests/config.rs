@@ -438,6 +438,107 @@ fn every_problem_is_reported_at_once() {
 }
 
 #[test]
+fn every_mistake_in_one_section_is_reported_in_one_run() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let errors = expect_errors(
+        r#"
+        [brokers.nats]
+        servers = ["nats://user:secret@127.0.0.1:4222"]
+        reconnect_delay_max = "-4s"
+        connect_timeout = 5
+        max_reconnects = "often"
+        user = "weir"
+
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        timeout = "5 parsecs"
+        max_outputs = "many"
+        outputs = ["ok", ["nested"], "fine"]
+        trigger = { broker = "nats", topic = "in" }
+        [functions.retry]
+        max_attempts = -1
+        initial_delay = "5s"
+        max_delay = "1s"
+        "#,
+        fixture.path(),
+    );
+    let expected = [
+        // Values that do not parse, in path order within each section ...
+        "brokers.nats.connect_timeout",
+        "brokers.nats.max_reconnects",
+        "brokers.nats.reconnect_delay_max",
+        "functions[0].max_outputs",
+        "functions[0].outputs[1]",
+        "functions[0].retry.max_attempts",
+        "functions[0].timeout",
+        // ... then each section's own checks, which still ran on the rest of it.
+        "brokers.nats.servers[0]",
+        "brokers.nats.user",
+        "functions[0].retry.max_delay",
+    ];
+    assert_eq!(paths(&errors), expected, "{errors}");
+    assert!(message_at(&errors, "brokers.nats.servers[0]").contains("credentials in a server URL"));
+    assert!(message_at(&errors, "brokers.nats.user").contains("without password_file"));
+    assert!(message_at(&errors, "functions[0].timeout").contains("invalid duration"));
+    assert!(message_at(&errors, "functions[0].outputs[1]").contains("invalid type"));
+    // The trigger's broker is configured; its section's mistakes are not repeated as
+    // "[brokers.nats] is not configured".
+    assert!(!errors.to_string().contains("not configured"), "{errors}");
+}
+
+#[test]
+fn a_required_value_that_does_not_parse_is_reported_once() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let errors = expect_errors(
+        r#"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        timeout = "soon"
+        trigger = { broker = "rabbitmq", topic = "in" }
+        "#,
+        fixture.path(),
+    );
+    // Without its trigger the function cannot be checked further; no "missing field `broker`"
+    // for the broker that was there but wrong.
+    assert_eq!(
+        paths(&errors),
+        ["functions[0].timeout", "functions[0].trigger.broker"],
+        "{errors}"
+    );
+
+    // A misspelt required key is the unknown key, not also a missing one; a required key that
+    // is simply absent is reported beside another value's mistake.
+    let errors = expect_errors(
+        r#"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        trigger = { broker = "memory", topc = "in" }
+        [[functions]]
+        name = "b"
+        module = "a.wasm"
+        trigger = { broker = "memory", format = 5 }
+        "#,
+        fixture.path(),
+    );
+    assert_eq!(
+        paths(&errors),
+        [
+            "functions[0].trigger.topc",
+            "functions[1].trigger",
+            "functions[1].trigger.format"
+        ],
+        "{errors}"
+    );
+    assert_eq!(
+        message_at(&errors, "functions[1].trigger"),
+        "missing field `topic`"
+    );
+}
+
+#[test]
 fn a_missing_module_names_the_resolved_path() {
     let fixture = Fixture::new(&[]);
     let file = fixture.write(

@@ -31,7 +31,6 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBu
     Ok(path)
 }
 
-/// Every problem line of `weir check`'s report: `  <path>: <message>`.
 /// `weir check -c CONFIG`.
 async fn weir_check(config: &Path) -> anyhow::Result<CommandOutput> {
     run_weir(
@@ -44,6 +43,7 @@ async fn weir_check(config: &Path) -> anyhow::Result<CommandOutput> {
     .await
 }
 
+/// Every problem line of `weir check`'s report: `  <path>: <message>`.
 fn problem_lines(output: &CommandOutput) -> Vec<(String, String)> {
     output
         .stderr
