@@ -784,8 +784,10 @@ const MAX_PROBLEMS_PER_SECTION: usize = 32;
 /// serde stops at a section's first error, which would make a user fix a file in rounds. So a
 /// value that does not parse is reported, taken out of the section, and the section is read
 /// again: a field with a default falls back to it, which lets the remaining fields (and the
-/// section's own checks afterwards) be examined in the same run. A required field that had to be
-/// taken out ends the section (`None`) without a second "missing field" for the same mistake.
+/// section's own checks afterwards) be examined in the same run. A table missing a required
+/// field is taken out the same way. A required value that had to be taken out ends the section
+/// (`None`, its own checks cannot run) once every other value has been read, without a second
+/// "missing field" for the same mistake.
 fn section<T: serde::de::DeserializeOwned>(
     mut value: config::Value,
     prefix: &str,
@@ -818,15 +820,18 @@ fn section<T: serde::de::DeserializeOwned>(
                     .iter()
                     .any(|unknown| unknown.rsplit_once('.').map(|(h, _)| h) == Some(holder));
             if !explained {
-                errors.push(path, format!("missing field `{field}`"));
+                errors.push(path.clone(), format!("missing field `{field}`"));
             }
-            break None;
+            // serde gives up on the whole section here, before it has seen the keys that come
+            // after this table (in hash order). Without the table the rest is still read; if
+            // the table is required itself, that is reported as explained, just above.
+        } else {
+            let message = bare_message(err.inner());
+            if message.starts_with("unknown field `") {
+                unknown_keys.push(path.clone());
+            }
+            errors.push(path.clone(), message);
         }
-        let message = bare_message(err.inner());
-        if message.starts_with("unknown field `") {
-            unknown_keys.push(path.clone());
-        }
-        errors.push(path.clone(), message);
         match take_out(&mut value, err.path()) {
             Some(TakenOut::Value) => taken_out.push(path),
             // The elements after it would be renumbered, so the whole list goes.

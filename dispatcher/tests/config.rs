@@ -536,6 +536,34 @@ fn a_required_value_that_does_not_parse_is_reported_once() {
         message_at(&errors, "functions[1].trigger"),
         "missing field `topic`"
     );
+
+    // serde reads a table's keys in hash order and gives up on the whole section at a missing
+    // field, so keys after a broken table were reported in some runs and not in others. Each
+    // parse hashes afresh; the report must not change.
+    let text = r#"
+        [[functions]]
+        name = "a"
+        module = "a.wasm"
+        timeout = "5 parsecs"
+        memory = "lots"
+        max_outputs = "many"
+        trigger = { broker = "memory", topc = "in" }
+        retry = { max_attempts = "three" }
+        "#;
+    for _ in 0..20 {
+        let errors = expect_errors(text, fixture.path());
+        assert_eq!(
+            paths(&errors),
+            [
+                "functions[0].max_outputs",
+                "functions[0].memory",
+                "functions[0].retry.max_attempts",
+                "functions[0].timeout",
+                "functions[0].trigger.topc"
+            ],
+            "{errors}"
+        );
+    }
 }
 
 #[test]
