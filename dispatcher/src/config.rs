@@ -795,8 +795,8 @@ fn section<T: serde::de::DeserializeOwned>(
     taken_out: &mut Vec<String>,
 ) -> Option<T> {
     let first_problem = errors.len();
-    // Unknown keys taken out of this section: most likely misspellings of a required one.
-    let mut unknown_keys: Vec<String> = Vec::new();
+    // Tables that held an unknown key taken out: most likely a misspelling of a required one.
+    let mut held_unknown_keys: Vec<String> = Vec::new();
     let parsed = loop {
         if errors.len() - first_problem >= MAX_PROBLEMS_PER_SECTION {
             errors.push(
@@ -816,9 +816,7 @@ fn section<T: serde::de::DeserializeOwned>(
             let missing = joined_path(prefix, key);
             let (holder, field) = missing.rsplit_once('.').unwrap_or(("", &missing));
             let explained = taken_out.contains(&missing)
-                || unknown_keys
-                    .iter()
-                    .any(|unknown| unknown.rsplit_once('.').map(|(h, _)| h) == Some(holder));
+                || held_unknown_keys.iter().any(|table| table == holder);
             if !explained {
                 errors.push(path.clone(), format!("missing field `{field}`"));
             }
@@ -828,7 +826,9 @@ fn section<T: serde::de::DeserializeOwned>(
         } else {
             let message = bare_message(err.inner());
             if message.starts_with("unknown field `") {
-                unknown_keys.push(path.clone());
+                if let Some((table, _)) = path.rsplit_once('.') {
+                    held_unknown_keys.push(table.to_owned());
+                }
             }
             errors.push(path.clone(), message);
         }
