@@ -6,6 +6,8 @@
 //!   the trigger's [`Ordering`] (one in flight per partition, per key inside a partition, or up
 //!   to a cap) and commits each partition only up to its lowest unfinished offset, so a crash
 //!   redelivers but never skips (see `consumer.rs`).
+//! - [`TopicHistory`] reads a topic's retained records outside any group, then follows it
+//!   (for `weir tail --kafka`; see `history.rs`).
 //! - [`KafkaPublisher`] is an idempotent producer (`acks=all`) whose `publish` returns once the
 //!   delivery report confirmed the write.
 //!
@@ -32,6 +34,7 @@
 //! offer PLAIN).
 
 mod consumer;
+mod history;
 mod lanes;
 mod record;
 mod watermark;
@@ -57,6 +60,7 @@ use rdkafka::Offset;
 use serde::Deserialize;
 
 pub use self::consumer::{KafkaLagProbe, KafkaSubscription, PartitionLag};
+pub use self::history::TopicHistory;
 pub use self::lanes::{LaneId, LaneScheduler, Popped};
 pub use self::watermark::WatermarkTracker;
 use crate::{BrokerKind, Ordering, OutboundMessage, Publisher, TransportError};

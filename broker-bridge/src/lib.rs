@@ -314,6 +314,28 @@ impl Delivery {
     }
 }
 
+/// Settling a message the broker keeps no delivery state for (a core NATS message, one read by
+/// a JetStream ordered consumer, or one a Kafka reader outside any consumer group fetched):
+/// there is nothing to tell the broker.
+pub(crate) struct StatelessSettle;
+
+#[async_trait]
+impl Settle for StatelessSettle {
+    async fn ack(self: Box<Self>) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// The broker cannot redeliver: the message is gone after this. Such subscriptions use
+    /// [`RetryStyle::InPlace`], so the dispatcher retries before settling.
+    async fn retry_after(self: Box<Self>, _delay: Duration) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn term(self: Box<Self>) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
 /// A stream of deliveries for one trigger.
 #[async_trait]
 pub trait Subscription: Send {

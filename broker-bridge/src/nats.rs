@@ -13,8 +13,9 @@
 //!   connection (an ack the server misses means a redelivery, never a loss; [`NatsTransport::flush`]
 //!   at shutdown makes a clean stop leave none); retries are NAK-with-delay (never a bare
 //!   NAK); publishes wait for the stream's ack and carry `Nats-Msg-Id` for de-duplication.
-//! - [`NatsTransport::read_subject_history`] reads what a stream holds for a subject (for
-//!   `weir tail`), with an ordered consumer that leaves no state behind.
+//! - [`NatsTransport::read_subject_history`] reads what a stream holds for a subject, all of it
+//!   or the last N messages (for `weir tail`), with an ordered consumer that leaves no state
+//!   behind.
 //! - [`ensure_stream`] creates missing streams and reports (never changes) existing ones whose
 //!   settings differ.
 //!

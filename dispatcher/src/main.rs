@@ -130,17 +130,23 @@ struct TailArgs {
     /// Exit after this many events.
     #[arg(long)]
     limit: Option<u64>,
+    /// Start at the last N messages instead of the oldest, then follow (0: new messages only).
+    /// On a weir's memory bus and a JetStream subject, the topic's last N; on Kafka, the last
+    /// N of each partition.
+    #[arg(long, value_name = "N", conflicts_with = "core")]
+    last: Option<u64>,
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
     http: String,
     /// Read the subject on NATS at this URL instead of a weir's history: when a JetStream
-    /// stream captures it, from the stream's first message on, then following; else (a core
-    /// subject, or a server without JetStream) new messages only.
+    /// stream captures it, from the stream's first message on (or the last N), then following;
+    /// else (a core subject, or a server without JetStream) new messages only.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
     /// With --nats: follow the core subject (new messages only) even when a stream captures it.
     #[arg(long, requires = "nats")]
     core: bool,
-    /// Read the topic on Kafka at this bootstrap address, from its earliest retained offset on.
+    /// Read the topic on Kafka at this bootstrap address, from its earliest retained offset on
+    /// (or the last N), then following. Joins no consumer group and commits nothing.
     #[arg(long, value_name = "BOOTSTRAP", conflicts_with = "nats")]
     kafka: Option<String>,
 }
@@ -542,14 +548,27 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.nats {
         let transport = connect_nats(url).await?;
         if !args.core {
-            if let Some(history) = transport.read_subject_history(&args.topic).await? {
+            if let Some(history) = transport
+                .read_subject_history(&args.topic, args.last)
+                .await?
+            {
+                let from = match args.last {
+                    None => "the first message".to_owned(),
+                    Some(last) => format!("the last {last} messages"),
+                };
                 eprintln!(
-                    "reading {} from the first message stream {} holds, then following",
+                    "reading {} from {from} stream {} holds, then following",
                     args.topic,
                     history.stream()
                 );
                 return tail_broker(Box::new(history), "jetstream", args.limit).await;
             }
+        }
+        if args.last.is_some_and(|last| last > 0) {
+            anyhow::bail!(
+                "--last: no JetStream stream on {url} captures {}, so there are no earlier messages to show (a core subject keeps none); without --last, weir tail follows its new messages",
+                args.topic
+            );
         }
         let subscription = transport.subscribe_core(&args.topic, None).await?;
         // Once subscribed (the server has registered it), nothing published from now on is missed.
@@ -558,21 +577,28 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(bootstrap) = &args.kafka {
         let transport = connect_kafka(bootstrap).await?;
-        // A throw-away group that starts at the earliest offset: the topic's retained history.
-        let group = format!("weir-tail-{}", uuid::Uuid::new_v4());
-        let subscription = transport.subscribe(
-            &args.topic,
-            &group,
-            weir_broker_bridge::Ordering::Partition,
-            64,
-        )?;
-        return tail_broker(Box::new(subscription), "kafka", args.limit).await;
+        let history = transport.read_topic_history(&args.topic, args.last).await?;
+        let from = match args.last {
+            None => "the earliest offset".to_owned(),
+            Some(last) => format!("the last {last} records"),
+        };
+        eprintln!(
+            "reading {} from {from} of each of its {} partitions, then following",
+            args.topic,
+            history.partitions()
+        );
+        return tail_broker(Box::new(history), "kafka", args.limit).await;
     }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
     let base = base_url(&args.http);
-    let mut after: Option<u64> = None;
+    let mut after: Option<u64> = match args.last {
+        None => None,
+        Some(last) => memory_last_seq(&client, &base, &args.topic)
+            .await?
+            .map(|seq| seq.saturating_sub(last)),
+    };
     let mut printed = 0u64;
     loop {
         let mut url = format!("{base}/v1/topics/{}/events?wait=10s&limit=100", args.topic);
@@ -604,6 +630,34 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
         }
         after = page["next"].as_u64().or(after);
     }
+}
+
+/// The sequence of the newest message a weir's memory-bus topic holds; `None` for a topic it
+/// has none of yet.
+async fn memory_last_seq(
+    client: &reqwest::Client,
+    base: &str,
+    topic: &str,
+) -> anyhow::Result<Option<u64>> {
+    let url = format!("{base}/v1/topics");
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "GET {url}: {status}: {}",
+        response.text().await.unwrap_or_default()
+    );
+    let topics: serde_json::Value = response.json().await.context("reading the topic list")?;
+    Ok(topics["topics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["name"] == topic)
+        .and_then(|t| t["last_seq"].as_u64()))
 }
 
 async fn connect_nats(url: &str) -> anyhow::Result<weir_broker_bridge::nats::NatsTransport> {

@@ -1,6 +1,7 @@
-//! The real `weir` binary: `weir check` and `weir run` on good and bad configurations, and the
+//! The real `weir` binary: `weir check` and `weir run` on good and bad configurations, the
 //! demo pipeline of `weir up` driven by `weir publish` and `weir tail`, on the memory bus and on
-//! a real `nats-server -js` (`weir up --nats`, `publish --nats [--core]`, `tail --nats`).
+//! a real `nats-server -js` (`weir up --nats`, `publish --nats [--core]`, `tail --nats
+//! [--last N]`), and `weir publish --kafka` / `weir tail --kafka [--last N]` on Tansu.
 //!
 //! Needs `make functions` and `cargo build -p weir-dispatcher --bin weir` first (the harness
 //! says so when they are missing). Every command runs with a bound.
@@ -10,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use serde_json::Value;
+use weir_broker_bridge::kafka::KafkaTransport;
+use weir_tests::kafka_broker::KafkaBroker;
 use weir_tests::nats_server::NatsServer;
 use weir_tests::weir::{functions_dir, run_weir, weir_bin, CommandOutput, WeirUp};
 
@@ -275,6 +278,39 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         serde_json::json!({"table": "public.stock", "op": "update", "key": null, "changed": ["qty"]})
     );
     assert_eq!(audit["weirhops"], "1");
+
+    // `--last N` starts at the topic's last N messages instead of its oldest.
+    for id in ["o-2", "o-3"] {
+        let data = format!(r#"{{"id":"{id}","amount":1}}"#);
+        let output = run_weir(
+            [
+                "publish",
+                "orders",
+                "--type",
+                "com.example.order",
+                "--data",
+                &data,
+                "--http",
+                &http,
+            ],
+            CLIENT_TIMEOUT,
+        )
+        .await?;
+        ensure!(output.code == Some(0), "publish failed: {output:?}");
+    }
+    let output = run_weir(
+        [
+            "tail", "orders", "--last", "2", "--limit", "2", "--http", &http,
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "tail --last failed: {output:?}");
+    let ids: Vec<Value> = json_lines(&output)?
+        .iter()
+        .map(|e| e["data"]["id"].clone())
+        .collect();
+    assert_eq!(ids, ["o-2", "o-3"], "{output:?}");
     Ok(())
 }
 
@@ -366,35 +402,9 @@ async fn core_nats_publish_and_tail_lose_nothing() -> anyhow::Result<()> {
 }
 
 async fn core_publish_and_tail(url: &str) -> anyhow::Result<()> {
-    use tokio::io::AsyncBufReadExt as _;
-
-    let mut tail = tokio::process::Command::new(weir_bin()?)
-        .args(["tail", "cli.core", "--limit", "5", "--nats", url])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting weir tail")?;
-    let stderr = tail.stderr.take().context("tail's stderr")?;
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut tail = spawn_weir(&["tail", "cli.core", "--limit", "5", "--nats", url])?;
     // The tail says it is following only once the server registered its subscription.
-    let ready = tokio::time::timeout(CLIENT_TIMEOUT, async {
-        let mut said = Vec::new();
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("following core subject cli.core") {
-                return Ok(());
-            }
-            said.push(line);
-        }
-        anyhow::bail!(
-            "weir tail ended before following the subject:\n{}",
-            said.join("\n")
-        )
-    })
-    .await
-    .context("weir tail did not start following in time")?;
-    ready?;
+    wait_for_stderr(&mut tail, "following core subject cli.core").await?;
 
     let mut ids = Vec::new();
     for n in 0..5 {
@@ -417,5 +427,323 @@ async fn core_publish_and_tail(url: &str) -> anyhow::Result<()> {
     for (n, event) in seen.iter().enumerate() {
         assert_eq!(event["data"]["n"], n, "{event}");
     }
+    Ok(())
+}
+
+/// `weir tail --nats --last N` on a subject that shares its stream with another: the last N
+/// messages of that subject, in order, however the two interleave; all of them when it holds
+/// fewer; a clear refusal on a core subject, which keeps no history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let client = async_nats::connect(&url).await?;
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HIST".into(),
+        subjects: vec!["hist.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    // hist.a holds the even numbers, hist.b the odd ones, and hist.b has the last word.
+    for n in 0..41u32 {
+        let subject = if n % 2 == 0 { "hist.a" } else { "hist.b" };
+        js.publish(subject, format!(r#"{{"n":{n}}}"#).into())
+            .await?
+            .await?;
+    }
+    js.publish("hist.b", r#"{"n":41}"#.into()).await?.await?;
+    for (last, limit, expected) in [
+        ("1", "1", vec![40]),
+        ("3", "3", vec![36, 38, 40]),
+        // More than the subject holds: all of it.
+        ("50", "21", (0..=40).step_by(2).collect::<Vec<u64>>()),
+    ] {
+        let (output, numbers) = tail_numbers(vec![
+            "tail", "hist.a", "--nats", &url, "--last", last, "--limit", limit,
+        ])
+        .await?;
+        ensure!(
+            output
+                .stderr
+                .contains(&format!("from the last {last} messages stream HIST holds")),
+            "{output:?}"
+        );
+        assert_eq!(numbers, expected, "--last {last}: {output:?}");
+    }
+
+    // --last 0: nothing old; the first event shown is one published after the tail started.
+    let event = tail_one_new(
+        &[
+            "tail", "hist.b", "--nats", &url, "--last", "0", "--limit", "1",
+        ],
+        "from the last 0 messages stream HIST holds",
+        async {
+            js.publish("hist.b", r#"{"n":99}"#.into()).await?.await?;
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(event["data"]["n"], 99, "{event}");
+
+    // A core subject has no earlier messages to go back to.
+    let output = run_weir(
+        [
+            "tail",
+            "core.only",
+            "--nats",
+            &url,
+            "--last",
+            "2",
+            "--limit",
+            "1",
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(output.code, Some(1), "{output:?}");
+    ensure!(
+        output.stderr.contains("--last: no JetStream stream")
+            && output.stderr.contains("captures core.only"),
+        "{output:?}"
+    );
+    // --core and --last contradict each other: a usage error.
+    let output = run_weir(
+        ["tail", "hist.a", "--nats", &url, "--core", "--last", "2"],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(output.code, Some(2), "{output:?}");
+    Ok(())
+}
+
+/// `weir ARGS`, which must exit 0, and the `data.n` of every event it printed.
+async fn tail_numbers(args: Vec<&str>) -> anyhow::Result<(CommandOutput, Vec<u64>)> {
+    let output = run_weir(&args, CLIENT_TIMEOUT).await?;
+    ensure!(output.code == Some(0), "weir {args:?} failed: {output:?}");
+    let numbers = json_lines(&output)?
+        .iter()
+        .map(|e| e["data"]["n"].as_u64().context(format!("no data.n: {e}")))
+        .collect::<anyhow::Result<_>>()?;
+    Ok((output, numbers))
+}
+
+/// Start `weir tail ARGS` (with `--limit 1`), wait until it says `ready` on stderr, run
+/// `publish`, and return the one event the tail printed: the first new one.
+async fn tail_one_new(
+    args: &[&str],
+    ready: &str,
+    publish: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<Value> {
+    let mut tail = spawn_weir(args)?;
+    wait_for_stderr(&mut tail, ready).await?;
+    publish.await?;
+    let output = tokio::time::timeout(CLIENT_TIMEOUT, tail.wait_with_output())
+        .await
+        .with_context(|| format!("weir {args:?} did not see the new message in time"))??;
+    ensure!(output.status.code() == Some(0), "weir {args:?}: {output:?}");
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("weir {args:?} printed one JSON line: {output:?}"))
+}
+
+/// `weir ARGS` in the background, its output piped; killed when dropped.
+fn spawn_weir(args: &[&str]) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(weir_bin()?)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting weir {args:?}"))
+}
+
+/// Read `child`'s stderr until a line contains `needle` (it said it is ready), bounded.
+async fn wait_for_stderr(child: &mut tokio::process::Child, needle: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let stderr = child.stderr.take().context("the child's stderr")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    tokio::time::timeout(CLIENT_TIMEOUT, async {
+        let mut said = Vec::new();
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(needle) {
+                return Ok(());
+            }
+            said.push(line);
+        }
+        anyhow::bail!("ended before saying {needle:?}:\n{}", said.join("\n"))
+    })
+    .await
+    .with_context(|| format!("did not say {needle:?} in time"))?
+}
+
+/// `weir publish --kafka` and `weir tail --kafka [--last N]` on a topic of two partitions:
+/// every record from the earliest offsets, the last N of each partition, only new ones with
+/// `--last 0`, a clear error for a topic that does not exist, and no consumer group left on
+/// the broker (the reader assigns partitions itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = KafkaBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let transport = KafkaTransport::connect(&broker.config()).await?;
+    transport.ensure_topic("cli.kafka", 2, 1).await?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("acks", "all")
+        // One record per batch: Tansu 0.6 serves a fetch from the first batch whose base
+        // offset is at or after the one asked for (see kafka_e2e.rs).
+        .set("batch.num.messages", "1")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .context("creating the test producer")?;
+    let produce = |partition: i32, n: u64| {
+        let producer = producer.clone();
+        async move {
+            let payload = format!(r#"{{"n":{n}}}"#);
+            producer
+                .send(
+                    FutureRecord::<(), str>::to("cli.kafka")
+                        .partition(partition)
+                        .payload(&payload),
+                    CLIENT_TIMEOUT,
+                )
+                .await
+                .map_err(|(error, _)| anyhow::anyhow!("producing n={n}: {error}"))
+        }
+    };
+    // Partition 0 holds 0, 1, 2; partition 1 holds 10, 11.
+    for (partition, n) in [(0, 0), (0, 1), (0, 2), (1, 10), (1, 11)] {
+        produce(partition, n).await?;
+    }
+    // Each partition in order; the two partitions interleave as they arrive.
+    let per_partition =
+        |numbers: &[u64]| -> (Vec<u64>, Vec<u64>) { numbers.iter().partition(|&&n| n < 10) };
+    let tail = |args: &'static [&'static str]| {
+        let mut all = vec!["tail", "cli.kafka", "--kafka", &bootstrap];
+        all.extend_from_slice(args);
+        tail_numbers(all)
+    };
+
+    let (output, numbers) = tail(&["--limit", "5"]).await?;
+    ensure!(
+        output
+            .stderr
+            .contains("from the earliest offset of each of its 2 partitions"),
+        "{output:?}"
+    );
+    assert_eq!(per_partition(&numbers), (vec![0, 1, 2], vec![10, 11]));
+    let (output, numbers) = tail(&["--last", "1", "--limit", "2"]).await?;
+    ensure!(
+        output
+            .stderr
+            .contains("from the last 1 records of each of its 2 partitions"),
+        "{output:?}"
+    );
+    assert_eq!(per_partition(&numbers), (vec![2], vec![11]));
+    let (_, numbers) = tail(&["--last", "2", "--limit", "4"]).await?;
+    assert_eq!(per_partition(&numbers), (vec![1, 2], vec![10, 11]));
+
+    // --last 0: only what arrives after the reader started.
+    let event = tail_one_new(
+        &[
+            "tail",
+            "cli.kafka",
+            "--kafka",
+            &bootstrap,
+            "--last",
+            "0",
+            "--limit",
+            "1",
+        ],
+        "from the last 0 records",
+        async {
+            produce(1, 12).await?;
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(event["data"]["n"], 12, "{event}");
+
+    // `weir publish --kafka`: the event is the newest of its partition.
+    let output = run_weir(
+        [
+            "publish",
+            "cli.kafka",
+            "--type",
+            "com.example.order",
+            "--data",
+            r#"{"n":100}"#,
+            "--key",
+            "order-100",
+            "--kafka",
+            &bootstrap,
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "publish --kafka failed: {output:?}");
+    let accepted: Value = serde_json::from_str(output.stdout.trim())
+        .with_context(|| format!("publish prints what it published: {output:?}"))?;
+    assert_eq!(accepted["broker"], "kafka", "{accepted}");
+    let output = run_weir(
+        [
+            "tail",
+            "cli.kafka",
+            "--kafka",
+            &bootstrap,
+            "--last",
+            "1",
+            "--limit",
+            "2",
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "tail failed: {output:?}");
+    let published = json_lines(&output)?
+        .into_iter()
+        .find(|e| e["id"] == accepted["ids"][0])
+        .with_context(|| format!("the published event is not among the last: {output:?}"))?;
+    assert_eq!(published["type"], "com.example.order", "{published}");
+    assert_eq!(published["partitionkey"], "order-100", "{published}");
+    assert_eq!(published["data"]["n"], 100, "{published}");
+
+    // A topic that does not exist is an error, not an endless wait.
+    let output = run_weir(
+        [
+            "tail",
+            "no.such.topic",
+            "--kafka",
+            &bootstrap,
+            "--limit",
+            "1",
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(output.code, Some(1), "{output:?}");
+    ensure!(
+        output.stderr.contains("no.such.topic") && output.stderr.contains("no such topic"),
+        "{output:?}"
+    );
+
+    // Reading joined no group, so the broker lists none.
+    let admin: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let groups = tokio::task::spawn_blocking(move || {
+        admin.fetch_group_list(None, CLIENT_TIMEOUT).map(|list| {
+            list.groups()
+                .iter()
+                .map(|g| g.name().to_owned())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await??;
+    assert_eq!(groups, Vec::<String>::new(), "groups left on the broker");
     Ok(())
 }

@@ -18,7 +18,7 @@ use futures::{FutureExt as _, StreamExt};
 use super::{events, pairs_to_headers, NatsTransport};
 use crate::{
     BrokerKind, Delivery, Headers, InboundMessage, Origin, OutboundMessage, Publisher, RetryStyle,
-    Settle, Subscription, TransportError,
+    StatelessSettle, Subscription, TransportError,
 };
 
 impl NatsTransport {
@@ -126,28 +126,7 @@ fn core_delivery(message: async_nats::Message) -> Delivery {
         origin: Origin::Nats { subject },
         delivery_count: 1,
     };
-    Delivery::new(inbound, Box::new(CoreSettle))
-}
-
-/// Settling a message the server keeps no delivery state for (a core message, or one read by
-/// an ordered consumer): there is nothing to tell it.
-pub(super) struct CoreSettle;
-
-#[async_trait]
-impl Settle for CoreSettle {
-    async fn ack(self: Box<Self>) -> Result<(), TransportError> {
-        Ok(())
-    }
-
-    /// The server cannot redeliver: the message is gone after this. Such subscriptions use
-    /// [`RetryStyle::InPlace`], so the dispatcher retries before settling.
-    async fn retry_after(self: Box<Self>, _delay: Duration) -> Result<(), TransportError> {
-        Ok(())
-    }
-
-    async fn term(self: Box<Self>) -> Result<(), TransportError> {
-        Ok(())
-    }
+    Delivery::new(inbound, Box::new(StatelessSettle))
 }
 
 /// Publishes to core subjects. There is no broker confirmation: `publish` returns once the

@@ -212,3 +212,14 @@ pub(super) fn record_history_ended(stream: &str, subject: &str, reason: &str) {
         "reading the stream ended"
     );
 }
+
+/// A consumer made only to count a subject's messages (`weir tail --nats --last N`) could not
+/// be deleted; harmless, the server drops it after its inactivity threshold.
+pub(super) fn record_counting_consumer_left(consumer: &str, reason: &str) {
+    debug!(
+        messaging.system = "jetstream",
+        consumer,
+        error = reason,
+        "a counting consumer was left to expire"
+    );
+}

@@ -1,34 +1,41 @@
-//! Reading what a JetStream stream holds for a subject, from its first message on, then
-//! following it: what `weir tail --nats` shows for a subject a stream captures (outputs, dead
-//! letters), so that an event published before the tail started is not missed.
+//! Reading what a JetStream stream holds for a subject, from its first message on (or from
+//! the last N), then following it: what `weir tail --nats` shows for a subject a stream
+//! captures (outputs, dead letters), so that an event published before the tail started is not
+//! missed.
 //!
 //! It uses an ordered consumer: ephemeral, unacknowledged, recreated by async-nats when it
 //! sees a gap, so reading leaves no durable state on the server and takes nothing from the
-//! functions' durable consumers. It is for inspection only: it is not a trigger (no acks, no
-//! redelivery, no lag) and deliberately does not implement the delivery contract.
+//! functions' durable consumers. Finding where the last N messages of a subject start (the
+//! subject shares its stream's sequence with other subjects) is a binary search over the
+//! stream's sequences, each step asking the server how many of the subject's messages lie at
+//! or after a sequence (a short-lived consumer's `num_pending`), so it costs a few dozen
+//! requests, not a read of the whole stream. It is for inspection only: it is not a trigger
+//! (no acks, no redelivery, no lag) and deliberately does not implement the delivery contract.
 
 use std::sync::Arc;
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::{
     GetStreamByNameError, GetStreamByNameErrorKind, RequestError, RequestErrorKind,
 };
 use async_trait::async_trait;
 use futures::StreamExt;
 
-use super::core_nats::CoreSettle;
 use super::NatsTransport;
 use crate::{
-    BrokerKind, Delivery, Headers, InboundMessage, Origin, RetryStyle, Subscription, TransportError,
+    BrokerKind, Delivery, Headers, InboundMessage, Origin, RetryStyle, StatelessSettle,
+    Subscription, TransportError,
 };
 
 impl NatsTransport {
-    /// The stream that captures `subject`, read from its first message on (then followed), or
-    /// `None` when no stream captures it or the server has no JetStream (a core subject: only
-    /// new messages can be seen).
+    /// The stream that captures `subject`, read from its first message on (with `last`, from
+    /// the first of the subject's last `last` messages), then followed; or `None` when no
+    /// stream captures it or the server has no JetStream (a core subject: only new messages
+    /// can be seen).
     pub async fn read_subject_history(
         &self,
         subject: &str,
+        last: Option<u64>,
     ) -> Result<Option<SubjectHistory>, TransportError> {
         let subscribe_error = |reason: String| TransportError::Subscribe {
             topic: subject.to_owned(),
@@ -49,10 +56,20 @@ impl NatsTransport {
             .get_stream(&stream_name)
             .await
             .map_err(|err| subscribe_error(format!("opening stream {stream_name}: {err}")))?;
+        let deliver_policy = match last {
+            None => DeliverPolicy::All,
+            Some(last) => start_of_last(&stream, subject, last)
+                .await
+                .map_err(|reason| {
+                    subscribe_error(format!(
+                        "finding the last {last} messages in stream {stream_name}: {reason}"
+                    ))
+                })?,
+        };
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
                 filter_subject: subject.to_owned(),
-                deliver_policy: DeliverPolicy::All,
+                deliver_policy,
                 ..Default::default()
             })
             .await
@@ -72,6 +89,69 @@ impl NatsTransport {
             messages: Some(std::sync::Mutex::new(messages)),
         }))
     }
+}
+
+/// Where reading must start to see the last `last` messages on `subject`: the stream sequence
+/// `s` with exactly `last` of the subject's messages at or after it, found by binary search
+/// (the count only falls as `s` grows). Messages stored meanwhile can only add to what is
+/// shown, never hide one of the last `last`.
+async fn start_of_last(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    last: u64,
+) -> Result<DeliverPolicy, String> {
+    if last == 0 {
+        return Ok(DeliverPolicy::New);
+    }
+    // Fetched with the stream a moment ago.
+    let state = &stream.cached_info().state;
+    // Invariant: at least `last` at or after `low`, fewer than `last` at or after `high`.
+    let mut low = state.first_sequence.max(1);
+    if pending_from(stream, subject, low).await? <= last {
+        return Ok(DeliverPolicy::All);
+    }
+    let mut high = state.last_sequence.saturating_add(1);
+    // At most 64 rounds: the interval halves each time.
+    while high - low > 1 {
+        let middle = low + (high - low) / 2;
+        if pending_from(stream, subject, middle).await? >= last {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    Ok(DeliverPolicy::ByStartSequence {
+        start_sequence: low,
+    })
+}
+
+/// How many messages on `subject` the stream holds at or after `sequence`: the `num_pending`
+/// of a consumer created there, which is deleted again at once (it acks nothing, keeps its
+/// state in memory, and the server drops it by itself should the delete not arrive).
+async fn pending_from(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    sequence: u64,
+) -> Result<u64, String> {
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: sequence,
+            },
+            ack_policy: AckPolicy::None,
+            memory_storage: true,
+            inactive_threshold: std::time::Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+        .map_err(|err| format!("counting messages from sequence {sequence}: {err}"))?;
+    let pending = consumer.cached_info().num_pending;
+    let name = consumer.cached_info().name.clone();
+    if let Err(err) = stream.delete_consumer(&name).await {
+        super::events::record_counting_consumer_left(&name, &err.to_string());
+    }
+    Ok(pending)
 }
 
 /// Whether the lookup failed because nothing answers JetStream's API on this server (started
@@ -143,7 +223,7 @@ impl Subscription for SubjectHistory {
                     },
                     delivery_count: 1,
                 };
-                Some(Delivery::new(inbound, Box::new(CoreSettle)))
+                Some(Delivery::new(inbound, Box::new(StatelessSettle)))
             }
             Some(Err(err)) => {
                 super::events::record_history_ended(&self.stream, &self.subject, &err.to_string());
