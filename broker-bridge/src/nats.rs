@@ -19,6 +19,13 @@
 //! - [`ensure_stream`] creates missing streams and reports (never changes) existing ones whose
 //!   settings differ.
 //!
+//! Security: every authentication method of [`NatsConfig`] (user and password, token, nkey,
+//! creds file) and TLS (server verified against `tls_ca` or the system CAs, a client
+//! certificate for mutual TLS). [`NatsTransport::connect`] reports refused credentials as
+//! [`TransportError::Authentication`] and a failed handshake as [`TransportError::Tls`] (with a
+//! hint at the setting to check where the cause is clear), so start-up fails with what to fix.
+//! Tested against a real nats-server in `tests/tests/nats_security.rs`.
+//!
 //! It deliberately does not decide retries or dead-lettering (the dispatcher's policy), does
 //! not decode events, and does not use JetStream's MaxDeliver/BackOff (see
 //! [`JetStreamConsumerOptions`]). Metrics are emitted only from the `events` module.
@@ -77,10 +84,7 @@ impl NatsTransport {
         let client = options
             .connect(config.servers.as_slice())
             .await
-            .map_err(|err| TransportError::Connect {
-                broker: BrokerKind::Nats,
-                reason: err.to_string(),
-            })?;
+            .map_err(classify_connect_error)?;
         let mut jetstream = async_nats::jetstream::new(client.clone());
         jetstream.set_timeout(config.request_timeout);
         Ok(Self {
@@ -233,6 +237,97 @@ async fn connect_options(config: &NatsConfig) -> Result<ConnectOptions, Transpor
         .max_reconnects(config.max_reconnects)
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, delay_max))
         .event_callback(|event| async move { events::connection_event(&event) }))
+}
+
+/// A refused certificate or handshake is [`TransportError::Tls`] and refused credentials are
+/// [`TransportError::Authentication`]: retrying with the same settings fails again, so the
+/// operator is told what to fix instead of "could not connect".
+fn classify_connect_error(err: async_nats::ConnectError) -> TransportError {
+    use async_nats::ConnectErrorKind;
+
+    let broker = BrokerKind::Nats;
+    let reason = connect_error_reason(&err);
+    match err.kind() {
+        ConnectErrorKind::Tls => TransportError::Tls { broker, reason },
+        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+            TransportError::Authentication { broker, reason }
+        }
+        // async-nats reports a failed handshake (an untrusted certificate, a client
+        // certificate the server refused) as an IO error wrapping rustls' error.
+        ConnectErrorKind::Io => match tls_error_in(&err) {
+            Some(tls) => TransportError::Tls {
+                broker,
+                reason: match tls_hint(tls) {
+                    Some(hint) => format!("{reason} ({hint})"),
+                    None => reason,
+                },
+            },
+            None => TransportError::Connect { broker, reason },
+        },
+        _ => TransportError::Connect { broker, reason },
+    }
+}
+
+/// The rustls error somewhere in `err`'s chain, also inside an `io::Error` (whose `source`
+/// skips the error it wraps).
+fn tls_error_in<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a async_nats::rustls::Error> {
+    let mut next = Some(err);
+    while let Some(error) = next {
+        if let Some(tls) = error.downcast_ref::<async_nats::rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| tls_error_in(inner))
+        {
+            return Some(tls);
+        }
+        next = error.source();
+    }
+    None
+}
+
+/// Which setting to look at, for the handshake failures a misconfiguration causes.
+fn tls_hint(error: &async_nats::rustls::Error) -> Option<&'static str> {
+    use async_nats::rustls::{AlertDescription, CertificateError, Error, InvalidMessage};
+
+    match error {
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            Some("the server's certificate is not signed by tls_ca nor by a system CA")
+        }
+        Error::InvalidCertificate(CertificateError::NotValidForName) => {
+            Some("the server's certificate does not name the host in the server URL")
+        }
+        Error::AlertReceived(AlertDescription::CertificateRequired) => {
+            Some("the server requires a client certificate: set tls_cert and tls_key")
+        }
+        Error::AlertReceived(AlertDescription::UnknownCA | AlertDescription::BadCertificate) => {
+            Some("the server does not accept the client certificate in tls_cert")
+        }
+        Error::InvalidMessage(InvalidMessage::InvalidContentType) => {
+            Some("the server did not answer in TLS: is TLS enabled on it?")
+        }
+        _ => None,
+    }
+}
+
+/// The error with its whole chain: async-nats puts the telling part (the certificate
+/// verifier's complaint, the file that could not be read) in the source.
+fn connect_error_reason(err: &async_nats::ConnectError) -> String {
+    let mut reason = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = cause.source();
+    }
+    reason
 }
 
 /// 0 for the first attempt, then doubling from 10 ms up to `max`.

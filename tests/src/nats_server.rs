@@ -36,21 +36,31 @@ pub struct NatsServer {
     root: tempfile::TempDir,
     /// Started with `-js` (all but [`NatsServer::start_core_only`]).
     jetstream: bool,
+    /// A configuration file (`-c`) with what the command line cannot say: `authorization`,
+    /// `tls`, an operator. Ports, store and log still come from the command line.
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     /// Starts a server on free loopback ports and waits (at most 10 s) until it accepts
     /// clients and `/healthz` (which includes JetStream) answers 200.
     pub fn start() -> anyhow::Result<NatsServer> {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
     /// A server without JetStream, as a core-only deployment runs it.
     pub fn start_core_only() -> anyhow::Result<NatsServer> {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
-    fn start_with(jetstream: bool) -> anyhow::Result<NatsServer> {
+    /// A server with JetStream whose configuration file holds `conf` (say an `authorization`
+    /// or a `tls` block); paths in it may point into [`NatsServer::start_with_config`]'s
+    /// caller's temp dir.
+    pub fn start_with_config(conf: &str) -> anyhow::Result<NatsServer> {
+        Self::start_with(true, Some(conf))
+    }
+
+    fn start_with(jetstream: bool, conf: Option<&str>) -> anyhow::Result<NatsServer> {
         let binary = server_binary()?;
         let root = tempfile::Builder::new()
             .prefix("weir-nats-")
@@ -62,6 +72,14 @@ impl NatsServer {
         if http_port == port {
             http_port = free_port().context("finding a free monitoring port")?;
         }
+        let config = match conf {
+            None => None,
+            Some(conf) => {
+                let path = root.path().join("server.conf");
+                fs::write(&path, conf).context("writing the nats-server config")?;
+                Some(path)
+            }
+        };
         let mut server = NatsServer {
             binary,
             child: None,
@@ -69,6 +87,7 @@ impl NatsServer {
             http_port,
             root,
             jetstream,
+            config,
         };
         server.spawn()?;
         Ok(server)
@@ -136,6 +155,9 @@ impl NatsServer {
         let mut command = Command::new(&self.binary);
         if self.jetstream {
             command.arg("-js");
+        }
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
         }
         let child = command
             .args(["-a", "127.0.0.1"])
