@@ -210,6 +210,30 @@ impl Config {
     pub fn function(&self, name: &str) -> Option<&FunctionConfig> {
         self.functions.iter().find(|f| f.name == name)
     }
+
+    /// The broker `topic` lives on in this configuration: that of the functions it triggers,
+    /// else that of the functions publishing to it, else (a dead-letter topic) that of their
+    /// dead letters, else the memory bus.
+    pub fn topic_broker(&self, topic: &str) -> BrokerKind {
+        let functions = &self.functions;
+        functions
+            .iter()
+            .find(|f| topic_matches(&f.trigger.topic, topic))
+            .map(|f| f.trigger.broker)
+            .or_else(|| {
+                functions
+                    .iter()
+                    .find(|f| f.output_allowed(topic))
+                    .map(|f| f.output_broker)
+            })
+            .or_else(|| {
+                functions
+                    .iter()
+                    .find(|f| f.dead_letter.topic == topic)
+                    .map(|f| f.dead_letter.broker)
+            })
+            .unwrap_or(BrokerKind::Memory)
+    }
 }
 
 /// `[http]`: ingress, admin API, `/metrics` and the status page.

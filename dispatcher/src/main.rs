@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use weir_broker_bridge::kafka::{KafkaConfig, KafkaTransport};
+use weir_broker_bridge::nats::{NatsConfig, NatsTransport};
 use weir_broker_bridge::BrokerKind;
 use weir_dispatcher::config::{self, Config};
 use weir_dispatcher::runtime::{self, Runtime};
@@ -111,17 +113,23 @@ struct PublishArgs {
     /// Events per second (default: as fast as the server accepts them).
     #[arg(long)]
     rate: Option<f64>,
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
-    http: String,
+    /// A running weir's HTTP address (default 127.0.0.1:8080; with -c, its `[http] listen`).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// Publish straight to NATS at this URL (JetStream, confirmed), not through a running weir.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
-    /// With --nats: a core NATS publish (unconfirmed) instead of JetStream.
-    #[arg(long, requires = "nats")]
+    /// A core NATS publish (unconfirmed) instead of JetStream.
+    #[arg(long)]
     core: bool,
     /// Publish straight to Kafka at this bootstrap address (acks=all), not through a running weir.
     #[arg(long, value_name = "BOOTSTRAP", conflicts_with = "nats")]
     kafka: Option<String>,
+    /// Connect as this weir configuration does: its `[brokers.nats]` / `[brokers.kafka]`
+    /// settings (credentials, TLS) apply, and without --nats or --kafka the topic goes to the
+    /// broker it lives on there (a JetStream topic confirmed, a core subject core).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -135,20 +143,26 @@ struct TailArgs {
     /// N of each partition.
     #[arg(long, value_name = "N", conflicts_with = "core")]
     last: Option<u64>,
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP)]
-    http: String,
+    /// A running weir's HTTP address (default 127.0.0.1:8080; with -c, its `[http] listen`).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// Read the subject on NATS at this URL instead of a weir's history: when a JetStream
     /// stream captures it, from the stream's first message on (or the last N), then following;
     /// else (a core subject, or a server without JetStream) new messages only.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
-    /// With --nats: follow the core subject (new messages only) even when a stream captures it.
-    #[arg(long, requires = "nats")]
+    /// Follow the core NATS subject (new messages only) even when a stream captures it.
+    #[arg(long)]
     core: bool,
     /// Read the topic on Kafka at this bootstrap address, from its earliest retained offset on
     /// (or the last N), then following. Joins no consumer group and commits nothing.
     #[arg(long, value_name = "BOOTSTRAP", conflicts_with = "nats")]
     kafka: Option<String>,
+    /// Connect as this weir configuration does: its `[brokers.nats]` / `[brokers.kafka]`
+    /// settings (credentials, TLS) apply, and without --nats or --kafka the topic is read on
+    /// the broker it lives on there.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -371,10 +385,11 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of events per second");
     }
-    let mut sink = match (&args.nats, &args.kafka) {
-        (Some(url), _) => Sink::nats(url, args.core).await?,
-        (None, Some(bootstrap)) => Sink::kafka(bootstrap, args.key.clone()).await?,
-        (None, None) => Sink::http(&args.http, &args.topic)?,
+    let target = Target::resolve(&args.topic, &args.connection())?;
+    let mut sink = match target {
+        Target::Nats { settings, core } => Sink::nats(&settings, core).await?,
+        Target::Kafka(settings) => Sink::kafka(&settings, args.key.clone()).await?,
+        Target::Http(addr) => Sink::http(&addr, &args.topic)?,
     };
     let mut ticker = args
         .rate
@@ -444,8 +459,8 @@ impl Sink {
         })
     }
 
-    async fn nats(url: &str, core: bool) -> anyhow::Result<Self> {
-        let transport = connect_nats(url).await?;
+    async fn nats(settings: &NatsConfig, core: bool) -> anyhow::Result<Self> {
+        let transport = connect_nats(settings).await?;
         let (publisher, broker): (Box<dyn weir_broker_bridge::Publisher>, _) = if core {
             (Box::new(transport.core_publisher()), BrokerKind::Nats)
         } else {
@@ -462,8 +477,8 @@ impl Sink {
         })
     }
 
-    async fn kafka(bootstrap: &str, key: Option<String>) -> anyhow::Result<Self> {
-        let transport = connect_kafka(bootstrap).await?;
+    async fn kafka(settings: &KafkaConfig, key: Option<String>) -> anyhow::Result<Self> {
+        let transport = connect_kafka(settings).await?;
         let publisher = transport.publisher()?;
         Ok(Sink::Broker {
             publisher: Box::new(publisher),
@@ -545,54 +560,21 @@ fn looks_like_json(body: &[u8]) -> bool {
 }
 
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
-    if let Some(url) = &args.nats {
-        let transport = connect_nats(url).await?;
-        if !args.core {
-            if let Some(history) = transport
-                .read_subject_history(&args.topic, args.last)
-                .await?
-            {
-                let from = match args.last {
-                    None => "the first message".to_owned(),
-                    Some(last) => format!("the last {last} messages"),
-                };
-                eprintln!(
-                    "reading {} from {from} stream {} holds, then following",
-                    args.topic,
-                    history.stream()
-                );
-                return tail_broker(Box::new(history), "jetstream", args.limit).await;
-            }
-        }
-        if args.last.is_some_and(|last| last > 0) {
-            anyhow::bail!(
-                "--last: no JetStream stream on {url} captures {}, so there are no earlier messages to show (a core subject keeps none); without --last, weir tail follows its new messages",
-                args.topic
-            );
-        }
-        let subscription = transport.subscribe_core(&args.topic, None).await?;
-        // Once subscribed (the server has registered it), nothing published from now on is missed.
-        eprintln!("following core subject {} (new messages only)", args.topic);
-        return tail_broker(Box::new(subscription), "nats", args.limit).await;
-    }
-    if let Some(bootstrap) = &args.kafka {
-        let transport = connect_kafka(bootstrap).await?;
-        let history = transport.read_topic_history(&args.topic, args.last).await?;
-        let from = match args.last {
-            None => "the earliest offset".to_owned(),
-            Some(last) => format!("the last {last} records"),
-        };
-        eprintln!(
-            "reading {} from {from} of each of its {} partitions, then following",
-            args.topic,
-            history.partitions()
-        );
-        return tail_broker(Box::new(history), "kafka", args.limit).await;
-    }
+    let connection = Connection {
+        http: args.http.as_deref(),
+        nats: args.nats.as_deref(),
+        kafka: args.kafka.as_deref(),
+        core: args.core,
+        config: args.config.as_deref(),
+    };
+    let base = match Target::resolve(&args.topic, &connection)? {
+        Target::Nats { settings, core } => return tail_nats(&args, &settings, core).await,
+        Target::Kafka(settings) => return tail_kafka(&args, &settings).await,
+        Target::Http(addr) => base_url(&addr),
+    };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
-    let base = base_url(&args.http);
     let mut after: Option<u64> = match args.last {
         None => None,
         Some(last) => memory_last_seq(&client, &base, &args.topic)
@@ -632,6 +614,63 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `weir tail` on NATS: a stream's history of the subject, else (or with `core`) the core
+/// subject from now on.
+async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow::Result<ExitCode> {
+    let transport = connect_nats(settings).await?;
+    if !core {
+        if let Some(history) = transport
+            .read_subject_history(&args.topic, args.last)
+            .await?
+        {
+            let from = match args.last {
+                None => "the first message".to_owned(),
+                Some(last) => format!("the last {last} messages"),
+            };
+            eprintln!(
+                "reading {} from {from} stream {} holds, then following",
+                args.topic,
+                history.stream()
+            );
+            return tail_broker(Box::new(history), "jetstream", args.limit).await;
+        }
+    }
+    if args.last.is_some_and(|last| last > 0) {
+        let why = if core {
+            format!("{} is read as a core subject", args.topic)
+        } else {
+            format!(
+                "no JetStream stream on {} captures {}",
+                settings.servers.join(","),
+                args.topic
+            )
+        };
+        bail!(
+            "--last: {why}, so there are no earlier messages to show (a core subject keeps none); without --last, weir tail follows its new messages"
+        );
+    }
+    let subscription = transport.subscribe_core(&args.topic, None).await?;
+    // Once subscribed (the server has registered it), nothing published from now on is missed.
+    eprintln!("following core subject {} (new messages only)", args.topic);
+    tail_broker(Box::new(subscription), "nats", args.limit).await
+}
+
+/// `weir tail` on Kafka: every partition from its earliest offset (or its last N).
+async fn tail_kafka(args: &TailArgs, settings: &KafkaConfig) -> anyhow::Result<ExitCode> {
+    let transport = connect_kafka(settings).await?;
+    let history = transport.read_topic_history(&args.topic, args.last).await?;
+    let from = match args.last {
+        None => "the earliest offset".to_owned(),
+        Some(last) => format!("the last {last} records"),
+    };
+    eprintln!(
+        "reading {} from {from} of each of its {} partitions, then following",
+        args.topic,
+        history.partitions()
+    );
+    tail_broker(Box::new(history), "kafka", args.limit).await
+}
+
 /// The sequence of the newest message a weir's memory-bus topic holds; `None` for a topic it
 /// has none of yet.
 async fn memory_last_seq(
@@ -660,26 +699,115 @@ async fn memory_last_seq(
         .and_then(|t| t["last_seq"].as_u64()))
 }
 
-async fn connect_nats(url: &str) -> anyhow::Result<weir_broker_bridge::nats::NatsTransport> {
-    let config = weir_broker_bridge::nats::NatsConfig {
-        servers: vec![url.to_owned()],
-        ..Default::default()
-    };
-    weir_broker_bridge::nats::NatsTransport::connect(&config)
-        .await
-        .with_context(|| format!("connecting to NATS at {url}"))
+/// The connection flags `weir publish` and `weir tail` share.
+struct Connection<'a> {
+    http: Option<&'a str>,
+    nats: Option<&'a str>,
+    kafka: Option<&'a str>,
+    core: bool,
+    config: Option<&'a std::path::Path>,
 }
 
-async fn connect_kafka(
-    bootstrap: &str,
-) -> anyhow::Result<weir_broker_bridge::kafka::KafkaTransport> {
-    let config = weir_broker_bridge::kafka::KafkaConfig {
-        bootstrap: bootstrap.to_owned(),
-        ..Default::default()
-    };
-    weir_broker_bridge::kafka::KafkaTransport::connect(&config)
+impl PublishArgs {
+    fn connection(&self) -> Connection<'_> {
+        Connection {
+            http: self.http.as_deref(),
+            nats: self.nats.as_deref(),
+            kafka: self.kafka.as_deref(),
+            core: self.core,
+            config: self.config.as_deref(),
+        }
+    }
+}
+
+/// Where `weir publish` / `weir tail` go.
+enum Target {
+    /// A running weir's HTTP server.
+    Http(String),
+    /// `core`: a core subject (by `--core`, or as the configuration reads the topic).
+    Nats {
+        settings: NatsConfig,
+        core: bool,
+    },
+    Kafka(KafkaConfig),
+}
+
+impl Target {
+    /// `--nats URL` / `--kafka BOOTSTRAP` pick the broker (with `-c`, that configuration's
+    /// settings for it, the address replaced); else with `-c` the broker the topic lives on
+    /// there; else a weir's HTTP server.
+    fn resolve(topic: &str, connection: &Connection<'_>) -> anyhow::Result<Target> {
+        let config = match connection.config {
+            None => None,
+            Some(path) => Some(
+                config::load(path)
+                    .map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?,
+            ),
+        };
+        let shown = || connection.config.map(|p| p.display().to_string());
+        let nats = |config: Option<&Config>| -> anyhow::Result<NatsConfig> {
+            match config {
+                None => Ok(NatsConfig::default()),
+                Some(config) => config.brokers.nats.clone().with_context(|| {
+                    format!("{} has no [brokers.nats]", shown().unwrap_or_default())
+                }),
+            }
+        };
+        let kafka = |config: Option<&Config>| -> anyhow::Result<KafkaConfig> {
+            match config {
+                None => Ok(KafkaConfig::default()),
+                Some(config) => config.brokers.kafka.clone().with_context(|| {
+                    format!("{} has no [brokers.kafka]", shown().unwrap_or_default())
+                }),
+            }
+        };
+        let target = match (connection.nats, connection.kafka, &config) {
+            (Some(url), _, _) => Target::Nats {
+                settings: NatsConfig {
+                    servers: vec![url.to_owned()],
+                    ..nats(config.as_ref())?
+                },
+                core: connection.core,
+            },
+            (None, Some(bootstrap), _) => Target::Kafka(KafkaConfig {
+                bootstrap: bootstrap.to_owned(),
+                ..kafka(config.as_ref())?
+            }),
+            (None, None, Some(found)) => match found.topic_broker(topic) {
+                BrokerKind::Nats => Target::Nats {
+                    settings: nats(Some(found))?,
+                    core: true,
+                },
+                BrokerKind::JetStream => Target::Nats {
+                    settings: nats(Some(found))?,
+                    core: connection.core,
+                },
+                BrokerKind::Kafka => Target::Kafka(kafka(Some(found))?),
+                BrokerKind::Memory => Target::Http(
+                    connection
+                        .http
+                        .map_or_else(|| found.http.listen.to_string(), str::to_owned),
+                ),
+            },
+            (None, None, None) => Target::Http(connection.http.unwrap_or(DEFAULT_HTTP).to_owned()),
+        };
+        if connection.core && !matches!(target, Target::Nats { .. }) {
+            bail!("--core is for NATS: give --nats URL, or -c FILE in which {topic} is a NATS subject");
+        }
+        Ok(target)
+    }
+}
+
+async fn connect_nats(settings: &NatsConfig) -> anyhow::Result<NatsTransport> {
+    NatsTransport::connect(settings)
         .await
-        .with_context(|| format!("connecting to Kafka at {bootstrap}"))
+        .with_context(|| format!("connecting to NATS at {}", settings.servers.join(",")))
+}
+
+async fn connect_kafka(settings: &KafkaConfig) -> anyhow::Result<KafkaTransport> {
+    KafkaTransport::connect(settings)
+        .await
+        .with_context(|| format!("connecting to Kafka at {}", settings.bootstrap))
 }
 
 /// Print what a broker subscription delivers, as JSON lines, acknowledging as it goes.

@@ -90,28 +90,9 @@ impl Shared {
         self.functions.iter().find(|f| &*f.spec.name == name)
     }
 
-    /// The broker `topic` lives on in this configuration: that of the functions it triggers,
-    /// else that of the functions publishing to it, else (a dead-letter topic) that of their
-    /// dead letters, else the memory bus.
+    /// The broker `topic` lives on in this configuration: see [`Config::topic_broker`].
     pub fn topic_broker(&self, topic: &str) -> BrokerKind {
-        let functions = &self.config.functions;
-        functions
-            .iter()
-            .find(|f| crate::config::topic_matches(&f.trigger.topic, topic))
-            .map(|f| f.trigger.broker)
-            .or_else(|| {
-                functions
-                    .iter()
-                    .find(|f| f.output_allowed(topic))
-                    .map(|f| f.output_broker)
-            })
-            .or_else(|| {
-                functions
-                    .iter()
-                    .find(|f| f.dead_letter.topic == topic)
-                    .map(|f| f.dead_letter.broker)
-            })
-            .unwrap_or(BrokerKind::Memory)
+        self.config.topic_broker(topic)
     }
 
     /// Where an event posted to `topic` over HTTP goes: see [`Shared::topic_broker`].

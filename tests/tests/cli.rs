@@ -507,6 +507,14 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
             && output.stderr.contains("captures core.only"),
         "{output:?}"
     );
+    // --core without NATS to go to.
+    let output = run_weir(
+        ["publish", "hist.a", "--data", "{}", "--core"],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(output.code, Some(1), "{output:?}");
+    ensure!(output.stderr.contains("--core is for NATS"), "{output:?}");
     // --core and --last contradict each other: a usage error.
     let output = run_weir(
         ["tail", "hist.a", "--nats", &url, "--core", "--last", "2"],

@@ -4,7 +4,8 @@
 //! against `tls_ca`, mutual TLS with `tls_cert`/`tls_key`) carries a core round trip and a
 //! confirmed JetStream publish; wrong or missing credentials and certificates that do not
 //! verify fail at once with a classified error ([`TransportError::Authentication`],
-//! [`TransportError::Tls`]), and `weir run` says so and exits.
+//! [`TransportError::Tls`]), and `weir run` says so and exits. `weir publish` and `weir tail`
+//! with `-c` connect the same way.
 //!
 //! Certificates are made at test time (`weir_tests::tls`), nkeys and JWTs too (the nkeys
 //! crate); every server is a real `nats-server -js` started by the harness.
@@ -21,7 +22,7 @@ use weir_broker_bridge::{OutboundMessage, Publisher as _, Subscription as _, Tra
 use weir_tests::nats_server::NatsServer;
 use weir_tests::process::WeirProcess;
 use weir_tests::tls::TestCa;
-use weir_tests::weir::functions_dir;
+use weir_tests::weir::{functions_dir, run_weir};
 
 /// How long a message or an output may take.
 const WAIT: Duration = Duration::from_secs(15);
@@ -586,6 +587,77 @@ async fn weir_run_chains_through_an_authenticated_tls_server_and_refuses_a_wrong
         output.message.payload.as_deref() == Some(br#""hello""#.as_slice()),
         "{:?}",
         output.message
+    );
+
+    // The CLI connects as the configuration says (here with the password from a file, as
+    // `weir publish` and `weir tail` run without the service's environment); each topic goes
+    // to the broker it lives on there.
+    let cli_config = write(
+        dir.path(),
+        "cli.toml",
+        &weir_config(&server.url(), &files)?.replace(
+            "password_env = \"WEIR_TEST_NATS_PASSWORD\"",
+            &format!(
+                "password_file = \"{}\"",
+                dir.path().join("password").display()
+            ),
+        ),
+    )?;
+    let cli_config = cli_config.display().to_string();
+    let output = run_weir(
+        [
+            "publish",
+            "secure.in",
+            "-c",
+            &cli_config,
+            "--type",
+            "com.example.secured",
+            "--data",
+            r#""via the CLI""#,
+        ],
+        WAIT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "weir publish -c: {output:?}");
+    let accepted: Value = serde_json::from_str(output.stdout.trim())
+        .with_context(|| format!("publish prints what it published: {output:?}"))?;
+    ensure!(accepted["broker"] == "jetstream", "{accepted}");
+    let output = run_weir(
+        ["tail", "secure.out", "-c", &cli_config, "--limit", "2"],
+        WAIT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(0),
+        "weir tail -c: {output:?}\nweir's log:\n{}",
+        weir.log_text()
+    );
+    let data: Vec<String> = output
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).map(|e| e["data"].to_string()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("JSON lines: {output:?}"))?;
+    ensure!(
+        data == [r#""hello""#, r#""via the CLI""#],
+        "{data:?}: {output:?}"
+    );
+    // Without the configuration the CLI has neither the CA nor a client certificate.
+    let output = run_weir(
+        [
+            "tail",
+            "secure.out",
+            "--nats",
+            &server.url(),
+            "--limit",
+            "1",
+        ],
+        WAIT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(1) && output.stderr.contains("TLS with nats failed"),
+        "{output:?}"
     );
     drop(weir);
 
