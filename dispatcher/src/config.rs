@@ -215,6 +215,13 @@ impl Config {
     /// else that of the functions publishing to it, else (a dead-letter topic) that of their
     /// dead letters, else the memory bus.
     pub fn topic_broker(&self, topic: &str) -> BrokerKind {
+        self.mentioned_topic_broker(topic)
+            .unwrap_or(BrokerKind::Memory)
+    }
+
+    /// [`Config::topic_broker`] for a topic some function triggers on, publishes to or
+    /// dead-letters to; `None` for one the configuration does not mention.
+    pub fn mentioned_topic_broker(&self, topic: &str) -> Option<BrokerKind> {
         let functions = &self.functions;
         functions
             .iter()
@@ -232,7 +239,6 @@ impl Config {
                     .find(|f| f.dead_letter.topic == topic)
                     .map(|f| f.dead_letter.broker)
             })
-            .unwrap_or(BrokerKind::Memory)
     }
 }
 
@@ -590,15 +596,38 @@ impl RawFunction {
 // Loading
 // ---------------------------------------------------------------------------------------------
 
+/// What a configuration is loaded for, which decides how much of it must be there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadFor {
+    /// Running it (`weir run`, `weir check`): every function and its module file.
+    Running,
+    /// Connecting as it does (`weir publish` / `weir tail -c`): only the broker settings and
+    /// which broker each topic lives on are used, so module files need not exist on this
+    /// machine and `[[functions]]` may be left out. Everything present is still validated.
+    Connecting,
+}
+
 /// Reads `path` and applies `WEIR__...` overrides from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_for(path, LoadFor::Running)
+}
+
+/// [`load`] for `purpose`.
+pub fn load_for(path: &Path, purpose: LoadFor) -> Result<Config, ConfigErrors> {
     let env = std::env::vars_os()
         .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)));
-    load_with_env(path, env)
+    read_and_parse(path, env, purpose)
 }
 
 /// [`load`] with the environment given explicitly (only `WEIR__` variables are looked at).
 pub fn load_with_env<I>(path: &Path, env: I) -> Result<Config, ConfigErrors>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    read_and_parse(path, env, LoadFor::Running)
+}
+
+fn read_and_parse<I>(path: &Path, env: I, purpose: LoadFor) -> Result<Config, ConfigErrors>
 where
     I: IntoIterator<Item = (String, String)>,
 {
@@ -614,7 +643,7 @@ where
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    from_toml_str_with_env(&text, &base_dir, env).map_err(|mut errors| {
+    parse_text(&text, &base_dir, env, purpose).map_err(|mut errors| {
         for problem in &mut errors.problems {
             if problem.path.is_empty() {
                 problem.message = format!("{}: {}", path.display(), problem.message);
@@ -635,6 +664,18 @@ pub fn from_toml_str_with_env<I>(
     text: &str,
     base_dir: &Path,
     env: I,
+) -> Result<Config, ConfigErrors>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    parse_text(text, base_dir, env, LoadFor::Running)
+}
+
+fn parse_text<I>(
+    text: &str,
+    base_dir: &Path,
+    env: I,
+    purpose: LoadFor,
 ) -> Result<Config, ConfigErrors>
 where
     I: IntoIterator<Item = (String, String)>,
@@ -667,7 +708,7 @@ where
         }
     };
 
-    let config = parse_sections(root, base_dir, &mut errors);
+    let config = parse_sections(root, base_dir, purpose, &mut errors);
     annotate_overrides(&mut errors, &overrides);
     match config {
         Some(config) => errors.into_result(config),
@@ -691,6 +732,7 @@ fn build_layers(
 fn parse_sections(
     root: config::Map<String, config::Value>,
     base_dir: &Path,
+    purpose: LoadFor,
     errors: &mut ConfigErrors,
 ) -> Option<Config> {
     let mut http = None;
@@ -730,7 +772,9 @@ fn parse_sections(
         defaults = section::<Defaults>(value, "defaults", errors, &mut taken_out);
     }
 
+    let running = purpose == LoadFor::Running;
     let functions: Vec<Option<RawFunction>> = match raw_functions {
+        None if !running => Vec::new(),
         None => {
             errors.push(
                 "functions",
@@ -739,7 +783,7 @@ fn parse_sections(
             Vec::new()
         }
         Some(value) => match value.into_array() {
-            Ok(items) if items.is_empty() => {
+            Ok(items) if items.is_empty() && running => {
                 errors.push("functions", "no [[functions]] configured");
                 Vec::new()
             }
@@ -784,7 +828,16 @@ fn parse_sections(
         // Broker presence is only judged once [brokers] itself parsed, or every function
         // would repeat the brokers section's own error.
         let function = resolve_function(
-            &path, raw, &defaults, &brokers, brokers_ok, base_dir, errors,
+            &path,
+            raw,
+            &defaults,
+            &brokers,
+            brokers_ok,
+            ModuleFiles {
+                base_dir,
+                must_exist: running,
+            },
+            errors,
         );
         resolved.push(function);
     }
@@ -1237,23 +1290,29 @@ fn layer<T: Clone>(own: &Option<T>, default: &Option<T>, builtin: T) -> T {
     own.clone().or_else(|| default.clone()).unwrap_or(builtin)
 }
 
+/// Where relative module paths resolve, and whether the files must be there.
+struct ModuleFiles<'a> {
+    base_dir: &'a Path,
+    must_exist: bool,
+}
+
 fn resolve_function(
     path: &str,
     raw: RawFunction,
     defaults: &Defaults,
     brokers: &BrokersConfig,
     check_brokers: bool,
-    base_dir: &Path,
+    modules: ModuleFiles<'_>,
     errors: &mut ConfigErrors,
 ) -> FunctionConfig {
     let own = raw.own();
     check_settings(&own, path, errors);
     check_name(&raw.name, path, errors);
 
-    let module = base_dir.join(&raw.module);
+    let module = modules.base_dir.join(&raw.module);
     if raw.module.as_os_str().is_empty() {
         errors.push(format!("{path}.module"), "must not be empty");
-    } else if !module.is_file() {
+    } else if modules.must_exist && !module.is_file() {
         errors.push(
             format!("{path}.module"),
             format!(

@@ -127,7 +127,9 @@ struct PublishArgs {
     kafka: Option<String>,
     /// Connect as this weir configuration does: its `[brokers.nats]` / `[brokers.kafka]`
     /// settings (credentials, TLS) apply, and without --nats or --kafka the topic goes to the
-    /// broker it lives on there (a JetStream topic confirmed, a core subject core).
+    /// broker it lives on there (a JetStream topic confirmed, a core subject core); a topic it
+    /// does not mention, to its only broker if it configures one (NATS: JetStream), else to
+    /// its `[http] listen`. Its modules need not be on this machine.
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -160,7 +162,9 @@ struct TailArgs {
     kafka: Option<String>,
     /// Connect as this weir configuration does: its `[brokers.nats]` / `[brokers.kafka]`
     /// settings (credentials, TLS) apply, and without --nats or --kafka the topic is read on
-    /// the broker it lives on there.
+    /// the broker it lives on there; a topic it does not mention, on its only broker if it
+    /// configures one, else through its `[http] listen`. Its modules need not be on this
+    /// machine.
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -740,7 +744,7 @@ impl Target {
         let config = match connection.config {
             None => None,
             Some(path) => Some(
-                config::load(path)
+                config::load_for(path, config::LoadFor::Connecting)
                     .map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?,
             ),
         };
@@ -773,7 +777,10 @@ impl Target {
                 bootstrap: bootstrap.to_owned(),
                 ..kafka(config.as_ref())?
             }),
-            (None, None, Some(found)) => match found.topic_broker(topic) {
+            (None, None, Some(found)) => match found
+                .mentioned_topic_broker(topic)
+                .unwrap_or_else(|| only_external_broker(found))
+            {
                 BrokerKind::Nats => Target::Nats {
                     settings: nats(Some(found))?,
                     core: true,
@@ -795,6 +802,16 @@ impl Target {
             bail!("--core is for NATS: give --nats URL, or -c FILE in which {topic} is a NATS subject");
         }
         Ok(target)
+    }
+}
+
+/// Where a topic the configuration does not mention goes: to its one external broker if it
+/// configures exactly one (a file holding only `[brokers.nats]`, say), else to the memory bus.
+fn only_external_broker(config: &Config) -> BrokerKind {
+    match (&config.brokers.nats, &config.brokers.kafka) {
+        (Some(_), None) => BrokerKind::JetStream,
+        (None, Some(_)) => BrokerKind::Kafka,
+        _ => BrokerKind::Memory,
     }
 }
 

@@ -581,6 +581,38 @@ fn a_missing_module_names_the_resolved_path() {
     );
 }
 
+/// `weir publish/tail -c` on a machine without the modules, or with a file that only holds
+/// broker settings: loaded for connecting, both are fine and the topic map still works; loaded
+/// for running, both are refused. Mistakes in what is there are reported either way.
+#[test]
+fn loading_for_connecting_needs_no_module_files_and_no_functions() {
+    let fixture = Fixture::new(&[]);
+    let file = fixture.write(
+        "[brokers.nats]\nservers = [\"nats://127.0.0.1:4222\"]\n\n[[functions]]\nname = \"a\"\nmodule = \"wasm/a.wasm\"\noutputs = [\"a.out\"]\ntrigger = { broker = \"jetstream\", topic = \"in\", stream = \"IN\" }\n",
+    );
+    let config =
+        config::load_for(&file, config::LoadFor::Connecting).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.topic_broker("in"), BrokerKind::JetStream);
+    assert_eq!(config.topic_broker("a.out"), BrokerKind::JetStream);
+    assert_eq!(config.topic_broker("elsewhere"), BrokerKind::Memory);
+    assert_eq!(config.mentioned_topic_broker("elsewhere"), None);
+    let errors = config::load_for(&file, config::LoadFor::Running).unwrap_err();
+    assert_eq!(paths(&errors), ["functions[0].module"]);
+
+    let brokers_only = fixture.write("[brokers.nats]\nservers = [\"nats://127.0.0.1:4222\"]\n");
+    let config = config::load_for(&brokers_only, config::LoadFor::Connecting)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.brokers.nats.is_some() && config.functions.is_empty());
+    let errors = config::load_for(&brokers_only, config::LoadFor::Running).unwrap_err();
+    assert_eq!(paths(&errors), ["functions"]);
+
+    let broken = fixture.write(
+        "[brokers.nats]\nservers = [\"nats://127.0.0.1:4222\"]\nconnect_timeout = \"soon\"\n",
+    );
+    let errors = config::load_for(&broken, config::LoadFor::Connecting).unwrap_err();
+    assert_eq!(paths(&errors), ["brokers.nats.connect_timeout"]);
+}
+
 #[test]
 fn deserialization_errors_in_several_functions_are_all_reported() {
     let fixture = Fixture::new(&["a.wasm"]);

@@ -622,8 +622,21 @@ async fn weir_run_chains_through_an_authenticated_tls_server_and_refuses_a_wrong
     let accepted: Value = serde_json::from_str(output.stdout.trim())
         .with_context(|| format!("publish prints what it published: {output:?}"))?;
     ensure!(accepted["broker"] == "jetstream", "{accepted}");
+    // A file with only the connection settings: the topic goes to its one broker.
+    let text = std::fs::read_to_string(&cli_config)?;
+    let (connection_only, _) = text
+        .split_once("[[brokers.nats_streams]]")
+        .context("the CLI config declares streams")?;
+    let connection_only = write(dir.path(), "connection.toml", connection_only)?;
     let output = run_weir(
-        ["tail", "secure.out", "-c", &cli_config, "--limit", "2"],
+        [
+            "tail",
+            "secure.out",
+            "-c",
+            &connection_only.display().to_string(),
+            "--limit",
+            "2",
+        ],
         WAIT,
     )
     .await?;
