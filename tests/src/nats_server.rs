@@ -54,8 +54,7 @@ impl NatsServer {
     }
 
     /// A server with JetStream whose configuration file holds `conf` (say an `authorization`
-    /// or a `tls` block); paths in it may point into [`NatsServer::start_with_config`]'s
-    /// caller's temp dir.
+    /// or a `tls` block); files it names (certificates, an operator JWT) are the caller's.
     pub fn start_with_config(conf: &str) -> anyhow::Result<NatsServer> {
         Self::start_with(true, Some(conf))
     }
