@@ -748,22 +748,11 @@ impl Target {
                     .map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?,
             ),
         };
-        let shown = || connection.config.map(|p| p.display().to_string());
-        let nats = |config: Option<&Config>| -> anyhow::Result<NatsConfig> {
-            match config {
-                None => Ok(NatsConfig::default()),
-                Some(config) => config.brokers.nats.clone().with_context(|| {
-                    format!("{} has no [brokers.nats]", shown().unwrap_or_default())
-                }),
-            }
+        let nats = |config: Option<&Config>| {
+            broker_settings(config, connection.config, "nats", |b| &b.nats)
         };
-        let kafka = |config: Option<&Config>| -> anyhow::Result<KafkaConfig> {
-            match config {
-                None => Ok(KafkaConfig::default()),
-                Some(config) => config.brokers.kafka.clone().with_context(|| {
-                    format!("{} has no [brokers.kafka]", shown().unwrap_or_default())
-                }),
-            }
+        let kafka = |config: Option<&Config>| {
+            broker_settings(config, connection.config, "kafka", |b| &b.kafka)
         };
         let target = match (connection.nats, connection.kafka, &config) {
             (Some(url), _, _) => Target::Nats {
@@ -802,6 +791,22 @@ impl Target {
             bail!("--core is for NATS: give --nats URL, or -c FILE in which {topic} is a NATS subject");
         }
         Ok(target)
+    }
+}
+
+/// `[brokers.<name>]` of the `-c` file, which must have it; the defaults without `-c`.
+fn broker_settings<T: Clone + Default>(
+    config: Option<&Config>,
+    path: Option<&std::path::Path>,
+    name: &str,
+    section: impl Fn(&config::BrokersConfig) -> &Option<T>,
+) -> anyhow::Result<T> {
+    match config {
+        None => Ok(T::default()),
+        Some(config) => section(&config.brokers).clone().with_context(|| {
+            let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
+            format!("{shown} has no [brokers.{name}]")
+        }),
     }
 }
 

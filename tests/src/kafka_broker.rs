@@ -37,6 +37,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
 use weir_broker_bridge::kafka::{KafkaConfig, KafkaTransport, SaslMechanism, SecurityProtocol};
 
 use crate::ports::free_port;
@@ -99,6 +101,23 @@ pub struct KafkaBroker {
     /// file is picked up.
     dir: tempfile::TempDir,
     child: Option<Child>,
+}
+
+/// The tests' own producer for a plaintext broker at `bootstrap`: idempotent, `acks=all`, one
+/// record per batch.
+pub fn test_producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // One record per batch: Tansu 0.6 serves a fetch from the first batch whose *base*
+        // offset is at or after the requested offset, so a consumer resuming from a committed
+        // offset inside a multi-record batch would skip the rest of that batch (or stall).
+        .set("batch.num.messages", "1")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .context("creating the test producer")
 }
 
 impl KafkaBroker {

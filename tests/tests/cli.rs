@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use serde_json::Value;
 use weir_broker_bridge::kafka::KafkaTransport;
-use weir_tests::kafka_broker::KafkaBroker;
+use weir_tests::kafka_broker::{test_producer, KafkaBroker};
 use weir_tests::nats_server::NatsServer;
 use weir_tests::weir::{functions_dir, run_weir, weir_bin, CommandOutput, WeirUp};
 
@@ -593,21 +593,14 @@ async fn wait_for_stderr(child: &mut tokio::process::Child, needle: &str) -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
 
     let broker = KafkaBroker::start().await?;
     let bootstrap = broker.bootstrap();
     let transport = KafkaTransport::connect(&broker.config()).await?;
     transport.ensure_topic("cli.kafka", 2, 1).await?;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("acks", "all")
-        // One record per batch: Tansu 0.6 serves a fetch from the first batch whose base
-        // offset is at or after the one asked for (see kafka_e2e.rs).
-        .set("batch.num.messages", "1")
-        .set("message.timeout.ms", "20000")
-        .create()
-        .context("creating the test producer")?;
+    // One record per batch: see `test_producer` on Tansu's fetch inside a batch.
+    let producer = test_producer(&bootstrap)?;
     let produce = |partition: i32, n: u64| {
         let producer = producer.clone();
         async move {

@@ -44,7 +44,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use weir_broker_bridge::kafka::KafkaTransport;
 use weir_dispatcher::retry::RetryPolicy;
-use weir_tests::kafka_broker::KafkaBroker;
+use weir_tests::kafka_broker::{test_producer, KafkaBroker};
 use weir_tests::process::{metric_value, WeirProcess};
 use weir_tests::weir::{functions_dir, InProcess};
 
@@ -103,7 +103,7 @@ impl Kafka {
 
     async fn with_broker(broker: KafkaBroker) -> anyhow::Result<Kafka> {
         let transport = KafkaTransport::connect(&broker.config()).await?;
-        let producer = producer(&broker.bootstrap())?;
+        let producer = test_producer(&broker.bootstrap())?;
         Ok(Kafka {
             broker,
             transport,
@@ -318,21 +318,6 @@ impl Kafka {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        // One record per batch: Tansu 0.6 serves a fetch from the first batch whose *base*
-        // offset is at or after the requested offset, so a consumer resuming from a committed
-        // offset inside a multi-record batch would skip the rest of that batch (or stall).
-        .set("batch.num.messages", "1")
-        .set("linger.ms", "0")
-        .set("message.timeout.ms", "20000")
-        .create()
-        .context("creating the test producer")
 }
 
 /// A record as stored.
@@ -1773,7 +1758,7 @@ max = 4
     kafka.broker.restart().await?;
     // A fresh test producer: the old one's idempotence state may not match the restarted
     // broker's, and the test is not about its recovery.
-    kafka.producer = producer(&kafka.bootstrap())?;
+    kafka.producer = test_producer(&kafka.bootstrap())?;
     let after: Vec<String> = (0..300).map(|i| format!("after-{i:04}")).collect();
     kafka.publish_ids("br.in", &after).await?;
 
