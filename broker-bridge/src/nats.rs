@@ -314,6 +314,17 @@ fn tls_hint(error: &async_nats::rustls::Error) -> Option<&'static str> {
     }
 }
 
+/// The reason to give when a JetStream request went unanswered because the server has no
+/// JetStream at all. Such a server answers no JetStream request, which async-nats reports as
+/// a missing resource or no responders: read as is, that sends the operator looking for a
+/// stream that is not the problem. `None` when the server says it has JetStream.
+fn jetstream_disabled(client: &Client) -> Option<&'static str> {
+    (!client.server_info().jetstream).then_some(
+        "the NATS server has JetStream disabled: start nats-server with -js (or give its \
+         configuration a `jetstream {}` block)",
+    )
+}
+
 /// The error with its whole chain: async-nats puts the telling part (the certificate
 /// verifier's complaint, the file that could not be read) in the source.
 fn connect_error_reason(err: &async_nats::ConnectError) -> String {

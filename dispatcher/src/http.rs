@@ -109,11 +109,12 @@ async fn publish(
         })?;
         wire_headers.push((name.as_str().to_owned(), value.to_owned()));
     }
-    let events = ingress::decode_request(&topic, &wire_headers, &body).map_err(|e| Problem {
-        status: StatusCode::BAD_REQUEST,
-        kind: e.kind(),
-        message: e.to_string(),
-    })?;
+    let events = ingress::decode_request(ingress::Entry::Http, &topic, &wire_headers, &body)
+        .map_err(|e| Problem {
+            status: StatusCode::BAD_REQUEST,
+            kind: e.kind(),
+            message: e.to_string(),
+        })?;
     let (broker, publisher) = state.shared.ingress(&topic).map_err(|e| Problem {
         status: StatusCode::SERVICE_UNAVAILABLE,
         kind: "broker",

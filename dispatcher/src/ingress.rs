@@ -12,15 +12,36 @@ use weir_schemas::{ext, DecodeError, Event, Format, WireMessage};
 use crate::chain;
 use crate::runner::header_style;
 
+/// Where an event entered Weir. It names the `source` of an event that brings none
+/// (`weir://http/<topic>`, `weir://cli/<topic>`), so that source does not claim a way in the
+/// event did not take.
+#[derive(Debug, Clone, Copy)]
+pub enum Entry {
+    /// `POST /v1/topics/{topic}`.
+    Http,
+    /// `weir publish` straight to a broker.
+    Cli,
+}
+
+impl Entry {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Cli => "cli",
+        }
+    }
+}
+
 /// Decode a request into the events it carries. Each request is its own origin, so events
 /// without an id of their own get a fresh one.
 pub fn decode_request(
+    entry: Entry,
     topic: &str,
     headers: &[(String, String)],
     body: &[u8],
 ) -> Result<Vec<Event>, DecodeError> {
     let origin = format!("ingress://{}", uuid::Uuid::new_v4());
-    let default_source = weir_schemas::wire::default_source("http", topic);
+    let default_source = weir_schemas::wire::default_source(entry.as_str(), topic);
     let wire = WireMessage {
         headers,
         payload: Some(body),

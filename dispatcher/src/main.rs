@@ -538,7 +538,7 @@ impl Sink {
                 key,
                 ..
             } => {
-                let events = ingress::decode_request(topic, &headers, body)
+                let events = ingress::decode_request(ingress::Entry::Cli, topic, &headers, body)
                     .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
                 let mut ids = Vec::new();
                 for event in events {

@@ -358,8 +358,8 @@ impl Transports {
         let max_in_flight = function.scaling.max.max(1) as usize;
         let context = || {
             format!(
-                "function {}: subscribing to {} on {}",
-                function.name, trigger.topic, trigger.broker
+                "function {} ({} trigger {})",
+                function.name, trigger.broker, trigger.topic
             )
         };
         match trigger.broker {

@@ -311,6 +311,17 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         .map(|e| e["data"]["id"].clone())
         .collect();
     assert_eq!(ids, ["o-2", "o-3"], "{output:?}");
+
+    // A body that is no event of its own gets the HTTP ingress as its source.
+    let output = run_weir(
+        ["publish", "notes", "--data", "plain text", "--http", &http],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "publish failed: {output:?}");
+    let (_, note) = tail_one(&up, &["notes", "--http", &http]).await?;
+    assert_eq!(note["source"], "weir://http/notes", "{note}");
+    assert_eq!(note["type"], "weir.custom", "{note}");
     Ok(())
 }
 
@@ -367,6 +378,24 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
     assert_eq!(record["weirdlqreason"], "rejected");
     assert_eq!(record["weirdlqfunction"], "order-validate");
 
+    // Without --type the body goes as is. The event it becomes names the CLI as its way in,
+    // not the HTTP ingress it did not pass through.
+    let output = run_weir(
+        ["publish", "orders", "--data", "not json", "--nats", &url],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "publish failed: {output:?}");
+    let accepted: Value = serde_json::from_str(output.stdout.trim())?;
+    let (_, record) = tail_one(
+        &up,
+        &["weir.dlq.order-validate", "--nats", &url, "--last", "1"],
+    )
+    .await?;
+    assert_eq!(record["id"], accepted["ids"][0], "{record}");
+    assert_eq!(record["source"], "weir://cli/orders", "{record}");
+    assert_eq!(record["weirdlqreason"], "rejected", "{record}");
+
     // Reading a JetStream topic through the weir's HTTP server is refused with where to look,
     // instead of waiting for ever on an empty memory-bus topic.
     let http = up.addr().to_string();
@@ -398,7 +427,22 @@ async fn core_nats_publish_and_tail_lose_nothing() -> anyhow::Result<()> {
     let core_only = NatsServer::start_core_only()?;
     core_publish_and_tail(&core_only.url())
         .await
-        .context("on a server without JetStream")
+        .context("on a server without JetStream")?;
+
+    // What does need JetStream says that the server has none, at once.
+    let url = core_only.url();
+    for args in [
+        vec!["up", "--nats", &url, "--http", "127.0.0.1:0"],
+        vec!["publish", "orders", "--data", "{}", "--nats", &url],
+    ] {
+        let output = run_weir(&args, CLIENT_TIMEOUT).await?;
+        assert_eq!(output.code, Some(1), "{args:?}: {output:?}");
+        ensure!(
+            output.stderr.contains("JetStream disabled"),
+            "{args:?}: {output:?}"
+        );
+    }
+    Ok(())
 }
 
 async fn core_publish_and_tail(url: &str) -> anyhow::Result<()> {

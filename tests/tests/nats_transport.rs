@@ -647,6 +647,49 @@ async fn subscribing_to_a_missing_stream_names_it() -> anyhow::Result<()> {
     }
 }
 
+/// A server started without JetStream answers no JetStream request. Every JetStream use says
+/// that, instead of sending the operator after a stream that is not the problem.
+#[tokio::test]
+async fn jetstream_on_a_server_without_it_says_so() -> anyhow::Result<()> {
+    let server = NatsServer::start_core_only()?;
+    let transport = NatsTransport::connect(&config_for(&server)).await?;
+    let disabled = |error: &TransportError| error.to_string().contains("JetStream disabled");
+
+    let declared = transport
+        .ensure_stream(&StreamConfig::new(STREAM, vec!["events.>".into()]))
+        .await;
+    ensure!(
+        matches!(&declared, Err(e @ TransportError::Subscribe { .. }) if disabled(e)),
+        "declaring a stream: {declared:?}"
+    );
+    let subscribed = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(5)), 1)
+        .await;
+    ensure!(
+        matches!(&subscribed, Err(e @ TransportError::Subscribe { .. }) if disabled(e)),
+        "subscribing: {:?}",
+        subscribed.err()
+    );
+    let published = transport
+        .jetstream_publisher()
+        .publish(message("one", None))
+        .await;
+    ensure!(
+        matches!(&published, Err(e @ TransportError::Publish { .. }) if disabled(e)),
+        "publishing: {published:?}"
+    );
+
+    // Core NATS on the same connection is unaffected.
+    let mut subscription = transport.subscribe_core(SUBJECT, None).await?;
+    transport
+        .core_publisher()
+        .publish(message("two", None))
+        .await?;
+    let delivery = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    assert_eq!(delivery.message.payload.as_deref(), Some(&b"two"[..]));
+    Ok(())
+}
+
 #[tokio::test]
 async fn connecting_to_a_closed_port_fails() -> anyhow::Result<()> {
     let port = weir_tests::ports::free_port()?;

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{
     DeliverFrom, DiscardKind, JetStreamConsumerOptions, RetentionKind, StorageKind, StreamConfig,
 };
-use super::{events, pairs_to_headers, NatsTransport};
+use super::{events, jetstream_disabled, pairs_to_headers, NatsTransport};
 use crate::{
     BrokerKind, Delivery, FlowControl, Headers, InboundMessage, LagProbe, Origin, OutboundMessage,
     Publisher, RetryStyle, Settle, Subscription, TransportError,
@@ -118,7 +118,10 @@ impl NatsTransport {
                             options.stream
                         )
                     }
-                    _ => format!("reading stream {}: {err}", options.stream),
+                    _ => match jetstream_disabled(&self.client) {
+                        Some(disabled) => disabled.to_owned(),
+                        None => format!("reading stream {}: {err}", options.stream),
+                    },
                 })
             })?;
 
@@ -700,9 +703,14 @@ impl JetStreamPublisher {
         let map_error = |err: js::context::PublishError| match err.kind() {
             PublishErrorKind::StreamNotFound => TransportError::Publish {
                 topic: topic.clone(),
-                reason: "no JetStream stream captures this subject (no responders); declare a \
-                         stream whose subjects include it"
-                    .into(),
+                reason: jetstream_disabled(&self.context.client()).map_or_else(
+                    || {
+                        "no JetStream stream captures this subject (no responders); declare \
+                         a stream whose subjects include it"
+                            .to_owned()
+                    },
+                    str::to_owned,
+                ),
             },
             PublishErrorKind::TimedOut => TransportError::PublishTimeout {
                 topic: topic.clone(),
@@ -828,7 +836,10 @@ pub async fn ensure_stream(
                     differences: Vec::new(),
                 })
             }
-            _ => Err(stream_error(format!("reading: {err}"))),
+            _ => Err(stream_error(match jetstream_disabled(&transport.client) {
+                Some(disabled) => disabled.to_owned(),
+                None => format!("reading: {err}"),
+            })),
         },
     }
 }
