@@ -1,8 +1,8 @@
 //! Chaining: turning what a function returned into events fit to publish.
 //!
-//! Every output gets a deterministic id (from the input's id, the function and the output's
-//! index) so a redelivered input republishes the *same* outputs and brokers can de-duplicate
-//! them; `weirhops` counts the chain depth (checked against the hop limit before a function
+//! Every output gets a deterministic id (from the input's source and id, the function and the
+//! output's index) so a redelivered input republishes the *same* outputs and brokers can
+//! de-duplicate them; `weirhops` counts the chain depth (checked against the hop limit before a function
 //! runs), `weircausation` names the input and `traceparent` carries the original trace.
 //!
 //! It does not publish anything and does not check allow-lists (see [`check_outputs`] for the
@@ -67,7 +67,10 @@ pub fn chain_outputs(
         .into_iter()
         .enumerate()
         .map(|(index, (topic, key, mut event))| {
-            event.id = derived_id(&[&input.id, function, &index.to_string()]);
+            // CloudEvents makes an id unique only within its source: two producers' event
+            // "1" are different events, and outputs sharing an id would be de-duplicated away
+            // by the broker (JetStream's `Nats-Msg-Id`).
+            event.id = derived_id(&[&input.source, &input.id, function, &index.to_string()]);
             if event.source.is_empty() {
                 event.source = format!("weir://function/{function}");
             }
@@ -176,6 +179,15 @@ mod tests {
         let again = chain_outputs("f", &input(), out(), "2024-01-01T00:00:01Z");
         assert_eq!(first[0].event.id, again[0].event.id);
         assert_ne!(first[0].event.id, first[1].event.id);
+        let mut elsewhere = input();
+        elsewhere.source = format!("{}-elsewhere", elsewhere.source);
+        let other = chain_outputs("f", &elsewhere, out(), "2024-01-01T00:00:00Z");
+        assert_ne!(
+            first[0].event.id, other[0].event.id,
+            "the same id from another source is another event"
+        );
+        let other_function = chain_outputs("g", &input(), out(), "2024-01-01T00:00:00Z");
+        assert_ne!(first[0].event.id, other_function[0].event.id);
         assert_eq!(first[0].event.extension(ext::HOPS), Some("1"));
         assert_eq!(first[0].event.extension(ext::CAUSATION), Some("in-1"));
         let tp = first[1].event.extension(ext::TRACEPARENT).unwrap();

@@ -33,6 +33,18 @@ impl DeadLetterReason {
     }
 }
 
+/// The broker de-duplication id of `function`'s dead-letter record of `event`: the same when
+/// a redelivered event is dead-lettered again (a crash between the record's confirmation and
+/// the source's TERM), different for every other function failing the same event and for
+/// another source's event with the same id. Several functions' dead-letter topics commonly
+/// share one stream (`weir.dlq.>`), where JetStream de-duplicates across subjects.
+pub fn dedup_id(function: &str, event: &Event) -> String {
+    format!(
+        "dlq-{}",
+        derived_id(&["dlq", function, &event.source, &event.id])
+    )
+}
+
 /// The most of an error message a record keeps.
 pub const MAX_ERROR_BYTES: usize = 1024;
 

@@ -82,6 +82,12 @@ pub fn outbound(event: &Event, topic: &str, broker: BrokerKind) -> OutboundMessa
             .map(|k| Bytes::from(k.to_owned())),
         headers,
         payload: Bytes::from(payload),
-        dedup_id: Some(event.id.clone()),
+        // Source and id: a client retrying its request is de-duplicated, another producer's
+        // event that happens to share the id is not.
+        dedup_id: Some(weir_schemas::derived_id(&[
+            "ingress",
+            &event.source,
+            &event.id,
+        ])),
     }
 }

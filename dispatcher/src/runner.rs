@@ -28,7 +28,7 @@ use weir_broker_bridge::{
 use weir_schemas::{ext, Event, Format, HeaderStyle, WireMessage};
 
 use crate::chain::{self, OutputRules};
-use crate::deadletter::{DeadLetter, DeadLetterReason, RawInput};
+use crate::deadletter::{self, DeadLetter, DeadLetterReason, RawInput};
 use crate::engine::{self, InvocationError, WitDelivery};
 use crate::pool::{InstancePool, Slot};
 use crate::retry::RetryPolicy;
@@ -651,7 +651,7 @@ impl FunctionRunner {
             key: Some(Bytes::from(record.id.clone().into_bytes())),
             headers,
             payload: Bytes::from(payload),
-            dedup_id: Some(format!("dlq-{}", record.id)),
+            dedup_id: Some(deadletter::dedup_id(&self.spec.name, &record)),
         };
         let mut wait = Duration::from_millis(50);
         let mut paused = false;

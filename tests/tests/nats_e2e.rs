@@ -990,6 +990,116 @@ async fn js_undecodable(nats: &Nats) -> anyhow::Result<()> {
     nats.wait_drained("TEST", "weir-echo", WAIT).await
 }
 
+/// Broker de-duplication must only ever drop what is truly the same message. JetStream
+/// de-duplicates by `Nats-Msg-Id` across a whole stream, so:
+/// - two functions failing one event, their dead-letter topics in one stream (`weir.dlq.>`, as
+///   the demo and the example configuration have it), get a record each;
+/// - two producers' events with the same id (CloudEvents makes ids unique per source only)
+///   each get their outputs, whether they were published straight to the stream or through
+///   the HTTP ingress;
+/// - while a client retrying one event through the ingress is still de-duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sharing_an_id_keep_their_outputs_and_dead_letters_apart() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let streams: [(&str, &[&str]); 2] = [("SHARE", &["share.>"]), ("DLQ", &["weir.dlq.>"])];
+    let config = format!(
+        r#"
+[defaults.trigger]
+broker = "jetstream"
+
+{brokers}
+[[functions]]
+name = "reject-a"
+module = "{reject}"
+[functions.trigger]
+topic = "share.in"
+stream = "SHARE"
+
+[[functions]]
+name = "reject-b"
+module = "{reject}"
+[functions.trigger]
+topic = "share.in"
+stream = "SHARE"
+
+[[functions]]
+name = "echo"
+module = "{echo}"
+outputs = ["share.out"]
+config = {{ output_topic = "share.out" }}
+[functions.trigger]
+topic = "share.echo"
+stream = "SHARE"
+"#,
+        brokers = brokers(&nats.server.url(), &streams),
+        reject = module("reject_all.wasm")?,
+        echo = module("echo.wasm")?,
+    );
+    let weir = InProcess::start(&config).await?;
+
+    nats.publish_event("share.in", "shared-1", "com.example.x", "{}", &[])
+        .await?;
+    for function in ["reject-a", "reject-b"] {
+        let subject = format!("weir.dlq.{function}");
+        let record = nats
+            .wait_event("DLQ", &subject, WAIT, |e| e["id"] == "shared-1")
+            .await
+            .with_context(|| format!("{function}'s dead-letter record"))?;
+        assert_eq!(ext(&record, "weirdlqfunction"), function, "{record}");
+    }
+
+    // Straight to the stream: one id, two sources.
+    for source in ["producer-a", "producer-b"] {
+        let mut headers = ce_headers("1", "com.example.x", &[]);
+        headers.insert("ce-source", source);
+        nats.publish_raw("share.echo", headers, Bytes::from_static(b"{}"))
+            .await?;
+    }
+    // Through the ingress: one id, two sources, and the first request sent twice.
+    for source in ["producer-a", "producer-b", "producer-a"] {
+        let (status, answer) = weir
+            .post(
+                "share.echo",
+                &[
+                    ("ce-specversion", "1.0"),
+                    ("ce-id", "2"),
+                    ("ce-source", source),
+                    ("ce-type", "com.example.x"),
+                ],
+                "{}",
+            )
+            .await?;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let inputs = nats.events("SHARE", "share.echo").await?;
+    let sources = |id: &str| -> Vec<String> {
+        let mut sources: Vec<String> = inputs
+            .iter()
+            .filter(|e| e["id"] == id)
+            .map(|e| ext(e, "source").to_owned())
+            .collect();
+        sources.sort();
+        sources
+    };
+    assert_eq!(sources("1"), ["producer-a", "producer-b"], "{inputs:?}");
+    assert_eq!(
+        sources("2"),
+        ["producer-a", "producer-b"],
+        "the ingress keeps both producers' events and drops the retried request: {inputs:?}"
+    );
+
+    nats.wait_count("SHARE", 9, WAIT)
+        .await
+        .context("share.in's event, four on share.echo, and an output of each on share.out")?;
+    nats.wait_drained("SHARE", "weir-echo", WAIT).await?;
+    let outputs = nats.events("SHARE", "share.out").await?;
+    let ids: HashSet<&str> = outputs.iter().map(|e| ext(e, "id")).collect();
+    assert_eq!(outputs.len(), 4, "{outputs:?}");
+    assert_eq!(ids.len(), 4, "every output has its own id: {outputs:?}");
+    shutdown_within(weir).await
+}
+
 // -------------------------------------------------------------------------------------------
 // 1b. The scenarios that apply to core NATS
 // -------------------------------------------------------------------------------------------
