@@ -1354,6 +1354,7 @@ fn resolve_function(
         let stream = match &raw.trigger.stream {
             Some(stream) => {
                 check_stream_name(stream, &format!("{path}.trigger.stream"), errors);
+                check_stream_captures(brokers, stream, &raw.trigger.topic, path, errors);
                 stream.clone()
             }
             None => {
@@ -1664,6 +1665,53 @@ fn check_name(name: &str, path: &str, errors: &mut ConfigErrors) {
     }
 }
 
+/// A JetStream trigger on a stream this configuration declares must be among that stream's
+/// subjects: the server refuses a consumer whose filter the stream does not capture, and
+/// `weir check` should say so rather than `weir run` at start-up. A stream declared nowhere
+/// here is the server's business (its subjects are only known there).
+fn check_stream_captures(
+    brokers: &BrokersConfig,
+    stream: &str,
+    topic: &str,
+    path: &str,
+    errors: &mut ConfigErrors,
+) {
+    let Some(declared) = brokers.nats_streams.iter().find(|s| s.name == stream) else {
+        return;
+    };
+    // An empty topic and a stream without subjects are reported as such.
+    if topic.is_empty()
+        || declared.subjects.is_empty()
+        || declared.subjects.iter().any(|s| subject_covers(s, topic))
+    {
+        return;
+    }
+    errors.push(
+        format!("{path}.trigger.topic"),
+        format!(
+            "`{topic}` is not among the subjects of stream {stream} ({}); JetStream refuses a \
+             consumer for a subject its stream does not capture",
+            declared.subjects.join(", ")
+        ),
+    );
+}
+
+/// Whether every subject `filter` matches is one `pattern` matches (NATS wildcards: `*` one
+/// token, `>` one or more trailing tokens).
+fn subject_covers(pattern: &str, filter: &str) -> bool {
+    let mut pattern_tokens = pattern.split('.');
+    let mut filter_tokens = filter.split('.');
+    loop {
+        match (pattern_tokens.next(), filter_tokens.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(token)) if token != ">" => continue,
+            (Some(p), Some(f)) if p == f => continue,
+            _ => return false,
+        }
+    }
+}
+
 fn check_stream_name(stream: &str, path: &str, errors: &mut ConfigErrors) {
     if stream.is_empty()
         || stream
@@ -1960,6 +2008,22 @@ mod tests {
         assert!(!patterns_overlap("orders.>", "orders"));
         assert!(!patterns_overlap("orders.*", "orders.eu.paid"));
         assert!(!patterns_overlap("orders.validated", "orders"));
+    }
+
+    #[test]
+    fn a_stream_subject_covers_a_filter_when_it_matches_all_it_matches() {
+        assert!(subject_covers("orders", "orders"));
+        assert!(subject_covers("orders.>", "orders.eu"));
+        assert!(subject_covers("orders.>", "orders.eu.>"));
+        assert!(subject_covers("orders.>", "orders.*"));
+        assert!(subject_covers("orders.*", "orders.*"));
+        assert!(subject_covers(">", "orders"));
+        assert!(subject_covers("*.eu", "orders.eu"));
+        assert!(!subject_covers("orders.*", "orders.>"));
+        assert!(!subject_covers("orders.*", "orders.eu.paid"));
+        assert!(!subject_covers("orders.eu", "orders.*"));
+        assert!(!subject_covers("orders.>", "orders"));
+        assert!(!subject_covers("chk.a.>", "chk.b.in"));
     }
 
     #[test]

@@ -809,6 +809,49 @@ fn an_unreadable_file_is_one_problem() {
 }
 
 #[test]
+fn a_jetstream_trigger_must_be_among_its_declared_streams_subjects() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let text = |topic: &str, stream: &str| {
+        format!(
+            r#"
+            [brokers.nats]
+            servers = ["nats://127.0.0.1:4333"]
+            [[brokers.nats_streams]]
+            name = "ORDERS"
+            subjects = ["orders.*", "refunds.>"]
+            [[functions]]
+            name = "a"
+            module = "a.wasm"
+            [functions.trigger]
+            broker = "jetstream"
+            topic = "{topic}"
+            stream = "{stream}"
+            "#
+        )
+    };
+    for topic in ["orders.eu", "orders.*", "refunds.eu.>"] {
+        if let Err(errors) = config::from_toml_str(&text(topic, "ORDERS"), fixture.path()) {
+            panic!("`{topic}` is captured by ORDERS: {errors}");
+        }
+    }
+    // A stream declared nowhere here may capture anything: only the server knows.
+    if let Err(errors) = config::from_toml_str(&text("payments", "PAYMENTS"), fixture.path()) {
+        panic!("{errors}");
+    }
+    for topic in ["payments", "orders", "orders.>", "orders.eu.paid"] {
+        let errors = expect_errors(&text(topic, "ORDERS"), fixture.path());
+        assert_eq!(paths(&errors), ["functions[0].trigger.topic"], "{errors}");
+        let message = message_at(&errors, "functions[0].trigger.topic");
+        assert!(
+            message.contains(&format!(
+                "`{topic}` is not among the subjects of stream ORDERS"
+            )) && message.contains("orders.*, refunds.>"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
 fn broker_sections_are_validated_by_their_own_rules() {
     let fixture = Fixture::new(&["a.wasm"]);
     let config = config::from_toml_str(
