@@ -124,6 +124,23 @@ impl NatsTransport {
         ensure_stream(self, config).await
     }
 
+    /// The JetStream stream that captures `subject`, or `None` when none does (a confirmed
+    /// publish to it would find no stream to store it).
+    pub async fn stream_capturing(&self, subject: &str) -> Result<Option<String>, TransportError> {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind;
+        match self.jetstream.stream_by_subject(subject).await {
+            Ok(name) => Ok(Some(name)),
+            Err(err) if matches!(err.kind(), GetStreamByNameErrorKind::NotFound) => Ok(None),
+            Err(err) => Err(TransportError::Subscribe {
+                topic: subject.to_owned(),
+                reason: format!(
+                    "looking up the stream that captures it: {}",
+                    jetstream_disabled(&self.client).map_or_else(|| err.to_string(), str::to_owned)
+                ),
+            }),
+        }
+    }
+
     /// Number of messages currently stored in `stream` (read from the server).
     pub async fn stream_messages(&self, stream: &str) -> Result<u64, TransportError> {
         let stream_handle =

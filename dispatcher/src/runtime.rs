@@ -252,6 +252,54 @@ fn spec(function: &FunctionConfig, name: Arc<str>) -> FunctionSpec {
     }
 }
 
+/// Warns at start-up of every JetStream destination no stream captures: such a publish can
+/// only fail, and for a dead-letter topic the first failure pauses its function's lane. Not an
+/// error: the stream may be created after Weir starts (the lane resumes then, and nothing is
+/// lost), and only the server knows streams this configuration does not declare.
+async fn warn_of_uncaptured_subjects(transport: &NatsTransport, config: &Config) {
+    let mut checked = std::collections::HashSet::new();
+    for function in &config.functions {
+        let mut destinations = Vec::new();
+        if function.dead_letter.broker == BrokerKind::JetStream {
+            destinations.push((
+                function.dead_letter.topic.as_str(),
+                "dead-letter topic",
+                "its first dead letter will pause the function's lane until a stream captures it",
+            ));
+        }
+        if function.output_broker == BrokerKind::JetStream {
+            for topic in &function.outputs {
+                destinations.push((
+                    topic.as_str(),
+                    "output topic",
+                    "its outputs will fail, be retried and then dead-lettered",
+                ));
+            }
+        }
+        for (topic, role, consequence) in destinations {
+            if !checked.insert(topic.to_owned()) {
+                continue;
+            }
+            match transport.stream_capturing(topic).await {
+                Ok(Some(_)) => {}
+                Ok(None) => tracing::warn!(
+                    function = %function.name,
+                    topic,
+                    "no JetStream stream captures {topic}, a {role} of function {}: {consequence}; \
+                     declare a stream whose subjects include it ([[brokers.nats_streams]])",
+                    function.name
+                ),
+                Err(err) => tracing::warn!(
+                    function = %function.name,
+                    topic,
+                    error = %err,
+                    "could not check that a JetStream stream captures {topic}"
+                ),
+            }
+        }
+    }
+}
+
 /// The brokers this configuration uses.
 struct Transports {
     memory: MemoryBus,
@@ -275,6 +323,7 @@ impl Transports {
                         .await
                         .with_context(|| format!("declaring JetStream stream {}", stream.name))?;
                 }
+                warn_of_uncaptured_subjects(&transport, config).await;
                 Some(transport)
             }
         };

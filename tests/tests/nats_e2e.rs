@@ -1670,6 +1670,13 @@ topic = "lost.dlq.reject-nostream"
     );
     let config = write_config(dir.path(), &config)?;
     let weir = WeirProcess::start(&config, &[]).await?;
+    // Said at start-up, before any event needs it; of the captured one, nothing.
+    let log = weir.log_text();
+    ensure!(
+        log.contains("no JetStream stream captures lost.dlq.reject-nostream")
+            && !log.contains("no JetStream stream captures weir.dlq.reject-full"),
+        "start-up names the uncaptured dead-letter topic:\n{log}"
+    );
 
     nats.publish_event("dlq.in.full", "full-1", "com.example.x", "{}", &[])
         .await?;
