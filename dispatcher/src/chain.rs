@@ -2,8 +2,9 @@
 //!
 //! Every output gets a deterministic id (from the input's source and id, the function and the
 //! output's index) so a redelivered input republishes the *same* outputs and brokers can
-//! de-duplicate them; `weirhops` counts the chain depth (checked against the hop limit before a function
-//! runs), `weircausation` names the input and `traceparent` carries the original trace.
+//! de-duplicate them; `weirhops` counts the chain depth (checked against the hop limit before
+//! a function runs), `weircausation` names the input and `traceparent` carries the original
+//! trace.
 //!
 //! It does not publish anything and does not check allow-lists (see [`check_outputs`] for the
 //! rules, applied by the runner before anything leaves).
