@@ -125,18 +125,17 @@ impl NatsTransport {
     }
 
     /// The JetStream stream that captures `subject`, or `None` when none does (a confirmed
-    /// publish to it would find no stream to store it).
+    /// publish to it would find no stream to store it), which is always so on a server
+    /// without JetStream.
     pub async fn stream_capturing(&self, subject: &str) -> Result<Option<String>, TransportError> {
         use async_nats::jetstream::context::GetStreamByNameErrorKind;
         match self.jetstream.stream_by_subject(subject).await {
             Ok(name) => Ok(Some(name)),
             Err(err) if matches!(err.kind(), GetStreamByNameErrorKind::NotFound) => Ok(None),
+            Err(_) if jetstream_disabled(&self.client).is_some() => Ok(None),
             Err(err) => Err(TransportError::Subscribe {
                 topic: subject.to_owned(),
-                reason: format!(
-                    "looking up the stream that captures it: {}",
-                    jetstream_disabled(&self.client).map_or_else(|| err.to_string(), str::to_owned)
-                ),
+                reason: format!("looking up the stream that captures it: {err}"),
             }),
         }
     }

@@ -252,20 +252,31 @@ fn spec(function: &FunctionConfig, name: Arc<str>) -> FunctionSpec {
     }
 }
 
-/// Warns at start-up of every JetStream destination no stream captures: such a publish can
-/// only fail, and for a dead-letter topic the first failure pauses its function's lane. Not an
-/// error: the stream may be created after Weir starts (the lane resumes then, and nothing is
-/// lost), and only the server knows streams this configuration does not declare.
+/// Warns at start-up of every destination that needs a stream and has none:
+/// - a JetStream publish no stream captures can only fail, and for a dead-letter topic the
+///   first failure pauses its function's lane;
+/// - a dead-letter record published on a core subject no stream captures reaches only the
+///   subscribers listening at that moment: with none, it is gone, and nothing says so.
+///
+/// Not an error: the stream may be created after Weir starts (a paused lane resumes then, and
+/// nothing is lost), and only the server knows streams this configuration does not declare.
 async fn warn_of_uncaptured_subjects(transport: &NatsTransport, config: &Config) {
     let mut checked = std::collections::HashSet::new();
     for function in &config.functions {
         let mut destinations = Vec::new();
-        if function.dead_letter.broker == BrokerKind::JetStream {
-            destinations.push((
+        match function.dead_letter.broker {
+            BrokerKind::JetStream => destinations.push((
                 function.dead_letter.topic.as_str(),
                 "dead-letter topic",
                 "its first dead letter will pause the function's lane until a stream captures it",
-            ));
+            )),
+            BrokerKind::Nats => destinations.push((
+                function.dead_letter.topic.as_str(),
+                "core NATS dead-letter topic",
+                "a dead letter reaches only subscribers listening at that moment and is lost \
+                 without one (or set dead_letter.broker = \"jetstream\")",
+            )),
+            BrokerKind::Memory | BrokerKind::Kafka => {}
         }
         if function.output_broker == BrokerKind::JetStream {
             for topic in &function.outputs {

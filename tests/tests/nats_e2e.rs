@@ -1665,6 +1665,16 @@ topic = "dlq.in.none"
 stream = "DIN"
 [functions.dead_letter]
 topic = "lost.dlq.reject-nostream"
+
+# Only for the start-up warning: its dead letters go to a core subject no stream keeps.
+[[functions]]
+name = "reject-core"
+module = "{reject}"
+[functions.trigger]
+broker = "nats"
+topic = "dlq.core.in"
+[functions.dead_letter]
+topic = "gone.dlq.reject-core"
 "#,
         brokers = brokers(&nats.server.url(), &streams)
     );
@@ -1673,9 +1683,12 @@ topic = "lost.dlq.reject-nostream"
     // Said at start-up, before any event needs it; of the captured one, nothing.
     let log = weir.log_text();
     ensure!(
-        log.contains("no JetStream stream captures lost.dlq.reject-nostream")
+        log.contains("no JetStream stream captures lost.dlq.reject-nostream, a dead-letter topic")
+            && log.contains(
+                "no JetStream stream captures gone.dlq.reject-core, a core NATS dead-letter topic"
+            )
             && !log.contains("no JetStream stream captures weir.dlq.reject-full"),
-        "start-up names the uncaptured dead-letter topic:\n{log}"
+        "start-up names the uncaptured dead-letter topics:\n{log}"
     );
 
     nats.publish_event("dlq.in.full", "full-1", "com.example.x", "{}", &[])
