@@ -39,6 +39,9 @@ mod jetstream;
 use std::borrow::Cow;
 use std::time::Duration;
 
+use async_nats::jetstream::context::{
+    GetStreamByNameError, GetStreamByNameErrorKind, RequestError, RequestErrorKind,
+};
 use async_nats::jetstream::Context;
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use futures::StreamExt as _;
@@ -125,17 +128,16 @@ impl NatsTransport {
     }
 
     /// The JetStream stream that captures `subject`, or `None` when none does (a confirmed
-    /// publish to it would find no stream to store it), which is always so on a server
-    /// without JetStream.
+    /// publish to it would find no stream to store it), which is always so on a server or an
+    /// account without JetStream.
     pub async fn stream_capturing(&self, subject: &str) -> Result<Option<String>, TransportError> {
-        use async_nats::jetstream::context::GetStreamByNameErrorKind;
         match self.jetstream.stream_by_subject(subject).await {
             Ok(name) => Ok(Some(name)),
-            Err(err) if matches!(err.kind(), GetStreamByNameErrorKind::NotFound) => Ok(None),
-            Err(_) if jetstream_disabled(&self.client).is_some() => Ok(None),
+            Err(err) if err.kind() == GetStreamByNameErrorKind::NotFound => Ok(None),
+            Err(err) if jetstream_absent(&err) => Ok(None),
             Err(err) => Err(TransportError::Subscribe {
                 topic: subject.to_owned(),
-                reason: format!("looking up the stream that captures it: {err}"),
+                reason: format!("looking up the JetStream stream that captures it: {err}"),
             }),
         }
     }
@@ -339,6 +341,24 @@ fn jetstream_disabled(client: &Client) -> Option<&'static str> {
         "the NATS server has JetStream disabled: start nats-server with -js (or give its \
          configuration a `jetstream {}` block)",
     )
+}
+
+/// Whether a stream lookup failed because nothing answers JetStream's API on this server
+/// (started without JetStream, or an account without it): core subjects are all there is then.
+fn jetstream_absent(err: &GetStreamByNameError) -> bool {
+    // async-nats wraps the no-responders error in a second request error; look down the
+    // whole chain rather than rely on that depth.
+    let mut source = std::error::Error::source(err);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<RequestError>()
+            .is_some_and(|request| request.kind() == RequestErrorKind::NoResponders)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// The error with its whole chain: async-nats puts the telling part (the certificate

@@ -15,9 +15,6 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::context::{
-    GetStreamByNameError, GetStreamByNameErrorKind, RequestError, RequestErrorKind,
-};
 use async_trait::async_trait;
 use futures::StreamExt;
 
@@ -41,15 +38,8 @@ impl NatsTransport {
             topic: subject.to_owned(),
             reason,
         };
-        let stream_name = match self.jetstream.stream_by_subject(subject).await {
-            Ok(name) => name,
-            Err(err) if err.kind() == GetStreamByNameErrorKind::NotFound => return Ok(None),
-            Err(err) if jetstream_absent(&err) => return Ok(None),
-            Err(err) => {
-                return Err(subscribe_error(format!(
-                    "looking up the JetStream stream that captures it: {err}"
-                )))
-            }
+        let Some(stream_name) = self.stream_capturing(subject).await? else {
+            return Ok(None);
         };
         let stream = self
             .jetstream
@@ -152,24 +142,6 @@ async fn pending_from(
         super::events::record_counting_consumer_left(&name, &err.to_string());
     }
     Ok(pending)
-}
-
-/// Whether the lookup failed because nothing answers JetStream's API on this server (started
-/// without JetStream, or an account without it): core subjects are all there is then.
-fn jetstream_absent(err: &GetStreamByNameError) -> bool {
-    // async-nats wraps the no-responders error in a second request error; look down the
-    // whole chain rather than rely on that depth.
-    let mut source = std::error::Error::source(err);
-    while let Some(error) = source {
-        if error
-            .downcast_ref::<RequestError>()
-            .is_some_and(|request| request.kind() == RequestErrorKind::NoResponders)
-        {
-            return true;
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// A stream's messages on one subject, oldest first, then new ones as they are stored.
