@@ -16,8 +16,9 @@
 //! - [`NatsTransport::read_subject_history`] reads what a stream holds for a subject, all of it
 //!   or the last N messages (for `weir tail`), with an ordered consumer that leaves no state
 //!   behind.
-//! - [`ensure_stream`] creates missing streams and reports (never changes) existing ones whose
-//!   settings differ.
+//! - [`NatsTransport::ensure_stream`] creates missing streams and reports (never changes)
+//!   existing ones whose settings differ; a declared stream deleted while Weir runs is created
+//!   again when a subscription or a confirmed publish finds it gone (`declared`).
 //!
 //! Security: every authentication method of [`NatsConfig`] (user and password, token, nkey,
 //! creds file) and TLS (server verified against `tls_ca` or the system CAs, a client
@@ -32,6 +33,7 @@
 
 mod config;
 mod core_nats;
+mod declared;
 mod events;
 mod history;
 mod jetstream;
@@ -51,10 +53,11 @@ pub use self::config::{
     StreamConfig, DEFAULT_PREFETCH, MAX_PREFETCH,
 };
 pub use self::core_nats::{NatsCoreSubscription, NatsPublisher};
+pub use self::declared::subject_covers;
 pub use self::history::SubjectHistory;
+use self::jetstream::ensure_stream;
 pub use self::jetstream::{
-    ensure_stream, JetStreamPublisher, JetStreamSubscription, StreamDifference, StreamReport,
-    PULL_EXPIRES,
+    JetStreamPublisher, JetStreamSubscription, StreamDifference, StreamReport, PULL_EXPIRES,
 };
 use crate::{BrokerKind, TransportError};
 
@@ -64,6 +67,8 @@ pub struct NatsTransport {
     client: Client,
     jetstream: Context,
     request_timeout: Duration,
+    /// Streams [`NatsTransport::ensure_stream`] declared: created again if they disappear.
+    declared: declared::DeclaredStreams,
 }
 
 impl std::fmt::Debug for NatsTransport {
@@ -94,6 +99,7 @@ impl NatsTransport {
             client,
             jetstream,
             request_timeout: config.request_timeout,
+            declared: declared::DeclaredStreams::default(),
         })
     }
 
@@ -114,17 +120,27 @@ impl NatsTransport {
     }
 
     /// A confirmed JetStream publisher on this connection; waits at most `request_timeout` for
-    /// each publish ack.
+    /// each publish ack. A publish that finds no stream for its subject creates the declared
+    /// stream that captures it, if one was declared (see [`NatsTransport::ensure_stream`]).
     pub fn jetstream_publisher(&self) -> JetStreamPublisher {
-        JetStreamPublisher::new(self.jetstream.clone(), self.request_timeout)
+        JetStreamPublisher::new(
+            self.jetstream.clone(),
+            self.request_timeout,
+            self.declared.clone(),
+        )
     }
 
-    /// Creates `config`'s stream when missing, else reports how it differs (see [`ensure_stream`]).
+    /// Creates `config`'s stream when missing, else reports how it differs (see
+    /// [`ensure_stream`]). The declaration is remembered: if the stream is deleted while this
+    /// transport runs, a subscription on it or a confirmed publish to its subjects creates it
+    /// again with these settings (empty: what it held is gone).
     pub async fn ensure_stream(
         &self,
         config: &StreamConfig,
     ) -> Result<StreamReport, TransportError> {
-        ensure_stream(self, config).await
+        let report = ensure_stream(&self.jetstream, config).await?;
+        self.declared.remember(config);
+        Ok(report)
     }
 
     /// The JetStream stream that captures `subject`, or `None` when none does (a confirmed

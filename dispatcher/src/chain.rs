@@ -19,17 +19,18 @@ pub fn hops(event: &Event) -> u32 {
         .unwrap_or(0)
 }
 
-/// A W3C `traceparent` for an event that arrived without one, derived from its id so a
-/// redelivery keeps the same trace.
-pub fn traceparent_for(event_id: &str) -> String {
-    let trace = trace_id_for(event_id);
-    let span = &derived_id(&["span", event_id])[..16];
+/// A W3C `traceparent` for an event that arrived without one, derived from its source and id
+/// so a redelivery keeps the same trace. (An id is unique only within its source: two
+/// producers' event "1" are two events and must not share a trace.)
+pub fn traceparent_for(event: &Event) -> String {
+    let trace = trace_id_for(event);
+    let span = &derived_id(&["span", &event.source, &event.id])[..16];
     format!("00-{trace}-{span}-01")
 }
 
 /// The trace id `traceparent_for` gives an event.
-fn trace_id_for(event_id: &str) -> String {
-    derived_id(&["trace", event_id])
+fn trace_id_for(event: &Event) -> String {
+    derived_id(&["trace", &event.source, &event.id])
 }
 
 /// The trace id (the second field) of a `traceparent`.
@@ -60,7 +61,7 @@ pub fn chain_outputs(
     let input_trace = match input.extension(ext::TRACEPARENT) {
         Some(traceparent) => trace_id(traceparent),
         None => {
-            derived_trace = trace_id_for(&input.id);
+            derived_trace = trace_id_for(input);
             Some(derived_trace.as_str())
         }
     };
@@ -196,6 +197,36 @@ mod tests {
         assert_eq!(first[0].key, first[0].event.id);
         assert_eq!(first[1].key, "k");
         assert_eq!(first[0].event.source, "weir://function/f");
+    }
+
+    #[test]
+    fn an_input_without_a_trace_gets_one_from_its_source_and_id() {
+        let untraced = |source: &str| {
+            let event = Event::new("1", source, "t");
+            let out = chain_outputs(
+                "f",
+                &event,
+                vec![("t".into(), None, Event::new("", "", "x"))],
+                "t",
+            );
+            let traceparent = out[0].event.extension(ext::TRACEPARENT).unwrap().to_owned();
+            (traceparent_for(&event), traceparent)
+        };
+        let (a, a_output) = untraced("producer-a");
+        let (again, _) = untraced("producer-a");
+        let (b, _) = untraced("producer-b");
+        assert_eq!(a, again, "a redelivery keeps its trace");
+        assert_eq!(
+            trace_id(&a),
+            trace_id(&a_output),
+            "the output carries the input's trace"
+        );
+        assert_ne!(
+            trace_id(&a),
+            trace_id(&b),
+            "another source's event 1 is another trace"
+        );
+        assert_eq!(a.len(), 55, "a W3C traceparent: {a}");
     }
 
     #[test]

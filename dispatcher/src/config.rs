@@ -34,7 +34,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use weir_broker_bridge::kafka::KafkaConfig;
 use weir_broker_bridge::memory::MemoryBusConfig;
-use weir_broker_bridge::nats::{NatsConfig, StreamConfig};
+use weir_broker_bridge::nats::{subject_covers, NatsConfig, StreamConfig};
 use weir_broker_bridge::{BrokerKind, Ordering};
 use weir_schemas::Format;
 
@@ -1696,22 +1696,6 @@ fn check_stream_captures(
     );
 }
 
-/// Whether every subject `filter` matches is one `pattern` matches (NATS wildcards: `*` one
-/// token, `>` one or more trailing tokens).
-fn subject_covers(pattern: &str, filter: &str) -> bool {
-    let mut pattern_tokens = pattern.split('.');
-    let mut filter_tokens = filter.split('.');
-    loop {
-        match (pattern_tokens.next(), filter_tokens.next()) {
-            (None, None) => return true,
-            (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(token)) if token != ">" => continue,
-            (Some(p), Some(f)) if p == f => continue,
-            _ => return false,
-        }
-    }
-}
-
 fn check_stream_name(stream: &str, path: &str, errors: &mut ConfigErrors) {
     if stream.is_empty()
         || stream
@@ -2008,22 +1992,6 @@ mod tests {
         assert!(!patterns_overlap("orders.>", "orders"));
         assert!(!patterns_overlap("orders.*", "orders.eu.paid"));
         assert!(!patterns_overlap("orders.validated", "orders"));
-    }
-
-    #[test]
-    fn a_stream_subject_covers_a_filter_when_it_matches_all_it_matches() {
-        assert!(subject_covers("orders", "orders"));
-        assert!(subject_covers("orders.>", "orders.eu"));
-        assert!(subject_covers("orders.>", "orders.eu.>"));
-        assert!(subject_covers("orders.>", "orders.*"));
-        assert!(subject_covers("orders.*", "orders.*"));
-        assert!(subject_covers(">", "orders"));
-        assert!(subject_covers("*.eu", "orders.eu"));
-        assert!(!subject_covers("orders.*", "orders.>"));
-        assert!(!subject_covers("orders.*", "orders.eu.paid"));
-        assert!(!subject_covers("orders.eu", "orders.*"));
-        assert!(!subject_covers("orders.>", "orders"));
-        assert!(!subject_covers("chk.a.>", "chk.b.in"));
     }
 
     #[test]

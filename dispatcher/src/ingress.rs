@@ -61,12 +61,12 @@ pub fn decode_request(
 }
 
 /// Every event enters Weir with a trace: the caller's `traceparent` header (or extension), or
-/// one derived from the event id.
+/// one derived from the event's source and id.
 fn stamp_trace(event: &mut Event, header: Option<&str>) {
     if event.extension(ext::TRACEPARENT).is_some() {
         return;
     }
-    let traceparent = header.map_or_else(|| chain::traceparent_for(&event.id), str::to_owned);
+    let traceparent = header.map_or_else(|| chain::traceparent_for(event), str::to_owned);
     event
         .extensions
         .insert(ext::TRACEPARENT.to_owned(), traceparent);

@@ -107,6 +107,19 @@ impl Nats {
         Ok(stream.cached_info().state.messages)
     }
 
+    /// Waits until the server has `stream` (bounded).
+    async fn wait_stream(&self, stream: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.js.get_stream(stream).await.is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "no stream {stream} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     async fn consumer(&self, stream: &str, durable: &str) -> anyhow::Result<consumer::Info> {
         let handle = self
             .js
@@ -1097,6 +1110,93 @@ stream = "SHARE"
     let ids: HashSet<&str> = outputs.iter().map(|e| ext(e, "id")).collect();
     assert_eq!(outputs.len(), 4, "{outputs:?}");
     assert_eq!(ids.len(), 4, "every output has its own id: {outputs:?}");
+    shutdown_within(weir).await
+}
+
+/// Declared streams deleted while Weir runs: the trigger's stream is created again by its
+/// consumer, the output stream by the output publish that found it gone (which fails once and
+/// is retried), and every event published after that is processed with its output kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_declared_streams_are_created_again_while_weir_runs() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let streams: [(&str, &[&str]); 2] = [("HEALIN", &["heal.in"]), ("HEALOUT", &["heal.out"])];
+    let config = format!(
+        r#"
+[defaults.trigger]
+broker = "jetstream"
+[defaults.retry]
+max_attempts = 5
+initial_delay = "50ms"
+
+{brokers}
+[[functions]]
+name = "echo"
+module = "{echo}"
+outputs = ["heal.out"]
+config = {{ output_topic = "heal.out" }}
+[functions.trigger]
+topic = "heal.in"
+stream = "HEALIN"
+"#,
+        brokers = brokers(&nats.server.url(), &streams),
+        echo = module("echo.wasm")?,
+    );
+    let weir = InProcess::start(&config).await?;
+    nats.publish_event("heal.in", "heal-1", "com.example.x", "{}", &[])
+        .await?;
+    nats.wait_event("HEALOUT", "heal.out", WAIT, |e| {
+        e["weircausation"] == "heal-1"
+    })
+    .await
+    .context("the output before the streams were deleted")?;
+
+    for stream in ["HEALOUT", "HEALIN"] {
+        ensure!(
+            nats.js.delete_stream(stream).await?.success,
+            "deleting {stream}"
+        );
+    }
+    // Only Weir's consumer can bring the trigger's stream back: nothing publishes to it yet.
+    nats.wait_stream("HEALIN", WAIT).await?;
+    ensure!(
+        nats.js.get_stream("HEALOUT").await.is_err(),
+        "no output was published yet, so nothing re-created the output stream"
+    );
+    nats.publish_event("heal.in", "heal-2", "com.example.x", "{}", &[])
+        .await?;
+    nats.wait_stream("HEALOUT", WAIT).await?;
+    let output = nats
+        .wait_event("HEALOUT", "heal.out", WAIT, |e| {
+            e["weircausation"] == "heal-2"
+        })
+        .await
+        .context("the output after the streams were created again")?;
+    assert_eq!(ext(&output, "weirhops"), "1", "{output}");
+    nats.wait_drained("HEALIN", "weir-echo", WAIT).await?;
+    assert_eq!(nats.stream_count("HEALOUT").await?, 1, "one output, kept");
+
+    let echo = runner(&weir, "echo")?;
+    assert_eq!(echo.counters.dead_lettered.load(Relaxed), 0);
+    assert!(
+        echo.counters.retried.load(Relaxed) >= 1,
+        "the publish that found the output stream gone was retried"
+    );
+    let metrics = weir
+        .client()
+        .get(format!("{}/metrics", weir.base_url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for found_by in ["subscription", "publish"] {
+        let sample = format!("weir_nats_streams_recreated_total{{found_by=\"{found_by}\"}}");
+        assert_eq!(
+            metric_value(&metrics, &sample),
+            Some(1.0),
+            "{sample} in:\n{metrics}"
+        );
+    }
     shutdown_within(weir).await
 }
 

@@ -1,6 +1,7 @@
 //! The NATS transport against a real `nats-server -js` (one per test, on free loopback ports):
-//! confirmed JetStream publish and settle semantics, in-flight bound, lag, stream set-up,
-//! de-duplication, core queue groups, and surviving a server restart.
+//! confirmed JetStream publish and settle semantics, in-flight bound, lag, stream set-up (and
+//! re-creating a deleted declared stream), de-duplication, core queue groups, and surviving a
+//! server restart.
 //!
 //! Every wait is bounded; a test that hangs is a failure, not a stuck CI job.
 
@@ -629,6 +630,103 @@ async fn publish_to_a_subject_without_stream_is_a_clear_error() -> anyhow::Resul
         }
         other => bail!("expected a publish error, got {other:?}"),
     }
+}
+
+/// Polls until the server has `stream` again (bounded).
+async fn wait_for_stream(transport: &NatsTransport, stream: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while transport.jetstream().get_stream(stream).await.is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "stream {stream} was not created again within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A declared stream deleted under a running subscription is created again by the
+/// subscription's fetcher, which binds its consumer to it and goes on delivering.
+#[tokio::test]
+async fn a_subscription_recreates_its_deleted_declared_stream() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(2)), 2)
+        .await?;
+    publisher.publish(message("before", None)).await?;
+    let delivery = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+    assert_eq!(delivery.message.payload.as_deref(), Some(&b"before"[..]));
+    delivery.ack().await?;
+
+    ensure!(
+        transport.jetstream().delete_stream(STREAM).await?.success,
+        "the server did not delete the stream"
+    );
+    // Nothing else publishes to it, so only the subscription can bring it back.
+    wait_for_stream(&transport, STREAM).await?;
+    publisher.publish(message("after", None)).await?;
+    let delivery = expect_next(&mut subscription, Duration::from_secs(10)).await?;
+    assert_eq!(delivery.message.payload.as_deref(), Some(&b"after"[..]));
+    assert_eq!(delivery.message.delivery_count, 1);
+    delivery.ack().await?;
+    wait_for_lag(&subscription, 0).await?;
+    subscription.close().await;
+    Ok(())
+}
+
+/// A confirmed publish that finds no stream for a subject a declared stream captures creates
+/// that stream again and says so (the publish is the caller's to retry); a stream that was
+/// never declared is not guessed at.
+#[tokio::test]
+async fn a_publish_recreates_a_deleted_declared_stream_only() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    transport
+        .ensure_stream(&StreamConfig::new("AUDIT", vec!["audit.>".into()]))
+        .await?;
+    ensure!(transport.jetstream().delete_stream("AUDIT").await?.success);
+    let mut outbound = message("audited", Some("audit-1"));
+    outbound.topic = "audit.orders".into();
+    match publisher.publish(outbound.clone()).await {
+        Err(TransportError::Publish { topic, reason }) => {
+            assert_eq!(topic, "audit.orders");
+            assert!(
+                reason.contains("the declared stream AUDIT had been deleted")
+                    && reason.contains("created again"),
+                "{reason}"
+            );
+        }
+        other => bail!("expected a publish error naming the re-created stream, got {other:?}"),
+    }
+    publisher.publish(outbound).await?;
+    assert_eq!(transport.stream_messages("AUDIT").await?, 1);
+
+    // Made behind Weir's back, not declared: once deleted it stays deleted.
+    transport
+        .jetstream()
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ADHOC".into(),
+            subjects: vec!["adhoc.>".into()],
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await?;
+    ensure!(transport.jetstream().delete_stream("ADHOC").await?.success);
+    let mut outbound = message("adhoc", None);
+    outbound.topic = "adhoc.x".into();
+    match publisher.publish(outbound).await {
+        Err(TransportError::Publish { reason, .. }) => assert!(
+            reason.contains("no JetStream stream captures this subject"),
+            "{reason}"
+        ),
+        other => bail!("expected a publish error, got {other:?}"),
+    }
+    ensure!(
+        transport.jetstream().get_stream("ADHOC").await.is_err(),
+        "an undeclared stream must not be re-created"
+    );
+    Ok(())
 }
 
 #[tokio::test]

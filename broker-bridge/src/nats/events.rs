@@ -192,6 +192,19 @@ pub(super) fn record_stream_created(stream: &str) {
     );
 }
 
+/// A declared stream had been deleted while Weir ran and was created again (empty), found
+/// missing by a `subscription` re-binding its consumer or by a confirmed `publish`.
+pub(super) fn record_stream_recreated(stream: &str, found_by: &'static str) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        found_by,
+        "declared JetStream stream had been deleted; created it again from its declaration \
+         (what it held is gone)"
+    );
+    counter!("weir_nats_streams_recreated_total", "found_by" => found_by).increment(1);
+}
+
 /// Core messages are buffered between async-nats and the dispatcher; the core subscription
 /// ended because the connection closed.
 pub(super) fn record_core_subscription_ended(subject: &str) {

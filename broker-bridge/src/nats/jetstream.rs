@@ -10,7 +10,8 @@
 //! its own heartbeats once it runs one). When a pull fails (server restart, leader change,
 //! deleted consumer, lost connection) the task logs it, waits with exponential backoff and
 //! re-binds the consumer (create-or-update) before pulling again: the subscription never ends
-//! because of broker trouble, only on [`Subscription::close`].
+//! because of broker trouble, only on [`Subscription::close`]. When the stream itself is gone
+//! and it was declared, the task creates it again from its declaration first.
 //!
 //! Settles (ack, NAK-with-delay, TERM, in-progress) are sent, not confirmed: each one would
 //! otherwise cost a server round trip and a temporary inbox subscription, and an ack the
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{
     DeliverFrom, DiscardKind, JetStreamConsumerOptions, RetentionKind, StorageKind, StreamConfig,
 };
+use super::declared::DeclaredStreams;
 use super::{events, jetstream_disabled, pairs_to_headers, NatsTransport};
 use crate::{
     BrokerKind, Delivery, FlowControl, Headers, InboundMessage, LagProbe, Origin, OutboundMessage,
@@ -164,6 +166,8 @@ impl NatsTransport {
             total: std::sync::Mutex::new(bound),
         });
         let fetcher = Fetcher {
+            context: self.jetstream.clone(),
+            declared: self.declared.clone(),
             stream: stream.clone(),
             stream_name: Arc::from(options.stream.as_str()),
             consumer_name: name.clone(),
@@ -205,6 +209,15 @@ fn ephemeral_name(client: &async_nats::Client) -> String {
     format!("weir-{unique}")
 }
 
+/// Whether binding a consumer failed because its stream does not exist.
+fn stream_not_found(err: &async_nats::jetstream::stream::ConsumerError) -> bool {
+    matches!(
+        err.kind(),
+        async_nats::jetstream::stream::ConsumerErrorKind::JetStream(inner)
+            if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 fn retry_delay(failures: u32) -> Duration {
     let exponent = failures.saturating_sub(1).min(16);
     RETRY_MIN.saturating_mul(1 << exponent).min(RETRY_MAX)
@@ -219,6 +232,9 @@ enum PullOutcome {
 
 /// The per-subscription task that pulls messages within the in-flight bound.
 struct Fetcher {
+    context: Context,
+    /// Where the stream's declaration is found when the stream has gone.
+    declared: DeclaredStreams,
     stream: stream::Stream,
     stream_name: Arc<str>,
     consumer_name: String,
@@ -246,12 +262,21 @@ impl Fetcher {
                         bound
                     }
                     Err(err) => {
+                        let mut reason = err.to_string();
+                        if stream_not_found(&err) {
+                            match self.recreate_stream().await {
+                                // Bind to the new stream at once: nothing to wait for.
+                                Ok(true) => continue,
+                                Ok(false) => {}
+                                Err(why) => reason = why,
+                            }
+                        }
                         failures = failures.saturating_add(1);
                         let delay = retry_delay(failures);
                         events::record_consumer_rebind_failed(
                             &self.stream_name,
                             &self.consumer_name,
-                            &err.to_string(),
+                            &reason,
                             delay,
                         );
                         if self.sleep(delay).await {
@@ -291,6 +316,24 @@ impl Fetcher {
                     }
                 }
             }
+        }
+    }
+
+    /// The stream has gone: create it again if it was declared. `Ok(true)` when it was
+    /// created; `Ok(false)` when it is not declared, or exists again (another process made it);
+    /// `Err` says why it could not be created.
+    async fn recreate_stream(&self) -> Result<bool, String> {
+        let Some(config) = self.declared.named(&self.stream_name) else {
+            return Ok(false);
+        };
+        match ensure_stream(&self.context, &config).await {
+            Ok(report) => {
+                if report.created {
+                    events::record_stream_recreated(&self.stream_name, "subscription");
+                }
+                Ok(report.created)
+            }
+            Err(err) => Err(format!("re-creating the deleted stream: {err}")),
         }
     }
 
@@ -669,6 +712,7 @@ pub struct JetStreamPublisher {
     context: Context,
     ack_timeout: Duration,
     counters: events::PublishCounters,
+    declared: DeclaredStreams,
 }
 
 impl std::fmt::Debug for JetStreamPublisher {
@@ -680,11 +724,43 @@ impl std::fmt::Debug for JetStreamPublisher {
 }
 
 impl JetStreamPublisher {
-    pub(super) fn new(context: Context, ack_timeout: Duration) -> Self {
+    pub(super) fn new(context: Context, ack_timeout: Duration, declared: DeclaredStreams) -> Self {
         Self {
             context,
             ack_timeout,
             counters: events::PublishCounters::new(BrokerKind::JetStream),
+            declared,
+        }
+    }
+
+    /// No stream captured `subject`. When a declared one should, it was deleted: create it
+    /// again and say so. The publish itself is not repeated here (its headers went with it);
+    /// the caller's retry, which every confirmed publish has, finds the stream in place.
+    async fn no_stream_for(&self, subject: &str) -> String {
+        if let Some(disabled) = jetstream_disabled(&self.context.client()) {
+            return disabled.to_owned();
+        }
+        let Some(config) = self.declared.capturing(subject) else {
+            return "no JetStream stream captures this subject (no responders); declare a \
+                    stream whose subjects include it"
+                .to_owned();
+        };
+        match ensure_stream(&self.context, &config).await {
+            Ok(report) => {
+                if report.created {
+                    events::record_stream_recreated(&config.name, "publish");
+                }
+                format!(
+                    "no JetStream stream captured this subject: the declared stream {} had \
+                     been deleted and has been created again (empty); retry the publish",
+                    config.name
+                )
+            }
+            Err(err) => format!(
+                "no JetStream stream captures this subject: the declared stream {} is gone and \
+                 could not be created again: {err}",
+                config.name
+            ),
         }
     }
 
@@ -700,18 +776,8 @@ impl JetStreamPublisher {
                     })?;
             headers.insert(async_nats::header::NATS_MESSAGE_ID, value);
         }
+        // (No stream for the subject is answered below, where it can ask the server.)
         let map_error = |err: js::context::PublishError| match err.kind() {
-            PublishErrorKind::StreamNotFound => TransportError::Publish {
-                topic: topic.clone(),
-                reason: jetstream_disabled(&self.context.client()).map_or_else(
-                    || {
-                        "no JetStream stream captures this subject (no responders); declare \
-                         a stream whose subjects include it"
-                            .to_owned()
-                    },
-                    str::to_owned,
-                ),
-            },
             PublishErrorKind::TimedOut => TransportError::PublishTimeout {
                 topic: topic.clone(),
                 timeout: self.ack_timeout,
@@ -721,12 +787,24 @@ impl JetStreamPublisher {
                 reason: err.to_string(),
             },
         };
-        let ack_future = self
+        let published = match self
             .context
             .publish_with_headers(message.topic, headers, message.payload)
             .await
-            .map_err(map_error)?;
-        let ack = ack_future.await.map_err(map_error)?;
+        {
+            Ok(ack_future) => ack_future.await,
+            Err(err) => Err(err),
+        };
+        let ack = match published {
+            Ok(ack) => ack,
+            Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
+                return Err(TransportError::Publish {
+                    reason: self.no_stream_for(&topic).await,
+                    topic,
+                })
+            }
+            Err(err) => return Err(map_error(err)),
+        };
         if ack.duplicate {
             self.counters.duplicate(&ack.stream, ack.sequence);
         } else {
@@ -795,8 +873,8 @@ impl std::fmt::Display for StreamDifference {
 /// Creates the stream when it is missing. When it exists, it is **not** changed (changing a
 /// live stream's storage, retention or limits can drop data, so that stays an operator's
 /// decision): the report lists every setting that differs, and a warning is logged.
-pub async fn ensure_stream(
-    transport: &NatsTransport,
+pub(super) async fn ensure_stream(
+    jetstream: &Context,
     config: &StreamConfig,
 ) -> Result<StreamReport, TransportError> {
     let problems = config.validate("stream");
@@ -808,7 +886,7 @@ pub async fn ensure_stream(
         reason,
     };
     let wanted = to_stream_config(config);
-    match transport.jetstream.get_stream(&config.name).await {
+    match jetstream.get_stream(&config.name).await {
         Ok(existing) => {
             let differences = differences(&wanted, &existing.cached_info().config);
             if !differences.is_empty() {
@@ -824,8 +902,7 @@ pub async fn ensure_stream(
             GetStreamErrorKind::JetStream(inner)
                 if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND =>
             {
-                transport
-                    .jetstream
+                jetstream
                     .create_stream(wanted)
                     .await
                     .map_err(|err| stream_error(format!("creating: {err}")))?;
@@ -836,10 +913,12 @@ pub async fn ensure_stream(
                     differences: Vec::new(),
                 })
             }
-            _ => Err(stream_error(match jetstream_disabled(&transport.client) {
-                Some(disabled) => disabled.to_owned(),
-                None => format!("reading: {err}"),
-            })),
+            _ => Err(stream_error(
+                match jetstream_disabled(&jetstream.client()) {
+                    Some(disabled) => disabled.to_owned(),
+                    None => format!("reading: {err}"),
+                },
+            )),
         },
     }
 }
