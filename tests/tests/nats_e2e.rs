@@ -1114,8 +1114,9 @@ stream = "SHARE"
 }
 
 /// Declared streams deleted while Weir runs: the trigger's stream is created again by its
-/// consumer, the output stream by the output publish that found it gone (which fails once and
-/// is retried), and every event published after that is processed with its output kept.
+/// consumers (once, though two find it gone), the output stream by the output publish that
+/// found it gone (which fails once and is retried), and every event published after that is
+/// processed with its output kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_declared_streams_are_created_again_while_weir_runs() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
@@ -1138,9 +1139,18 @@ config = {{ output_topic = "heal.out" }}
 [functions.trigger]
 topic = "heal.in"
 stream = "HEALIN"
+
+# A second consumer on the stream: both find it gone, one re-creates it.
+[[functions]]
+name = "noop"
+module = "{noop}"
+[functions.trigger]
+topic = "heal.in"
+stream = "HEALIN"
 "#,
         brokers = brokers(&nats.server.url(), &streams),
         echo = module("echo.wasm")?,
+        noop = module("noop.wasm")?,
     );
     let weir = InProcess::start(&config).await?;
     nats.publish_event("heal.in", "heal-1", "com.example.x", "{}", &[])
@@ -1174,6 +1184,7 @@ stream = "HEALIN"
         .context("the output after the streams were created again")?;
     assert_eq!(ext(&output, "weirhops"), "1", "{output}");
     nats.wait_drained("HEALIN", "weir-echo", WAIT).await?;
+    nats.wait_drained("HEALIN", "weir-noop", WAIT).await?;
     assert_eq!(nats.stream_count("HEALOUT").await?, 1, "one output, kept");
 
     let echo = runner(&weir, "echo")?;

@@ -13,13 +13,20 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use async_nats::jetstream::Context;
+
 use super::config::StreamConfig;
+use super::{ensure_stream, events};
+use crate::TransportError;
 
 /// The declarations [`super::ensure_stream`] saw, shared by every clone of the transport and
 /// by the fetchers and publishers made from it.
 #[derive(Debug, Clone, Default)]
 pub(super) struct DeclaredStreams {
     streams: Arc<Mutex<Vec<StreamConfig>>>,
+    /// Several fetchers on one stream find it gone at the same moment; one re-creation at a
+    /// time lets the first create it and the others find it there (one warning, one count).
+    recreating: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl DeclaredStreams {
@@ -48,6 +55,22 @@ impl DeclaredStreams {
                     .any(|pattern| subject_covers(pattern, subject))
             })
             .cloned()
+    }
+
+    /// Creates the declared stream `config` if it is still missing; true when this call
+    /// created it. `found_by` says who noticed (a `subscription` or a `publish`).
+    pub(super) async fn recreate(
+        &self,
+        jetstream: &Context,
+        config: &StreamConfig,
+        found_by: &'static str,
+    ) -> Result<bool, TransportError> {
+        let _one_at_a_time = self.recreating.lock().await;
+        let report = ensure_stream(jetstream, config).await?;
+        if report.created {
+            events::record_stream_recreated(&config.name, found_by);
+        }
+        Ok(report.created)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<StreamConfig>> {

@@ -249,6 +249,7 @@ impl Fetcher {
     async fn run(self, consumer: PullConsumer) {
         let mut consumer = Some(consumer);
         let mut failures: u32 = 0;
+        let mut just_recreated = false;
         loop {
             let bound = match consumer.take() {
                 Some(bound) => bound,
@@ -259,14 +260,19 @@ impl Fetcher {
                 {
                     Ok(bound) => {
                         events::record_consumer_rebound(&self.stream_name, &self.consumer_name);
+                        just_recreated = false;
                         bound
                     }
                     Err(err) => {
                         let mut reason = err.to_string();
-                        if stream_not_found(&err) {
+                        if stream_not_found(&err) && !just_recreated {
                             match self.recreate_stream().await {
-                                // Bind to the new stream at once: nothing to wait for.
-                                Ok(true) => continue,
+                                // Bind to the stream at once, whoever made it: nothing to wait
+                                // for. Once only, so a stream that keeps vanishing backs off.
+                                Ok(true) => {
+                                    just_recreated = true;
+                                    continue;
+                                }
                                 Ok(false) => {}
                                 Err(why) => reason = why,
                             }
@@ -319,22 +325,18 @@ impl Fetcher {
         }
     }
 
-    /// The stream has gone: create it again if it was declared. `Ok(true)` when it was
-    /// created; `Ok(false)` when it is not declared, or exists again (another process made it);
-    /// `Err` says why it could not be created.
+    /// The stream has gone: create it again if it was declared. `Ok(true)` when it is there
+    /// again (made by this call or, a moment earlier, by another subscription or process);
+    /// `Ok(false)` when it is not declared; `Err` says why it could not be created.
     async fn recreate_stream(&self) -> Result<bool, String> {
         let Some(config) = self.declared.named(&self.stream_name) else {
             return Ok(false);
         };
-        match ensure_stream(&self.context, &config).await {
-            Ok(report) => {
-                if report.created {
-                    events::record_stream_recreated(&self.stream_name, "subscription");
-                }
-                Ok(report.created)
-            }
-            Err(err) => Err(format!("re-creating the deleted stream: {err}")),
-        }
+        self.declared
+            .recreate(&self.context, &config, "subscription")
+            .await
+            .map(|_| true)
+            .map_err(|err| format!("re-creating the deleted stream: {err}"))
     }
 
     /// Sleeps unless cancelled; false when cancelled.
@@ -745,11 +747,12 @@ impl JetStreamPublisher {
                     stream whose subjects include it"
                 .to_owned();
         };
-        match ensure_stream(&self.context, &config).await {
-            Ok(report) => {
-                if report.created {
-                    events::record_stream_recreated(&config.name, "publish");
-                }
+        match self
+            .declared
+            .recreate(&self.context, &config, "publish")
+            .await
+        {
+            Ok(_) => {
                 format!(
                     "no JetStream stream captured this subject: the declared stream {} had \
                      been deleted and has been created again (empty); retry the publish",
