@@ -63,7 +63,7 @@ pub use self::consumer::{KafkaLagProbe, KafkaSubscription, PartitionLag};
 pub use self::history::TopicHistory;
 pub use self::lanes::{LaneId, LaneScheduler, Popped};
 pub use self::watermark::WatermarkTracker;
-use crate::{BrokerKind, Ordering, OutboundMessage, Publisher, TransportError};
+use crate::{BrokerKind, Ordering, OutboundMessage, Published, Publisher, TransportError};
 
 /// How long `connect` and admin calls wait for the broker.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1109,7 +1109,9 @@ impl KafkaPublisher {
 
 #[async_trait]
 impl Publisher for KafkaPublisher {
-    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
+    /// Kafka does not de-duplicate by `dedup_id` (outputs are keyed by it instead): every
+    /// confirmed publish is [`Published::Stored`].
+    async fn publish(&self, message: OutboundMessage) -> Result<Published, TransportError> {
         self.publish_record(
             &message.topic,
             message.key.as_deref(),
@@ -1117,6 +1119,7 @@ impl Publisher for KafkaPublisher {
             Some(&message.payload[..]),
         )
         .await
+        .map(|()| Published::Stored)
     }
 
     fn broker(&self) -> BrokerKind {

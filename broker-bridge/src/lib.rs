@@ -7,7 +7,8 @@
 //!   broker redelivers later, or the caller retries in place: see [`RetryStyle`]) or
 //!   [`Delivery::term`] (give up after the DLQ record was confirmed). A delivery dropped without
 //!   being settled is handed back for redelivery, never lost;
-//! - a [`Publisher`] returns only once the broker confirmed the message;
+//! - a [`Publisher`] returns only once the broker confirmed the message, and says whether the
+//!   broker stored it or already held it ([`Published`]);
 //! - [`Subscription::lag`] says how much work is waiting.
 //!
 //! This crate is the only one that imports async-nats or rdkafka. It does not decode events
@@ -394,12 +395,24 @@ pub trait LagProbe: Send + Sync {
     async fn lag(&self) -> Result<u64, TransportError>;
 }
 
+/// What the broker did with a confirmed publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Stored (core NATS: sent; it confirms nothing).
+    Stored,
+    /// Not stored again: the broker already held a message with the same
+    /// [`OutboundMessage::dedup_id`] inside its de-duplication window (JetStream `Nats-Msg-Id`,
+    /// the memory bus). For a redelivered input's outputs that is the point; for an event a
+    /// client sent, the client should hear of it.
+    Duplicate,
+}
+
 /// Confirmed publishing.
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Returns once the broker confirmed the message (JetStream ack, Kafka delivery report,
     /// memory bus append). Core NATS has no confirmation: the flush is the best it offers.
-    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError>;
+    async fn publish(&self, message: OutboundMessage) -> Result<Published, TransportError>;
 
     fn broker(&self) -> BrokerKind;
 }

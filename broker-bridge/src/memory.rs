@@ -28,8 +28,8 @@ use tokio::sync::{broadcast, Notify};
 use tokio::time::Instant;
 
 use crate::{
-    BrokerKind, Delivery, InboundMessage, LagProbe, Ordering, Origin, OutboundMessage, Publisher,
-    RetryStyle, Settle, Subscription, TransportError,
+    BrokerKind, Delivery, InboundMessage, LagProbe, Ordering, Origin, OutboundMessage, Published,
+    Publisher, RetryStyle, Settle, Subscription, TransportError,
 };
 
 /// The header that carries the CloudEvents `partitionkey` extension in binary mode; it orders
@@ -178,11 +178,16 @@ impl MemoryBus {
     /// sequence. A message whose `dedup_id` was already seen within the de-duplication window
     /// is not appended again: the first copy's sequence is returned.
     pub fn publish(&self, message: OutboundMessage) -> Result<u64, TransportError> {
+        self.append(message).map(|(seq, _)| seq)
+    }
+
+    /// [`MemoryBus::publish`], also saying whether the message was appended or was a duplicate.
+    fn append(&self, message: OutboundMessage) -> Result<(u64, Published), TransportError> {
         let topic = self.topic_or_create(&message.topic);
         let mut state = topic.lock();
         if let Some(id) = &message.dedup_id {
             if let Some(&seq) = state.dedup.get(id) {
-                return Ok(seq);
+                return Ok((seq, Published::Duplicate));
             }
         }
         let max_pending = self.inner.config.max_pending;
@@ -227,7 +232,7 @@ impl MemoryBus {
             // An error only means every receiver left in the meantime.
             let _ = topic.watch.send(stored);
         }
-        Ok(seq)
+        Ok((seq, Published::Stored))
     }
 
     /// Joins (or creates) consumer group `group` of `topic`. The group's ordering is fixed by
@@ -396,8 +401,8 @@ pub struct MemoryPublisher {
 
 #[async_trait]
 impl Publisher for MemoryPublisher {
-    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
-        self.bus.publish(message).map(|_seq| ())
+    async fn publish(&self, message: OutboundMessage) -> Result<Published, TransportError> {
+        self.bus.append(message).map(|(_seq, published)| published)
     }
 
     fn broker(&self) -> BrokerKind {
@@ -1596,7 +1601,12 @@ mod tests {
             let mut m = message("t", None, "x");
             m.dedup_id = Some("out-1".to_owned());
             assert_eq!(bus.publish(m.clone()).unwrap(), 1);
-            assert_eq!(bus.publish(m).unwrap(), 1);
+            assert_eq!(bus.publish(m.clone()).unwrap(), 1);
+            assert_eq!(
+                bus.publisher().publish(m).await.unwrap(),
+                Published::Duplicate,
+                "a publisher says the bus already held it"
+            );
             assert_eq!(bus.depth("t", "g"), 1);
             next(&mut sub).await.ack().await.unwrap();
             assert_idle(&mut sub, Duration::from_millis(30)).await;

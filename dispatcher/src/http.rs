@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use weir_broker_bridge::BrokerKind;
+use weir_broker_bridge::{BrokerKind, Published};
 use weir_schemas::{Event, Format, WireMessage};
 
 use crate::ingress;
@@ -91,6 +91,9 @@ struct Accepted {
     broker: &'static str,
     /// Ids of the published events (an S3 notification with several records gives several).
     ids: Vec<String>,
+    /// Those of `ids` the topic already held (same source and id, inside the broker's
+    /// de-duplication window): accepted, as a client's retry should be, but not stored again.
+    duplicates: Vec<String>,
 }
 
 async fn publish(
@@ -121,8 +124,9 @@ async fn publish(
         message: format!("{e:#}"),
     })?;
     let mut ids = Vec::with_capacity(events.len());
+    let mut duplicates = Vec::new();
     for event in events {
-        publisher
+        let published = publisher
             .publish(ingress::outbound(&event, &topic, broker))
             .await
             .map_err(|e| Problem {
@@ -130,6 +134,9 @@ async fn publish(
                 kind: "publish",
                 message: e.to_string(),
             })?;
+        if published == Published::Duplicate {
+            duplicates.push(event.id.clone());
+        }
         ids.push(event.id);
     }
     telemetry::http_ingress(StatusCode::ACCEPTED.as_u16());
@@ -139,6 +146,7 @@ async fn publish(
             topic,
             broker: broker.as_str(),
             ids,
+            duplicates,
         }),
     ))
 }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use weir_broker_bridge::kafka::{KafkaConfig, KafkaTransport};
 use weir_broker_bridge::nats::{NatsConfig, NatsTransport};
-use weir_broker_bridge::BrokerKind;
+use weir_broker_bridge::{BrokerKind, Published};
 use weir_dispatcher::config::{self, Config};
 use weir_dispatcher::runtime::{self, Runtime};
 use weir_dispatcher::{demo, engine, http, ingress, telemetry};
@@ -325,11 +325,13 @@ async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<ExitCod
         metrics,
     };
     let shutdown = runtime.shutdown_token();
-    let server = tokio::spawn(http::serve(listener, state, shutdown.clone()));
+    // Said before the server runs, so that whoever sees /healthz answer has the banner too
+    // (the listener is bound: a command sent from it right away waits in the backlog).
     tracing::info!(%listen, "weir is serving");
     if let Some(banner) = banner {
         println!("{banner}");
     }
+    let server = tokio::spawn(http::serve(listener, state, shutdown.clone()));
     wait_for_signal().await;
     tracing::info!("shutting down: no new deliveries; finishing in-flight work");
     runtime.shutdown().await;
@@ -399,13 +401,16 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         .rate
         .map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
     let mut accepted = 0u64;
+    let mut duplicates = 0usize;
     let mut last_answer = String::new();
     for _ in 0..args.count {
         if let Some(ticker) = ticker.as_mut() {
             ticker.tick().await;
         }
         let headers = request_headers(&args, &body);
-        last_answer = sink.send(&args.topic, headers, &body).await?;
+        let sent = sink.send(&args.topic, headers, &body).await?;
+        last_answer = sent.answer;
+        duplicates += sent.duplicates;
         accepted += 1;
     }
     // Only once it all reached the broker does it count as published.
@@ -413,7 +418,17 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if args.count == 1 {
         println!("{last_answer}");
     } else {
-        println!("{{\"accepted\":{accepted}}}");
+        println!("{{\"accepted\":{accepted},\"duplicates\":{duplicates}}}");
+    }
+    if duplicates > 0 {
+        // Said on stderr too: a repeated Debezium change or CloudEvent that nothing runs on
+        // looks like a broken pipeline otherwise.
+        eprintln!(
+            "weir publish: {duplicates} event(s) were already on {} (same source and id, inside \
+             the broker's de-duplication window) and were not stored again; give each event its \
+             own id to publish it anew",
+            args.topic
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -435,6 +450,15 @@ fn request_headers(args: &PublishArgs, body: &[u8]) -> Vec<(String, String)> {
         headers.push(("content-type".to_owned(), "application/json".to_owned()));
     }
     headers
+}
+
+/// What one [`Sink::send`] did.
+struct Sent {
+    /// Weir's `202` body, or the same shape for a publish straight to a broker.
+    answer: String,
+    /// Events the topic already held (same source and id, inside the broker's de-duplication
+    /// window), so not stored again.
+    duplicates: usize,
 }
 
 /// Where `weir publish` sends events.
@@ -508,13 +532,14 @@ impl Sink {
         Ok(())
     }
 
-    /// Send one event; returns the answer to print.
+    /// Send one event; returns the answer to print and how many of its events the topic
+    /// already held.
     async fn send(
         &mut self,
         topic: &str,
         headers: Vec<(String, String)>,
         body: &[u8],
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<Sent> {
         match self {
             Sink::Http { client, url } => {
                 let mut request = client.post(url.as_str()).body(body.to_vec());
@@ -530,7 +555,15 @@ impl Sink {
                 if !status.is_success() {
                     bail!("{status}: {text}");
                 }
-                Ok(text)
+                // A weir older than the `duplicates` field counts none.
+                let duplicates = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|answer| answer["duplicates"].as_array().map(Vec::len))
+                    .unwrap_or(0);
+                Ok(Sent {
+                    answer: text,
+                    duplicates,
+                })
             }
             Sink::Broker {
                 publisher,
@@ -541,19 +574,28 @@ impl Sink {
                 let events = ingress::decode_request(ingress::Entry::Cli, topic, &headers, body)
                     .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
                 let mut ids = Vec::new();
+                let mut duplicates = Vec::new();
                 for event in events {
                     let mut message = ingress::outbound(&event, topic, *broker);
                     if let Some(key) = key {
                         message.key = Some(key.clone().into_bytes().into());
                     }
                     // The transport's error names the topic.
-                    publisher.publish(message).await?;
+                    if publisher.publish(message).await? == Published::Duplicate {
+                        duplicates.push(event.id.clone());
+                    }
                     ids.push(event.id);
                 }
-                Ok(
-                    serde_json::json!({ "topic": topic, "broker": broker.as_str(), "ids": ids })
-                        .to_string(),
-                )
+                let answer = serde_json::json!({
+                    "topic": topic,
+                    "broker": broker.as_str(),
+                    "ids": ids,
+                    "duplicates": duplicates,
+                });
+                Ok(Sent {
+                    answer: answer.to_string(),
+                    duplicates: duplicates.len(),
+                })
             }
         }
     }

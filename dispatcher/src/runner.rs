@@ -610,6 +610,7 @@ impl FunctionRunner {
                 payload: Bytes::from(payload),
                 dedup_id: Some(output.event.id.clone()),
             };
+            // A duplicate is success: this output was stored by an earlier run of the input.
             if let Err(e) = self.outputs.publish(message).await {
                 telemetry::output_publish_failed(&self.spec.name);
                 return Err(format!("publishing output to {}: {e}", output.topic));
@@ -657,7 +658,8 @@ impl FunctionRunner {
         let mut paused = false;
         loop {
             match self.dead_letters.publish(message.clone()).await {
-                Ok(()) => break,
+                // A duplicate is this record, kept by an earlier attempt of this event.
+                Ok(_) => break,
                 Err(e) => {
                     telemetry::dead_letter_publish_failed(&self.spec.name);
                     if !paused {

@@ -271,6 +271,8 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     )
     .await?;
     ensure!(output.code == Some(0), "publish --file failed: {output:?}");
+    let accepted: Value = serde_json::from_str(output.stdout.trim())?;
+    assert_eq!(accepted["duplicates"], serde_json::json!([]), "{accepted}");
     let (_, audit) = tail_one(&up, &["db.audit", "--http", &http]).await?;
     assert_eq!(audit["type"], "weir.db.audit");
     assert_eq!(
@@ -279,7 +281,12 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     );
     assert_eq!(audit["weirhops"], "1");
 
-    // `--last N` starts at the topic's last N messages instead of its oldest.
+    // A structured CloudEvent carries its own id: sent twice, the bus keeps the first
+    // (same source and id). Accepted (a client's retry must succeed), counted and said.
+    publish_repeated(STRUCTURED_ORDER, 2, &["--http", &http], 1).await?;
+
+    // `--last N` starts at the topic's last N messages instead of its oldest; o-9 is among
+    // them once (its repeat was not stored).
     for id in ["o-2", "o-3"] {
         let data = format!(r#"{{"id":"{id}","amount":1}}"#);
         let output = run_weir(
@@ -300,7 +307,7 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     }
     let output = run_weir(
         [
-            "tail", "orders", "--last", "2", "--limit", "2", "--http", &http,
+            "tail", "orders", "--last", "4", "--limit", "4", "--http", &http,
         ],
         CLIENT_TIMEOUT,
     )
@@ -310,7 +317,7 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         .iter()
         .map(|e| e["data"]["id"].clone())
         .collect();
-    assert_eq!(ids, ["o-2", "o-3"], "{output:?}");
+    assert_eq!(ids, ["o-1", "o-9", "o-2", "o-3"], "{output:?}");
 
     // A body that is no event of its own gets the HTTP ingress as its source.
     let output = run_weir(
@@ -322,6 +329,36 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     let (_, note) = tail_one(&up, &["notes", "--http", &http]).await?;
     assert_eq!(note["source"], "weir://http/notes", "{note}");
     assert_eq!(note["type"], "weir.custom", "{note}");
+    Ok(())
+}
+
+/// A CloudEvent in structured mode: it carries its own id, so sending it again is a repeat.
+const STRUCTURED_ORDER: &str = r#"{"specversion":"1.0","id":"fixed-1","source":"test","type":"com.example.order","data":{"id":"o-9","amount":1}}"#;
+
+/// `weir publish orders --data BODY --count N VIA`: every send accepted, `duplicates` of them
+/// counted as already on the topic, on stdout and on stderr.
+async fn publish_repeated(
+    body: &str,
+    count: u64,
+    via: &[&str],
+    duplicates: u64,
+) -> anyhow::Result<()> {
+    let count_arg = count.to_string();
+    let args = ["publish", "orders", "--data", body, "--count", &count_arg];
+    let output = run_weir(args.iter().chain(via), CLIENT_TIMEOUT).await?;
+    ensure!(output.code == Some(0), "publish --count failed: {output:?}");
+    let counted: Value = serde_json::from_str(output.stdout.trim())?;
+    assert_eq!(
+        counted,
+        serde_json::json!({"accepted": count, "duplicates": duplicates}),
+        "{output:?}"
+    );
+    ensure!(
+        output
+            .stderr
+            .contains(&format!("{duplicates} event(s) were already on orders")),
+        "{output:?}"
+    );
     Ok(())
 }
 
@@ -359,6 +396,7 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
     // JetStream: published (confirmed) before the tail starts, read from the stream's history.
     let accepted = publish_nats(&url, "orders", r#"{"id":"o-1","amount":42}"#, false).await?;
     assert_eq!(accepted["broker"], "jetstream", "{accepted}");
+    assert_eq!(accepted["duplicates"], serde_json::json!([]), "{accepted}");
     let (output, enriched) = tail_one(&up, &["orders.enriched", "--nats", &url]).await?;
     ensure!(
         output
@@ -370,6 +408,29 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
     assert_eq!(enriched["weirhops"], "2");
     assert_eq!(enriched["data"]["id"], "o-1");
     assert_eq!(enriched["data"]["tier"], "small");
+
+    // A structured CloudEvent carries its own id: sent three times, JetStream stores it once
+    // (`Nats-Msg-Id`), and `weir publish` says so instead of counting three.
+    publish_repeated(STRUCTURED_ORDER, 3, &["--nats", &url], 2).await?;
+    let output = run_weir(
+        [
+            "publish",
+            "orders",
+            "--data",
+            STRUCTURED_ORDER,
+            "--nats",
+            &url,
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "publish failed: {output:?}");
+    let again: Value = serde_json::from_str(output.stdout.trim())?;
+    assert_eq!(
+        again["duplicates"],
+        serde_json::json!(["fixed-1"]),
+        "{again}"
+    );
 
     // A rejected order: its dead-letter record, read back the same way.
     let accepted = publish_nats(&url, "orders", r#"{"id":"o-2"}"#, false).await?;

@@ -1069,8 +1069,13 @@ stream = "SHARE"
         nats.publish_raw("share.echo", headers, Bytes::from_static(b"{}"))
             .await?;
     }
-    // Through the ingress: one id, two sources, and the first request sent twice.
-    for source in ["producer-a", "producer-b", "producer-a"] {
+    // Through the ingress: one id, two sources, and the first request sent twice; only the
+    // retried request is answered as a duplicate.
+    for (source, duplicates) in [
+        ("producer-a", serde_json::json!([])),
+        ("producer-b", serde_json::json!([])),
+        ("producer-a", serde_json::json!(["2"])),
+    ] {
         let (status, answer) = weir
             .post(
                 "share.echo",
@@ -1084,6 +1089,7 @@ stream = "SHARE"
             )
             .await?;
         assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["duplicates"], duplicates, "{source}: {answer}");
     }
     let inputs = nats.events("SHARE", "share.echo").await?;
     let sources = |id: &str| -> Vec<String> {

@@ -13,7 +13,7 @@ use weir_broker_bridge::nats::{
     JetStreamConsumerOptions, NatsConfig, NatsTransport, StorageKind, StreamConfig,
 };
 use weir_broker_bridge::{
-    BrokerKind, Delivery, Origin, OutboundMessage, Publisher, RetryStyle, Subscription,
+    BrokerKind, Delivery, Origin, OutboundMessage, Published, Publisher, RetryStyle, Subscription,
     TransportError,
 };
 use weir_tests::nats_server::NatsServer;
@@ -282,13 +282,23 @@ async fn in_progress_keeps_a_message_past_ack_wait() -> anyhow::Result<()> {
 async fn nats_msg_id_deduplicates_publishes() -> anyhow::Result<()> {
     let (_server, transport) = setup(StorageKind::Memory).await?;
     let publisher = transport.jetstream_publisher();
-    publisher.publish(message("once", Some("output-1"))).await?;
-    // A redelivered input republishes its output with the same id: success, not stored twice.
-    publisher.publish(message("once", Some("output-1"))).await?;
+    assert_eq!(
+        publisher.publish(message("once", Some("output-1"))).await?,
+        Published::Stored
+    );
+    // A redelivered input republishes its output with the same id: success, not stored twice,
+    // and said to be a duplicate.
+    assert_eq!(
+        publisher.publish(message("once", Some("output-1"))).await?,
+        Published::Duplicate
+    );
     assert_eq!(transport.stream_messages(STREAM).await?, 1);
-    publisher
-        .publish(message("other", Some("output-2")))
-        .await?;
+    assert_eq!(
+        publisher
+            .publish(message("other", Some("output-2")))
+            .await?,
+        Published::Stored
+    );
     assert_eq!(transport.stream_messages(STREAM).await?, 2);
     Ok(())
 }
@@ -567,7 +577,7 @@ async fn survives_restart(crash: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match publisher.publish(message("after", Some("after"))).await {
-            Ok(()) => break,
+            Ok(_) => break,
             Err(err) if Instant::now() < deadline => {
                 tracing::info!(error = %err, "publish after restart not yet possible");
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -17,8 +17,8 @@ use futures::{FutureExt as _, StreamExt};
 
 use super::{events, pairs_to_headers, NatsTransport};
 use crate::{
-    BrokerKind, Delivery, Headers, InboundMessage, Origin, OutboundMessage, Publisher, RetryStyle,
-    StatelessSettle, Subscription, TransportError,
+    BrokerKind, Delivery, Headers, InboundMessage, Origin, OutboundMessage, Published, Publisher,
+    RetryStyle, StatelessSettle, Subscription, TransportError,
 };
 
 impl NatsTransport {
@@ -162,8 +162,9 @@ impl NatsPublisher {
 #[async_trait]
 impl Publisher for NatsPublisher {
     /// The key is not sent (core NATS has none); put it in a header if the receiver needs it.
-    /// `dedup_id` is ignored: core NATS does not de-duplicate.
-    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
+    /// `dedup_id` is ignored: core NATS does not de-duplicate, so a sent message is
+    /// [`Published::Stored`].
+    async fn publish(&self, message: OutboundMessage) -> Result<Published, TransportError> {
         let OutboundMessage {
             topic,
             headers,
@@ -196,7 +197,7 @@ impl Publisher for NatsPublisher {
         match queued {
             Ok(Ok(())) => {
                 self.counters.ok();
-                Ok(())
+                Ok(Published::Stored)
             }
             Ok(Err(err)) => {
                 self.counters.error();

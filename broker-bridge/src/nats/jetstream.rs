@@ -43,7 +43,7 @@ use super::declared::DeclaredStreams;
 use super::{events, jetstream_disabled, pairs_to_headers, NatsTransport};
 use crate::{
     BrokerKind, Delivery, FlowControl, Headers, InboundMessage, LagProbe, Origin, OutboundMessage,
-    Publisher, RetryStyle, Settle, Subscription, TransportError,
+    Published, Publisher, RetryStyle, Settle, Subscription, TransportError,
 };
 
 /// How long one pull request waits on the server for messages. Public so the benchmark's
@@ -767,7 +767,10 @@ impl JetStreamPublisher {
         }
     }
 
-    async fn publish_confirmed(&self, message: OutboundMessage) -> Result<(), TransportError> {
+    async fn publish_confirmed(
+        &self,
+        message: OutboundMessage,
+    ) -> Result<Published, TransportError> {
         let topic = message.topic.clone();
         let mut headers = pairs_to_headers(&topic, message.headers)?;
         if let Some(id) = &message.dedup_id {
@@ -810,18 +813,20 @@ impl JetStreamPublisher {
         };
         if ack.duplicate {
             self.counters.duplicate(&ack.stream, ack.sequence);
+            Ok(Published::Duplicate)
         } else {
             self.counters.ok();
+            Ok(Published::Stored)
         }
-        Ok(())
     }
 }
 
 #[async_trait]
 impl Publisher for JetStreamPublisher {
-    /// Sets `Nats-Msg-Id` from `dedup_id`; a duplicate inside the stream's window is success.
-    /// The key is not sent (JetStream has none; the dispatcher keys by `partitionkey` or subject).
-    async fn publish(&self, message: OutboundMessage) -> Result<(), TransportError> {
+    /// Sets `Nats-Msg-Id` from `dedup_id`; a duplicate inside the stream's window is success,
+    /// [`Published::Duplicate`]. The key is not sent (JetStream has none; the dispatcher keys
+    /// by `partitionkey` or subject).
+    async fn publish(&self, message: OutboundMessage) -> Result<Published, TransportError> {
         let topic = message.topic.clone();
         let result =
             match tokio::time::timeout(self.ack_timeout, self.publish_confirmed(message)).await {
@@ -832,7 +837,7 @@ impl Publisher for JetStreamPublisher {
                 }),
             };
         match &result {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(TransportError::PublishTimeout { .. }) => self.counters.timeout(),
             Err(_) => self.counters.error(),
         }
