@@ -421,8 +421,8 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         println!("{{\"accepted\":{accepted},\"duplicates\":{duplicates}}}");
     }
     if duplicates > 0 {
-        // Said on stderr too: a repeated Debezium change or CloudEvent that nothing runs on
-        // looks like a broken pipeline otherwise.
+        // Said on stderr too: a CloudEvent sent again with its own id, on which nothing runs,
+        // looks like a broken pipeline otherwise. (Debezium and S3 bodies get fresh ids here.)
         eprintln!(
             "weir publish: {duplicates} event(s) were already on {} (same source and id, inside \
              the broker's de-duplication window) and were not stored again; give each event its \
