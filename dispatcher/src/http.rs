@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use weir_broker_bridge::{BrokerKind, Published};
+use weir_broker_bridge::BrokerKind;
 use weir_schemas::{Event, Format, WireMessage};
 
 use crate::ingress;
@@ -85,23 +85,12 @@ impl IntoResponse for Problem {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct Accepted {
-    topic: String,
-    broker: &'static str,
-    /// Ids of the published events (an S3 notification with several records gives several).
-    ids: Vec<String>,
-    /// Those of `ids` the topic already held (same source and id, inside the broker's
-    /// de-duplication window): accepted, as a client's retry should be, but not stored again.
-    duplicates: Vec<String>,
-}
-
 async fn publish(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, Json<Accepted>), Problem> {
+) -> Result<(StatusCode, Json<ingress::Accepted>), Problem> {
     check_topic(&topic)?;
     let mut wire_headers: Vec<(String, String)> = Vec::with_capacity(headers.len());
     for (name, value) in &headers {
@@ -123,32 +112,15 @@ async fn publish(
         kind: "broker",
         message: format!("{e:#}"),
     })?;
-    let mut ids = Vec::with_capacity(events.len());
-    let mut duplicates = Vec::new();
-    for event in events {
-        let published = publisher
-            .publish(ingress::outbound(&event, &topic, broker))
-            .await
-            .map_err(|e| Problem {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                kind: "publish",
-                message: e.to_string(),
-            })?;
-        if published == Published::Duplicate {
-            duplicates.push(event.id.clone());
-        }
-        ids.push(event.id);
-    }
+    let accepted = ingress::publish(publisher.as_ref(), broker, &topic, events, None)
+        .await
+        .map_err(|e| Problem {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "publish",
+            message: e.to_string(),
+        })?;
     telemetry::http_ingress(StatusCode::ACCEPTED.as_u16());
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            topic,
-            broker: broker.as_str(),
-            ids,
-            duplicates,
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
 fn check_topic(topic: &str) -> Result<(), Problem> {

@@ -6,7 +6,8 @@
 //! the caller is told is the id the function sees.
 
 use bytes::Bytes;
-use weir_broker_bridge::{BrokerKind, OutboundMessage};
+use serde::Serialize;
+use weir_broker_bridge::{BrokerKind, OutboundMessage, Published, Publisher, TransportError};
 use weir_schemas::{ext, DecodeError, Event, Format, WireMessage};
 
 use crate::chain;
@@ -73,7 +74,7 @@ fn stamp_trace(event: &mut Event, header: Option<&str>) {
 }
 
 /// The message that publishes `event` to `topic` on `broker`.
-pub fn outbound(event: &Event, topic: &str, broker: BrokerKind) -> OutboundMessage {
+fn outbound(event: &Event, topic: &str, broker: BrokerKind) -> OutboundMessage {
     let (headers, payload) = weir_schemas::encode_binary(event, header_style(broker));
     OutboundMessage {
         topic: topic.to_owned(),
@@ -90,4 +91,47 @@ pub fn outbound(event: &Event, topic: &str, broker: BrokerKind) -> OutboundMessa
             &event.id,
         ])),
     }
+}
+
+/// What publishing a request's events did: the `202` answer of `POST /v1/topics/{topic}`, and
+/// what `weir publish` prints for a publish straight to a broker.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub topic: String,
+    pub broker: &'static str,
+    /// Ids of the published events (an S3 notification with several records gives several).
+    pub ids: Vec<String>,
+    /// Those of `ids` the topic already held (same source and id, inside the broker's
+    /// de-duplication window): accepted, as a client's retry should be, but not stored again.
+    pub duplicates: Vec<String>,
+}
+
+/// Publish a request's events to `topic`, each confirmed before the next; `key`, when given,
+/// is every message's broker key (`weir publish --key`). The first failure ends it; the
+/// transport's error names the topic.
+pub async fn publish(
+    publisher: &dyn Publisher,
+    broker: BrokerKind,
+    topic: &str,
+    events: Vec<Event>,
+    key: Option<&str>,
+) -> Result<Accepted, TransportError> {
+    let mut ids = Vec::with_capacity(events.len());
+    let mut duplicates = Vec::new();
+    for event in events {
+        let mut message = outbound(&event, topic, broker);
+        if let Some(key) = key {
+            message.key = Some(Bytes::copy_from_slice(key.as_bytes()));
+        }
+        if publisher.publish(message).await? == Published::Duplicate {
+            duplicates.push(event.id.clone());
+        }
+        ids.push(event.id);
+    }
+    Ok(Accepted {
+        topic: topic.to_owned(),
+        broker: broker.as_str(),
+        ids,
+        duplicates,
+    })
 }

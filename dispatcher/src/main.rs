@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use weir_broker_bridge::kafka::{KafkaConfig, KafkaTransport};
 use weir_broker_bridge::nats::{NatsConfig, NatsTransport};
-use weir_broker_bridge::{BrokerKind, Published};
+use weir_broker_bridge::BrokerKind;
 use weir_dispatcher::config::{self, Config};
 use weir_dispatcher::runtime::{self, Runtime};
 use weir_dispatcher::{demo, engine, http, ingress, telemetry};
@@ -573,28 +573,12 @@ impl Sink {
             } => {
                 let events = ingress::decode_request(ingress::Entry::Cli, topic, &headers, body)
                     .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
-                let mut ids = Vec::new();
-                let mut duplicates = Vec::new();
-                for event in events {
-                    let mut message = ingress::outbound(&event, topic, *broker);
-                    if let Some(key) = key {
-                        message.key = Some(key.clone().into_bytes().into());
-                    }
-                    // The transport's error names the topic.
-                    if publisher.publish(message).await? == Published::Duplicate {
-                        duplicates.push(event.id.clone());
-                    }
-                    ids.push(event.id);
-                }
-                let answer = serde_json::json!({
-                    "topic": topic,
-                    "broker": broker.as_str(),
-                    "ids": ids,
-                    "duplicates": duplicates,
-                });
+                let accepted =
+                    ingress::publish(publisher.as_ref(), *broker, topic, events, key.as_deref())
+                        .await?;
                 Ok(Sent {
-                    answer: answer.to_string(),
-                    duplicates: duplicates.len(),
+                    answer: serde_json::to_string(&accepted)?,
+                    duplicates: accepted.duplicates.len(),
                 })
             }
         }
