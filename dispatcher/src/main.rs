@@ -227,10 +227,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.print_config {
-        print!(
-            "{}",
-            demo::toml(&args.demo_broker(), &args.http.to_string())
-        );
+        let toml = demo::toml(&args.demo_broker(), &args.http.to_string());
+        print_line(&toml.trim_end())?;
         return Ok(ExitCode::SUCCESS);
     }
     let dir = demo::find_functions_dir(args.functions.as_deref()).map_err(anyhow::Error::msg)?;
@@ -288,11 +286,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             let engine = engine::WasmEngine::new(&runtime::engine_settings(&config))?;
             match runtime::load_modules(&engine, &config) {
                 Ok(_) => {
-                    println!(
+                    print_line(&format_args!(
                         "{}: ok ({} functions)",
                         path.display(),
                         config.functions.len()
-                    );
+                    ))?;
                     return Ok(ExitCode::SUCCESS);
                 }
                 Err(e) => e,
@@ -329,10 +327,13 @@ async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<ExitCod
     // (the listener is bound: a command sent from it right away waits in the backlog).
     tracing::info!(%listen, "weir is serving");
     if let Some(banner) = banner {
-        println!("{banner}");
+        // The banner is help for a person; weir serves whether or not it could be shown.
+        if let Err(e) = print_line(&banner) {
+            tracing::warn!(error = %e, "could not print the banner");
+        }
     }
     let server = tokio::spawn(http::serve(listener, state, shutdown.clone()));
-    wait_for_signal().await;
+    stop_signal().await;
     tracing::info!("shutting down: no new deliveries; finishing in-flight work");
     runtime.shutdown().await;
     match server.await {
@@ -343,27 +344,33 @@ async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called,
+/// not when the future is first polled, so a signal that arrives in between is not missed
+/// (`weir tail` says it is reading before it polls).
+fn stop_signal() -> StopSignal {
     #[cfg(unix)]
     {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut interrupt), Ok(mut terminate)) => {
+                return Box::pin(async move {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                });
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops weir");
-                let _ = ctrl_c.await;
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot listen for SIGINT and SIGTERM; only Ctrl-C stops weir");
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    Box::pin(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn base_url(addr: &str) -> String {
@@ -415,10 +422,13 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     }
     // Only once it all reached the broker does it count as published.
     sink.finish().await?;
+    // Published either way: a reader that went away misses only the answer.
     if args.count == 1 {
-        println!("{last_answer}");
+        print_line(&last_answer)?;
     } else {
-        println!("{{\"accepted\":{accepted},\"duplicates\":{duplicates}}}");
+        print_line(&format!(
+            "{{\"accepted\":{accepted},\"duplicates\":{duplicates}}}"
+        ))?;
     }
     if duplicates > 0 {
         // Said on stderr too: a CloudEvent sent again with its own id, on which nothing runs,
@@ -589,6 +599,9 @@ fn looks_like_json(body: &[u8]) -> bool {
     serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
+/// Ends with exit 0 when its `--limit` is reached, when it is stopped (Ctrl-C, SIGTERM) or
+/// when its reader goes away (`weir tail … | head -1`); a broker reader's consumer is removed
+/// first in each case.
 async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     let connection = Connection {
         http: args.http.as_deref(),
@@ -602,12 +615,22 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
         Target::Kafka(settings) => return tail_kafka(&args, &settings).await,
         Target::Http(addr) => base_url(&addr),
     };
+    // Nothing to clean up on a weir's HTTP server: stopping is just ending, as on a broker.
+    let stop = tail_stop();
+    tokio::select! {
+        tailed = tail_http(&args, &base) => tailed,
+        () = stop => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `weir tail` through a running weir's HTTP server (its memory bus).
+async fn tail_http(args: &TailArgs, base: &str) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
     let mut after: Option<u64> = match args.last {
         None => None,
-        Some(last) => memory_last_seq(&client, &base, &args.topic)
+        Some(last) => memory_last_seq(&client, base, &args.topic)
             .await?
             .map(|seq| seq.saturating_sub(last)),
     };
@@ -633,7 +656,9 @@ async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             .context("reading the topic's events")?;
         for message in page["messages"].as_array().into_iter().flatten() {
             for event in message["events"].as_array().into_iter().flatten() {
-                println!("{event}");
+                if print_line(event)? == Printed::ReaderGone {
+                    return Ok(ExitCode::SUCCESS);
+                }
                 printed += 1;
                 if args.limit.is_some_and(|limit| printed >= limit) {
                     return Ok(ExitCode::SUCCESS);
@@ -657,12 +682,13 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
                 None => "the first message".to_owned(),
                 Some(last) => format!("the last {last} messages"),
             };
+            let stop = tail_stop();
             eprintln!(
                 "reading {} from {from} stream {} holds, then following",
                 args.topic,
                 history.stream()
             );
-            return tail_broker(Box::new(history), "jetstream", args.limit).await;
+            return tail_broker(Box::new(history), "jetstream", args.limit, stop).await;
         }
     }
     if args.last.is_some_and(|last| last > 0) {
@@ -680,9 +706,10 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
         );
     }
     let subscription = transport.subscribe_core(&args.topic, None).await?;
+    let stop = tail_stop();
     // Once subscribed (the server has registered it), nothing published from now on is missed.
     eprintln!("following core subject {} (new messages only)", args.topic);
-    tail_broker(Box::new(subscription), "nats", args.limit).await
+    tail_broker(Box::new(subscription), "nats", args.limit, stop).await
 }
 
 /// `weir tail` on Kafka: every partition from its earliest offset (or its last N).
@@ -693,12 +720,13 @@ async fn tail_kafka(args: &TailArgs, settings: &KafkaConfig) -> anyhow::Result<E
         None => "the earliest offset".to_owned(),
         Some(last) => format!("the last {last} records"),
     };
+    let stop = tail_stop();
     eprintln!(
         "reading {} from {from} of each of its {} partitions, then following",
         args.topic,
         history.partitions()
     );
-    tail_broker(Box::new(history), "kafka", args.limit).await
+    tail_broker(Box::new(history), "kafka", args.limit, stop).await
 }
 
 /// The sequence of the newest message a weir's memory-bus topic holds; `None` for a topic it
@@ -858,44 +886,126 @@ async fn connect_kafka(settings: &KafkaConfig) -> anyhow::Result<KafkaTransport>
         .with_context(|| format!("connecting to Kafka at {}", settings.bootstrap))
 }
 
-/// Print what a broker subscription delivers, as JSON lines, acknowledging as it goes.
+/// Print what a broker subscription delivers, as JSON lines, acknowledging as it goes, until
+/// `limit`, `stop` or the reader going away; then close the subscription (a history read
+/// deletes its consumer).
 async fn tail_broker(
     mut subscription: Box<dyn weir_broker_bridge::Subscription>,
     transport: &str,
     limit: Option<u64>,
+    mut stop: StopSignal,
 ) -> anyhow::Result<ExitCode> {
     let mut printed = 0u64;
-    while let Some(delivery) = subscription.next().await {
-        let message = &delivery.message;
-        let origin = message.origin.to_string();
-        let source = weir_schemas::wire::default_source(transport, &message.topic);
-        let headers = message.headers.view();
-        let wire = weir_schemas::WireMessage {
-            headers: &headers,
-            payload: message.payload.as_deref(),
-            key: message.key.as_deref(),
-            origin: &origin,
-            default_source: &source,
-        };
-        match weir_schemas::decode(&wire, weir_schemas::Format::Auto) {
-            Ok(events) => {
-                for event in events {
-                    println!("{}", http::event_json(&event));
-                    printed += 1;
+    // However reading ends (even on standard output failing), the subscription is closed.
+    let ended = async {
+        loop {
+            let delivery = tokio::select! {
+                delivery = subscription.next() => match delivery {
+                    Some(delivery) => delivery,
+                    None => break,
+                },
+                () = &mut stop => break,
+            };
+            let message = &delivery.message;
+            let origin = message.origin.to_string();
+            let source = weir_schemas::wire::default_source(transport, &message.topic);
+            let headers = message.headers.view();
+            let wire = weir_schemas::WireMessage {
+                headers: &headers,
+                payload: message.payload.as_deref(),
+                key: message.key.as_deref(),
+                origin: &origin,
+                default_source: &source,
+            };
+            // `--limit` counts events; a message that is not one is shown but not counted.
+            let (lines, events) = match weir_schemas::decode(&wire, weir_schemas::Format::Auto) {
+                Ok(events) => (events.iter().map(http::event_json).collect(), events.len()),
+                Err(e) => (
+                    vec![
+                        serde_json::json!({ "topic": message.topic, "origin": origin, "undecodable": e.to_string() }),
+                    ],
+                    0,
+                ),
+            };
+            for line in &lines {
+                if print_line(line)? == Printed::ReaderGone {
+                    return Ok(());
                 }
             }
-            Err(e) => println!(
-                "{}",
-                serde_json::json!({ "topic": message.topic, "origin": origin, "undecodable": e.to_string() })
-            ),
+            if let Err(e) = delivery.ack().await {
+                tracing::debug!(error = %e, "tail: ack failed");
+            }
+            printed += events as u64;
+            if limit.is_some_and(|limit| printed >= limit) {
+                break;
+            }
         }
-        if let Err(e) = delivery.ack().await {
-            tracing::debug!(error = %e, "tail: ack failed");
-        }
-        if limit.is_some_and(|limit| printed >= limit) {
-            break;
-        }
+        Ok::<(), anyhow::Error>(())
     }
+    .await;
     subscription.close().await;
-    Ok(ExitCode::SUCCESS)
+    ended.map(|()| ExitCode::SUCCESS)
+}
+
+/// What ends a `weir tail` besides its `--limit`: a stop signal, or its reader going away.
+/// Made, like [`stop_signal`], before the tail says it is reading.
+fn tail_stop() -> StopSignal {
+    let signal = stop_signal();
+    Box::pin(async move {
+        tokio::select! {
+            () = signal => {}
+            () = reader_gone() => {}
+        }
+    })
+}
+
+/// How often a tail looks whether its reader has gone.
+const READER_CHECK: Duration = Duration::from_millis(500);
+
+/// Resolves once standard output is a pipe whose reader has gone (or a socket whose peer
+/// has). A write would tell too, but a tail writes only when an event comes, so `weir tail …
+/// | head -1` would wait for the next event, however long that takes; coreutils' `tail -f`
+/// polls its output for the same reason.
+async fn reader_gone() {
+    #[cfg(unix)]
+    loop {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd as _;
+
+        let stdout = std::io::stdout();
+        let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::empty())];
+        // POLLERR and POLLHUP are reported whatever `events` asks for.
+        let gone = poll(&mut fds, PollTimeout::ZERO).is_ok()
+            && fds[0]
+                .revents()
+                .is_some_and(|events| events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP));
+        if gone {
+            return;
+        }
+        tokio::time::sleep(READER_CHECK).await;
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await
+}
+
+/// What [`stop_signal`] returns.
+type StopSignal = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Whether a line reached standard output.
+#[derive(Debug, PartialEq, Eq)]
+enum Printed {
+    Shown,
+    /// Standard output is a pipe whose reader has gone (`weir tail … | head -1`).
+    ReaderGone,
+}
+
+/// One line on standard output. `println!` panics when the reader of a pipe has gone; that is
+/// the ordinary end of `weir tail … | head`, not an error.
+fn print_line(line: &dyn std::fmt::Display) -> anyhow::Result<Printed> {
+    use std::io::Write as _;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => Ok(Printed::Shown),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Printed::ReaderGone),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
 }

@@ -318,6 +318,9 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         .map(|e| e["data"]["id"].clone())
         .collect();
     assert_eq!(ids, ["o-1", "o-9", "o-2", "o-3"], "{output:?}");
+    // `weir tail orders | head -1` ends by itself, whether or not more events are printed.
+    let first = first_then_reader_goes(&["tail", "orders", "--http", &http]).await?;
+    assert_eq!(first["data"]["id"], "o-1", "{first}");
 
     // A body that is no event of its own gets the HTTP ingress as its source.
     let output = run_weir(
@@ -575,6 +578,12 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
             "{output:?}"
         );
         assert_eq!(numbers, expected, "--last {last}: {output:?}");
+        // Neither the reading consumer nor those counting for --last outlive the command.
+        assert_eq!(
+            consumers_on(&js, "HIST").await?,
+            Vec::<String>::new(),
+            "--last {last}"
+        );
     }
 
     // --last 0: nothing old; the first event shown is one published after the tail started.
@@ -628,6 +637,164 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
     .await?;
     assert_eq!(output.code, Some(2), "{output:?}");
     Ok(())
+}
+
+/// `weir tail` following forever ends cleanly however it is ended: Ctrl-C (SIGINT) and SIGTERM
+/// end it with exit 0, and so does its reader going away (`weir tail … | head -1`: noticed
+/// without another event, and no `println!` panic); a JetStream reader's consumer is deleted at
+/// once in each case (also after async-nats re-created it under another name), not left on
+/// the stream for the server's 30 s inactivity threshold.
+/// `weir publish` whose reader has gone still publishes and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_ends_cleanly_when_stopped_or_its_reader_goes() -> anyhow::Result<()> {
+    use nix::sys::signal::Signal;
+    use tokio::io::AsyncBufReadExt as _;
+
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ENDS".into(),
+        subjects: vec!["ends.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    for n in 0..3u32 {
+        js.publish("ends.a", format!(r#"{{"n":{n}}}"#).into())
+            .await?
+            .await?;
+    }
+    // ends.b holds one event: once it is printed, the tail has nothing more to write.
+    js.publish("ends.b", r#"{"n":0}"#.into()).await?.await?;
+
+    // Ctrl-C: the three events printed, exit 0, the consumer gone.
+    let mut tail = spawn_weir(&["tail", "ends.a", "--nats", &url])?;
+    wait_for_stderr(&mut tail, "then following").await?;
+    let consumers = consumers_on(&js, "ENDS").await?;
+    ensure!(
+        consumers.len() == 1 && consumers[0].starts_with("weir-tail-"),
+        "while reading, one weir-tail consumer: {consumers:?}"
+    );
+    let mut stdout = tokio::io::BufReader::new(tail.stdout.take().context("stdout")?).lines();
+    let mut numbers = Vec::new();
+    while numbers.len() < 3 {
+        let line = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
+            .await
+            .context("the tail printed the stream's events in time")??
+            .context("the tail's stdout ended early")?;
+        let event: Value = serde_json::from_str(&line)?;
+        numbers.push(event["data"]["n"].clone());
+    }
+    assert_eq!(numbers, [0, 1, 2], "the stream's events, in order");
+    // Its consumer deleted under it, the tail rides it out (async-nats re-creates it under
+    // another name) and sees what comes next; the re-created consumer is deleted too.
+    js.get_stream("ENDS")
+        .await?
+        .delete_consumer(&consumers[0])
+        .await?;
+    js.publish("ends.a", r#"{"n":3}"#.into()).await?.await?;
+    let line = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
+        .await
+        .context("the tail printed the event after its consumer was re-created, in time")??
+        .context("the tail's stdout ended early")?;
+    let event: Value = serde_json::from_str(&line)?;
+    assert_eq!(event["data"]["n"], 3, "{event}");
+    let recreated = consumers_on(&js, "ENDS").await?;
+    ensure!(
+        recreated.len() == 1 && recreated[0] != consumers[0],
+        "re-created under another name: {recreated:?}, was {consumers:?}"
+    );
+    stop_tail(&mut tail, Signal::SIGINT).await?;
+    assert_eq!(
+        consumers_on(&js, "ENDS").await?,
+        Vec::<String>::new(),
+        "after SIGINT"
+    );
+
+    // The reader goes away (`| head -1`): the tail notices without waiting for another event
+    // to fail to print; exit 0, no panic, no consumer.
+    let first = first_then_reader_goes(&["tail", "ends.b", "--nats", &url]).await?;
+    assert_eq!(first["data"]["n"], 0, "{first}");
+    assert_eq!(
+        consumers_on(&js, "ENDS").await?,
+        Vec::<String>::new(),
+        "after the reader went"
+    );
+
+    // SIGTERM on a core subject: exit 0.
+    let mut tail = spawn_weir(&["tail", "ends.core", "--nats", &url, "--core"])?;
+    wait_for_stderr(&mut tail, "following core subject ends.core").await?;
+    stop_tail(&mut tail, Signal::SIGTERM).await?;
+
+    // `weir publish` whose reader has gone before the answer: published, exit 0, no panic.
+    let mut publish = spawn_weir(&["publish", "ends.a", "--nats", &url, "--data", r#"{"n":3}"#])?;
+    drop(publish.stdout.take());
+    let output = tokio::time::timeout(CLIENT_TIMEOUT, publish.wait_with_output())
+        .await
+        .context("weir publish ended in time")??;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stream = js.get_stream("ENDS").await?;
+    let last = stream.get_last_raw_message_by_subject("ends.a").await?;
+    assert_eq!(&last.payload[..], br#"{"n":3}"#, "the event was published");
+    Ok(())
+}
+
+/// Start `weir ARGS` (a tail without `--limit`), read its first line, then close its standard
+/// output as `| head -1` does: it must end by itself with exit 0, in time and without a panic,
+/// whether or not it has more to print. Returns the first line's event.
+async fn first_then_reader_goes(args: &[&str]) -> anyhow::Result<Value> {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let mut tail = spawn_weir(args)?;
+    let mut stdout = tokio::io::BufReader::new(tail.stdout.take().context("stdout")?).lines();
+    let first = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
+        .await
+        .with_context(|| format!("weir {args:?} printed in time"))??
+        .with_context(|| format!("weir {args:?}: stdout ended before a line"))?;
+    drop(stdout);
+    let output = tokio::time::timeout(CLIENT_TIMEOUT, tail.wait_with_output())
+        .await
+        .with_context(|| format!("weir {args:?} ended when its reader went away, in time"))??;
+    ensure!(
+        output.status.code() == Some(0)
+            && !String::from_utf8_lossy(&output.stderr).contains("panicked"),
+        "weir {args:?} ends with exit 0 when its reader goes: {output:?}"
+    );
+    serde_json::from_str(&first).with_context(|| format!("not a JSON line: {first}"))
+}
+
+/// Send `signal` to a running `weir tail`, which must then end with exit 0, in time.
+async fn stop_tail(
+    tail: &mut tokio::process::Child,
+    signal: nix::sys::signal::Signal,
+) -> anyhow::Result<()> {
+    let pid = tail.id().context("the tail's pid")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)?;
+    let status = tokio::time::timeout(CLIENT_TIMEOUT, tail.wait())
+        .await
+        .with_context(|| format!("the tail ended on {signal:?} in time"))??;
+    ensure!(
+        status.code() == Some(0),
+        "{signal:?} ends the tail with exit 0: {status:?}"
+    );
+    Ok(())
+}
+
+/// The names of the consumers on `stream`, sorted.
+async fn consumers_on(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<Vec<String>> {
+    use futures::TryStreamExt as _;
+
+    let mut names: Vec<String> = js
+        .get_stream(stream)
+        .await?
+        .consumer_names()
+        .try_collect()
+        .await?;
+    names.sort();
+    Ok(names)
 }
 
 /// `weir ARGS`, which must exit 0, and the `data.n` of every event it printed.

@@ -226,13 +226,14 @@ pub(super) fn record_history_ended(stream: &str, subject: &str, reason: &str) {
     );
 }
 
-/// A consumer made only to count a subject's messages (`weir tail --nats --last N`) could not
-/// be deleted; harmless, the server drops it after its inactivity threshold.
-pub(super) fn record_counting_consumer_left(consumer: &str, reason: &str) {
+/// A consumer made only to read a stream (`weir tail --nats`: the history read, or counting
+/// a subject's messages for `--last N`) could not be deleted; harmless, the server drops it
+/// after its inactivity threshold.
+pub(super) fn record_reading_consumer_left(consumer: &str, reason: &str) {
     debug!(
         messaging.system = "jetstream",
         consumer,
         error = reason,
-        "a counting consumer was left to expire"
+        "a reading consumer was left for the server to expire"
     );
 }

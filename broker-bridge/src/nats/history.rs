@@ -5,12 +5,15 @@
 //!
 //! It uses an ordered consumer: ephemeral, unacknowledged, recreated by async-nats when it
 //! sees a gap, so reading leaves no durable state on the server and takes nothing from the
-//! functions' durable consumers. Finding where the last N messages of a subject start (the
-//! subject shares its stream's sequence with other subjects) is a binary search over the
-//! stream's sequences, each step asking the server how many of the subject's messages lie at
-//! or after a sequence (a short-lived consumer's `num_pending`), so it costs a few dozen
-//! requests, not a read of the whole stream. It is for inspection only: it is not a trigger
-//! (no acks, no redelivery, no lag) and deliberately does not implement the delivery contract.
+//! functions' durable consumers. It is named (`weir-tail-…`, and `weir-tail-…_N` once
+//! async-nats has re-created it) so that [`Subscription::close`] can delete it: otherwise it
+//! would stay listed on the stream for its 30 s inactivity threshold after every `weir tail`.
+//! Finding where the last N messages of a subject start (the subject shares its stream's
+//! sequence with other subjects) is a binary search over the stream's sequences, each step
+//! asking the server how many of the subject's messages lie at or after a sequence (a
+//! short-lived consumer's `num_pending`), so it costs a few dozen requests, not a read of the
+//! whole stream. It is for inspection only: it is not a trigger (no acks, no redelivery, no
+//! lag) and deliberately does not implement the delivery contract.
 
 use std::sync::Arc;
 
@@ -56,8 +59,11 @@ impl NatsTransport {
                     ))
                 })?,
         };
+        let consumer_name = reader_name();
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
+                // After a gap async-nats re-creates it as `{name}_{serial}`.
+                name: Some(consumer_name.clone()),
                 filter_subject: subject.to_owned(),
                 deliver_policy,
                 ..Default::default()
@@ -76,10 +82,15 @@ impl NatsTransport {
         Ok(Some(SubjectHistory {
             stream: Arc::from(stream_name),
             subject: subject.to_owned(),
+            consumer_name,
+            stream_handle: stream,
             messages: Some(std::sync::Mutex::new(messages)),
         }))
     }
 }
+
+/// How long closing a history read waits for the server to delete its consumer.
+const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where reading must start to see the last `last` messages on `subject`: the stream sequence
 /// `s` with exactly `last` of the subject's messages at or after it, found by binary search
@@ -139,15 +150,29 @@ async fn pending_from(
     let pending = consumer.cached_info().num_pending;
     let name = consumer.cached_info().name.clone();
     if let Err(err) = stream.delete_consumer(&name).await {
-        super::events::record_counting_consumer_left(&name, &err.to_string());
+        super::events::record_reading_consumer_left(&name, &err.to_string());
     }
     Ok(pending)
+}
+
+/// A consumer name no other reader has: the process, the time and a count within the
+/// process.
+fn reader_name() -> String {
+    static READERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let count = READERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("weir-tail-{}-{nanos:x}-{count}", std::process::id())
 }
 
 /// A stream's messages on one subject, oldest first, then new ones as they are stored.
 pub struct SubjectHistory {
     stream: Arc<str>,
     subject: String,
+    /// The ordered consumer's name, to delete it on close.
+    consumer_name: String,
+    stream_handle: async_nats::jetstream::stream::Stream,
     /// `None` once ended. In a mutex only to be `Sync` (the trait's `&self` methods need it;
     /// the stream is not): `next` takes `&mut self` and reaches it without locking.
     messages: Option<std::sync::Mutex<pull::Ordered>>,
@@ -158,6 +183,7 @@ impl std::fmt::Debug for SubjectHistory {
         f.debug_struct("SubjectHistory")
             .field("stream", &self.stream)
             .field("subject", &self.subject)
+            .field("consumer", &self.consumer_name)
             .field("ended", &self.messages.is_none())
             .finish()
     }
@@ -222,9 +248,49 @@ impl Subscription for SubjectHistory {
         BrokerKind::JetStream
     }
 
+    /// Stops the pulls and deletes the consumer, waiting at most [`DELETE_TIMEOUT`]: a reader
+    /// that cannot reach the server must still be able to exit, and the server removes the
+    /// consumer by itself after its inactivity threshold.
     async fn close(&mut self) {
-        // Dropping the ordered stream stops its pulls; the ephemeral consumer is removed by
-        // the server after its inactivity threshold.
         self.messages = None;
+        let deleted = tokio::time::timeout(
+            DELETE_TIMEOUT,
+            delete_reader(&self.stream_handle, &self.consumer_name),
+        )
+        .await;
+        let reason = match deleted {
+            Ok(Ok(())) => return,
+            Ok(Err(reason)) => reason,
+            Err(_) => format!("no answer within {DELETE_TIMEOUT:?}"),
+        };
+        super::events::record_reading_consumer_left(&self.consumer_name, &reason);
     }
+}
+
+/// Deletes a history read's consumer under whichever name it has now: `name`, or
+/// `{name}_{serial}` once async-nats has re-created it (the re-creation deletes the one
+/// before, so there is one; a reader's name is unique, so no other reader's matches).
+async fn delete_reader(
+    stream: &async_nats::jetstream::stream::Stream,
+    name: &str,
+) -> Result<(), String> {
+    use futures::TryStreamExt as _;
+
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .map_err(|err| format!("listing the stream's consumers: {err}"))?;
+    let ours = names.iter().filter(|found| {
+        found
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+    });
+    for found in ours {
+        stream
+            .delete_consumer(found)
+            .await
+            .map_err(|err| format!("deleting {found}: {err}"))?;
+    }
+    Ok(())
 }
