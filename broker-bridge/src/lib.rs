@@ -379,6 +379,14 @@ pub trait Subscription: Send {
         None
     }
 
+    /// Why `next` returned `None` by itself, for a subscription that can end while no one
+    /// closed it (a read of a stream that was deleted): a reader must then fail rather than
+    /// look finished. `None` while it runs, once closed, and for triggers, whose transports
+    /// ride out broker trouble instead of ending.
+    fn ended_by(&self) -> Option<&str> {
+        None
+    }
+
     /// Stop fetching; deliveries already handed out may still be settled.
     async fn close(&mut self);
 }

@@ -887,8 +887,9 @@ async fn connect_kafka(settings: &KafkaConfig) -> anyhow::Result<KafkaTransport>
 }
 
 /// Print what a broker subscription delivers, as JSON lines, acknowledging as it goes, until
-/// `limit`, `stop` or the reader going away; then close the subscription (a history read
-/// deletes its consumer).
+/// `limit`, `stop` or the reader going away (exit 0), or until the subscription ends by itself
+/// (an error when it says why); then close the subscription (a history read deletes its
+/// consumer).
 async fn tail_broker(
     mut subscription: Box<dyn weir_broker_bridge::Subscription>,
     transport: &str,
@@ -900,11 +901,16 @@ async fn tail_broker(
     let ended = async {
         loop {
             let delivery = tokio::select! {
-                delivery = subscription.next() => match delivery {
-                    Some(delivery) => delivery,
-                    None => break,
-                },
+                delivery = subscription.next() => delivery,
                 () = &mut stop => break,
+            };
+            let Some(delivery) = delivery else {
+                // What it read is gone (a deleted stream): not the end a script may take
+                // for a finished tail.
+                if let Some(reason) = subscription.ended_by() {
+                    bail!("reading ended: {reason}");
+                }
+                break;
             };
             let message = &delivery.message;
             let origin = message.origin.to_string();

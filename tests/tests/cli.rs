@@ -739,6 +739,93 @@ async fn tail_ends_cleanly_when_stopped_or_its_reader_goes() -> anyhow::Result<(
     Ok(())
 }
 
+/// A JetStream tail whose stream goes away does not wait in silence (async-nats would re-create
+/// its consumer for ever): it fails, saying the stream was deleted. A stream deleted and
+/// created again under the same name is another stream, whose first messages the reader would
+/// skip (it goes on from the old stream's sequence): that tail fails too, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_fails_when_its_stream_is_deleted_or_created_again() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
+    let config = async_nats::jetstream::stream::Config {
+        name: "GOES".into(),
+        subjects: vec!["goes.>".into()],
+        ..Default::default()
+    };
+
+    js.create_stream(config.clone()).await?;
+    js.publish("goes.a", r#"{"n":0}"#.into()).await?.await?;
+    let (tail, mut stderr) = tail_until_first_event(&url, "goes.a").await?;
+    js.delete_stream("GOES").await?;
+    let (status, said) = tail_ends(tail, &mut stderr).await?;
+    ensure!(
+        status.code() == Some(1) && said.contains("stream GOES was deleted"),
+        "a deleted stream fails the tail: {status:?}\n{said}"
+    );
+
+    js.create_stream(config.clone()).await?;
+    for n in 0..3u32 {
+        js.publish("goes.a", format!(r#"{{"n":{n}}}"#).into())
+            .await?
+            .await?;
+    }
+    let (tail, mut stderr) = tail_until_first_event(&url, "goes.a").await?;
+    js.delete_stream("GOES").await?;
+    js.create_stream(config).await?;
+    js.publish("goes.a", r#"{"n":"new"}"#.into()).await?.await?;
+    let (status, said) = tail_ends(tail, &mut stderr).await?;
+    ensure!(
+        status.code() == Some(1) && said.contains("stream GOES was deleted and created again"),
+        "a re-created stream fails the tail: {status:?}\n{said}"
+    );
+    Ok(())
+}
+
+type StderrLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// `weir tail TOPIC --nats URL` on a subject a stream captures, once it has printed its first
+/// event (which must be `{"n":0}`), with its standard error still being read.
+async fn tail_until_first_event(
+    url: &str,
+    topic: &str,
+) -> anyhow::Result<(tokio::process::Child, StderrLines)> {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let mut tail = spawn_weir(&["tail", topic, "--nats", url])?;
+    let mut stderr = tokio::io::BufReader::new(tail.stderr.take().context("stderr")?).lines();
+    let mut stdout = tokio::io::BufReader::new(tail.stdout.take().context("stdout")?).lines();
+    let line = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
+        .await
+        .context("the tail printed the stream's first event in time")??
+        .context("the tail's stdout ended early")?;
+    let event: Value = serde_json::from_str(&line)?;
+    assert_eq!(event["data"]["n"], 0, "{event}");
+    // Keep reading standard output, or the tail would end on its reader going away.
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    let ready = tokio::time::timeout(CLIENT_TIMEOUT, stderr.next_line())
+        .await
+        .context("the tail said what it reads, in time")??
+        .unwrap_or_default();
+    ensure!(ready.contains("then following"), "{ready}");
+    Ok((tail, stderr))
+}
+
+/// Waits for a tail to end by itself, bounded: its exit status and the rest of its stderr.
+async fn tail_ends(
+    mut tail: tokio::process::Child,
+    stderr: &mut StderrLines,
+) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    let status = tokio::time::timeout(CLIENT_TIMEOUT, tail.wait())
+        .await
+        .context("the tail ended by itself in time")??;
+    let mut said = Vec::new();
+    while let Some(line) = tokio::time::timeout(CLIENT_TIMEOUT, stderr.next_line()).await?? {
+        said.push(line);
+    }
+    Ok((status, said.join("\n")))
+}
+
 /// Start `weir ARGS` (a tail without `--limit`), read its first line, then close its standard
 /// output as `| head -1` does: it must end by itself with exit 0, in time and without a panic,
 /// whether or not it has more to print. Returns the first line's event.

@@ -214,15 +214,27 @@ pub(super) fn record_core_subscription_ended(subject: &str) {
     );
 }
 
-/// A history read (`weir tail --nats` on a stream's subject) ended on an error the ordered
-/// consumer could not ride out.
+/// A history read (`weir tail --nats` on a stream's subject) ended by itself: its stream was
+/// deleted or created again, or the ordered consumer met an error it could not ride out. At
+/// debug level: the reader says why itself ([`crate::Subscription::ended_by`]).
 pub(super) fn record_history_ended(stream: &str, subject: &str, reason: &str) {
-    warn!(
+    debug!(
         messaging.system = "jetstream",
         stream,
         subject,
         error = reason,
         "reading the stream ended"
+    );
+}
+
+/// A history read could not look up its stream to check it still exists; it reads on and
+/// asks again (the server may be restarting).
+pub(super) fn record_stream_check_failed(stream: &str, reason: &str) {
+    debug!(
+        messaging.system = "jetstream",
+        stream,
+        error = reason,
+        "could not check the stream being read"
     );
 }
 

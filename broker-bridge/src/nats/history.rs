@@ -12,8 +12,12 @@
 //! sequence with other subjects) is a binary search over the stream's sequences, each step
 //! asking the server how many of the subject's messages lie at or after a sequence (a
 //! short-lived consumer's `num_pending`), so it costs a few dozen requests, not a read of the
-//! whole stream. It is for inspection only: it is not a trigger (no acks, no redelivery, no
-//! lag) and deliberately does not implement the delivery contract.
+//! whole stream. Every [`STREAM_CHECK`] it looks whether its stream still exists and is the
+//! one it opened: async-nats re-creates an ordered consumer for ever, so a deleted stream would
+//! otherwise leave the reader waiting in silence, and one created again would be read from the
+//! old stream's sequence on, missing its first messages. Either ends the read, with
+//! [`Subscription::ended_by`] saying why. It is for inspection only: it is not a trigger (no
+//! acks, no redelivery, no lag) and deliberately does not implement the delivery contract.
 
 use std::sync::Arc;
 
@@ -83,14 +87,22 @@ impl NatsTransport {
             stream: Arc::from(stream_name),
             subject: subject.to_owned(),
             consumer_name,
+            jetstream: self.jetstream.clone(),
+            created: stream.cached_info().created,
+            next_check: tokio::time::Instant::now() + STREAM_CHECK,
             stream_handle: stream,
             messages: Some(std::sync::Mutex::new(messages)),
+            ended_by: None,
         }))
     }
 }
 
 /// How long closing a history read waits for the server to delete its consumer.
 const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often a history read checks that its stream is still the one it opened: one small
+/// request each time, and a deleted or re-created stream noticed within it.
+const STREAM_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where reading must start to see the last `last` messages on `subject`: the stream sequence
 /// `s` with exactly `last` of the subject's messages at or after it, found by binary search
@@ -172,10 +184,17 @@ pub struct SubjectHistory {
     subject: String,
     /// The ordered consumer's name, to delete it on close.
     consumer_name: String,
+    /// To look the stream up again by name ([`stream_gone`]).
+    jetstream: async_nats::jetstream::Context,
+    /// When the stream read was created: a stream of that name created later is another one.
+    created: async_nats::datetime::DateTime,
+    next_check: tokio::time::Instant,
     stream_handle: async_nats::jetstream::stream::Stream,
     /// `None` once ended. In a mutex only to be `Sync` (the trait's `&self` methods need it;
     /// the stream is not): `next` takes `&mut self` and reaches it without locking.
     messages: Option<std::sync::Mutex<pull::Ordered>>,
+    /// Why the read ended by itself.
+    ended_by: Option<String>,
 }
 
 impl std::fmt::Debug for SubjectHistory {
@@ -198,15 +217,27 @@ impl SubjectHistory {
 
 #[async_trait]
 impl Subscription for SubjectHistory {
-    /// Ends (`None`) when the ordered consumer gives up (the stream was deleted, the server
-    /// went away for good); the error is logged. Gaps and reconnects it rides out itself.
+    /// Ends (`None`, with [`Subscription::ended_by`] saying why) when the stream was deleted
+    /// or created again, or the ordered consumer gives up; the reason is logged too. Gaps and
+    /// reconnects it rides out itself.
     async fn next(&mut self) -> Option<Delivery> {
         let messages = self
             .messages
             .as_mut()?
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match messages.next().await {
+        let next = loop {
+            tokio::select! {
+                next = messages.next() => break next.map(|next| next.map_err(|err| err.to_string())),
+                () = tokio::time::sleep_until(self.next_check) => {
+                    self.next_check = tokio::time::Instant::now() + STREAM_CHECK;
+                    if let Some(gone) = stream_gone(&self.jetstream, &self.stream, self.created).await {
+                        break Some(Err(gone));
+                    }
+                }
+            }
+        };
+        match next {
             Some(Ok(message)) => {
                 let sequence = message.info().map_or(0, |info| info.stream_sequence);
                 let (message, _acker) = message.split();
@@ -223,9 +254,10 @@ impl Subscription for SubjectHistory {
                 };
                 Some(Delivery::new(inbound, Box::new(StatelessSettle)))
             }
-            Some(Err(err)) => {
-                super::events::record_history_ended(&self.stream, &self.subject, &err.to_string());
+            Some(Err(reason)) => {
+                super::events::record_history_ended(&self.stream, &self.subject, &reason);
                 self.messages = None;
+                self.ended_by = Some(reason);
                 None
             }
             None => {
@@ -248,6 +280,10 @@ impl Subscription for SubjectHistory {
         BrokerKind::JetStream
     }
 
+    fn ended_by(&self) -> Option<&str> {
+        self.ended_by.as_deref()
+    }
+
     /// Stops the pulls and deletes the consumer, waiting at most [`DELETE_TIMEOUT`]: a reader
     /// that cannot reach the server must still be able to exit, and the server removes the
     /// consumer by itself after its inactivity threshold.
@@ -264,6 +300,36 @@ impl Subscription for SubjectHistory {
             Err(_) => format!("no answer within {DELETE_TIMEOUT:?}"),
         };
         super::events::record_reading_consumer_left(&self.consumer_name, &reason);
+    }
+}
+
+/// Why the stream a history read opened is no longer there to read, if it is not: deleted, or
+/// deleted and created again (the same name, another `created` time). A failed lookup is not
+/// an answer (the server may be restarting; async-nats reconnects): the next check asks
+/// again.
+async fn stream_gone(
+    jetstream: &async_nats::jetstream::Context,
+    stream: &str,
+    created: async_nats::datetime::DateTime,
+) -> Option<String> {
+    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
+
+    match jetstream.get_stream(stream).await {
+        Ok(found) if found.cached_info().created != created => Some(format!(
+            "stream {stream} was deleted and created again (its sequence started over, so reading on would skip its first messages); run weir tail again to read the new stream"
+        )),
+        Ok(_) => None,
+        Err(err) => match err.kind() {
+            GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Some(format!("stream {stream} was deleted"))
+            }
+            _ => {
+                super::events::record_stream_check_failed(stream, &err.to_string());
+                None
+            }
+        },
     }
 }
 
