@@ -340,8 +340,9 @@ impl Settle for StatelessSettle {
 /// A stream of deliveries for one trigger.
 #[async_trait]
 pub trait Subscription: Send {
-    /// The next delivery; `None` once the subscription was closed (shutdown). Transient broker
-    /// trouble is retried inside the transport and logged, not returned.
+    /// The next delivery; `None` once the subscription was closed (shutdown), or once it ended
+    /// by itself ([`Subscription::ended_by`] says why). Transient broker trouble is retried
+    /// inside the transport and logged, not returned.
     async fn next(&mut self) -> Option<Delivery>;
 
     /// A delivery that is ready now, without waiting; `None` when none is (or the transport
