@@ -648,7 +648,6 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_ends_cleanly_when_stopped_or_its_reader_goes() -> anyhow::Result<()> {
     use nix::sys::signal::Signal;
-    use tokio::io::AsyncBufReadExt as _;
 
     let server = NatsServer::start()?;
     let url = server.url();
@@ -675,14 +674,10 @@ async fn tail_ends_cleanly_when_stopped_or_its_reader_goes() -> anyhow::Result<(
         consumers.len() == 1 && consumers[0].starts_with("weir-tail-"),
         "while reading, one weir-tail consumer: {consumers:?}"
     );
-    let mut stdout = tokio::io::BufReader::new(tail.stdout.take().context("stdout")?).lines();
+    let mut stdout = stdout_lines(&mut tail)?;
     let mut numbers = Vec::new();
     while numbers.len() < 3 {
-        let line = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
-            .await
-            .context("the tail printed the stream's events in time")??
-            .context("the tail's stdout ended early")?;
-        let event: Value = serde_json::from_str(&line)?;
+        let event = next_event(&mut stdout, "the stream's events").await?;
         numbers.push(event["data"]["n"].clone());
     }
     assert_eq!(numbers, [0, 1, 2], "the stream's events, in order");
@@ -693,11 +688,7 @@ async fn tail_ends_cleanly_when_stopped_or_its_reader_goes() -> anyhow::Result<(
         .delete_consumer(&consumers[0])
         .await?;
     js.publish("ends.a", r#"{"n":3}"#.into()).await?.await?;
-    let line = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
-        .await
-        .context("the tail printed the event after its consumer was re-created, in time")??
-        .context("the tail's stdout ended early")?;
-    let event: Value = serde_json::from_str(&line)?;
+    let event = next_event(&mut stdout, "the event after its consumer was re-created").await?;
     assert_eq!(event["data"]["n"], 3, "{event}");
     let recreated = consumers_on(&js, "ENDS").await?;
     ensure!(
@@ -783,6 +774,24 @@ async fn tail_fails_when_its_stream_is_deleted_or_created_again() -> anyhow::Res
 }
 
 type StderrLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+type StdoutLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// A child's standard output, line by line.
+fn stdout_lines(child: &mut tokio::process::Child) -> anyhow::Result<StdoutLines> {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let stdout = child.stdout.take().context("the child's stdout")?;
+    Ok(tokio::io::BufReader::new(stdout).lines())
+}
+
+/// The next line a tail prints, as JSON, bounded; `what` says which line was awaited.
+async fn next_event(stdout: &mut StdoutLines, what: &str) -> anyhow::Result<Value> {
+    let line = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
+        .await
+        .with_context(|| format!("the tail printed {what} in time"))??
+        .with_context(|| format!("the tail's stdout ended before {what}"))?;
+    serde_json::from_str(&line).with_context(|| format!("{what} is not a JSON line: {line}"))
+}
 
 /// `weir tail TOPIC --nats URL` on a subject a stream captures, once it has printed its first
 /// event (which must be `{"n":0}`), with its standard error still being read.
@@ -790,24 +799,13 @@ async fn tail_until_first_event(
     url: &str,
     topic: &str,
 ) -> anyhow::Result<(tokio::process::Child, StderrLines)> {
-    use tokio::io::AsyncBufReadExt as _;
-
     let mut tail = spawn_weir(&["tail", topic, "--nats", url])?;
-    let mut stderr = tokio::io::BufReader::new(tail.stderr.take().context("stderr")?).lines();
-    let mut stdout = tokio::io::BufReader::new(tail.stdout.take().context("stdout")?).lines();
-    let line = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
-        .await
-        .context("the tail printed the stream's first event in time")??
-        .context("the tail's stdout ended early")?;
-    let event: Value = serde_json::from_str(&line)?;
+    let stderr = stderr_after(&mut tail, "then following").await?;
+    let mut stdout = stdout_lines(&mut tail)?;
+    let event = next_event(&mut stdout, "the stream's first event").await?;
     assert_eq!(event["data"]["n"], 0, "{event}");
     // Keep reading standard output, or the tail would end on its reader going away.
     tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-    let ready = tokio::time::timeout(CLIENT_TIMEOUT, stderr.next_line())
-        .await
-        .context("the tail said what it reads, in time")??
-        .unwrap_or_default();
-    ensure!(ready.contains("then following"), "{ready}");
     Ok((tail, stderr))
 }
 
@@ -830,14 +828,9 @@ async fn tail_ends(
 /// output as `| head -1` does: it must end by itself with exit 0, in time and without a panic,
 /// whether or not it has more to print. Returns the first line's event.
 async fn first_then_reader_goes(args: &[&str]) -> anyhow::Result<Value> {
-    use tokio::io::AsyncBufReadExt as _;
-
     let mut tail = spawn_weir(args)?;
-    let mut stdout = tokio::io::BufReader::new(tail.stdout.take().context("stdout")?).lines();
-    let first = tokio::time::timeout(CLIENT_TIMEOUT, stdout.next_line())
-        .await
-        .with_context(|| format!("weir {args:?} printed in time"))??
-        .with_context(|| format!("weir {args:?}: stdout ended before a line"))?;
+    let mut stdout = stdout_lines(&mut tail)?;
+    let first = next_event(&mut stdout, &format!("the first line of weir {args:?}")).await?;
     drop(stdout);
     let output = tokio::time::timeout(CLIENT_TIMEOUT, tail.wait_with_output())
         .await
@@ -847,7 +840,7 @@ async fn first_then_reader_goes(args: &[&str]) -> anyhow::Result<Value> {
             && !String::from_utf8_lossy(&output.stderr).contains("panicked"),
         "weir {args:?} ends with exit 0 when its reader goes: {output:?}"
     );
-    serde_json::from_str(&first).with_context(|| format!("not a JSON line: {first}"))
+    Ok(first)
 }
 
 /// Send `signal` to a running `weir tail`, which must then end with exit 0, in time.
@@ -927,6 +920,14 @@ fn spawn_weir(args: &[&str]) -> anyhow::Result<tokio::process::Child> {
 
 /// Read `child`'s stderr until a line contains `needle` (it said it is ready), bounded.
 async fn wait_for_stderr(child: &mut tokio::process::Child, needle: &str) -> anyhow::Result<()> {
+    stderr_after(child, needle).await.map(drop)
+}
+
+/// [`wait_for_stderr`], keeping the rest of `child`'s stderr to read what it says next.
+async fn stderr_after(
+    child: &mut tokio::process::Child,
+    needle: &str,
+) -> anyhow::Result<StderrLines> {
     use tokio::io::AsyncBufReadExt as _;
 
     let stderr = child.stderr.take().context("the child's stderr")?;
@@ -935,7 +936,7 @@ async fn wait_for_stderr(child: &mut tokio::process::Child, needle: &str) -> any
         let mut said = Vec::new();
         while let Some(line) = lines.next_line().await? {
             if line.contains(needle) {
-                return Ok(());
+                return Ok(lines);
             }
             said.push(line);
         }
