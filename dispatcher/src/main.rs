@@ -20,6 +20,16 @@ use weir_dispatcher::{demo, engine, http, ingress, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `eprintln!` that does not panic when standard error is a pipe whose reader has gone
+/// (`weir check -c bad.toml 2>&1 | head -1`): standard error is where a failure would be
+/// reported, so there is nobody left to tell, and the exit code still says how it went.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _unheard = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Where `weir up` serves HTTP and where `publish` / `tail` look for a weir by default.
 const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 
@@ -183,14 +193,14 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
+            say!("error: starting the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -300,13 +310,13 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     };
     // Module checks need a config that parsed; parse problems are listed alone.
     let count = problems.len();
-    eprintln!(
+    say!(
         "{}: {count} problem{}",
         path.display(),
         if count == 1 { "" } else { "s" }
     );
     for problem in problems.iter() {
-        eprintln!("  {}: {}", problem.path, problem.message);
+        say!("  {}: {}", problem.path, problem.message);
     }
     Ok(ExitCode::from(2))
 }
@@ -433,7 +443,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if duplicates > 0 {
         // Said on stderr too: a CloudEvent sent again with its own id, on which nothing runs,
         // looks like a broken pipeline otherwise. (Debezium and S3 bodies get fresh ids here.)
-        eprintln!(
+        say!(
             "weir publish: {duplicates} event(s) were already on {} (same source and id, inside \
              the broker's de-duplication window) and were not stored again; give each event its \
              own id to publish it anew",
@@ -647,7 +657,7 @@ async fn tail_http(args: &TailArgs, base: &str) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("GET {url}"))?;
         if !response.status().is_success() {
             let status = response.status();
-            eprintln!("{status}: {}", response.text().await.unwrap_or_default());
+            say!("{status}: {}", response.text().await.unwrap_or_default());
             return Ok(ExitCode::FAILURE);
         }
         let page: serde_json::Value = response
@@ -683,7 +693,7 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
                 Some(last) => format!("the last {last} messages"),
             };
             let stop = tail_stop();
-            eprintln!(
+            say!(
                 "reading {} from {from} stream {} holds, then following",
                 args.topic,
                 history.stream()
@@ -708,7 +718,7 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
     let subscription = transport.subscribe_core(&args.topic, None).await?;
     let stop = tail_stop();
     // Once subscribed (the server has registered it), nothing published from now on is missed.
-    eprintln!("following core subject {} (new messages only)", args.topic);
+    say!("following core subject {} (new messages only)", args.topic);
     tail_broker(Box::new(subscription), "nats", args.limit, stop).await
 }
 
@@ -721,7 +731,7 @@ async fn tail_kafka(args: &TailArgs, settings: &KafkaConfig) -> anyhow::Result<E
         Some(last) => format!("the last {last} records"),
     };
     let stop = tail_stop();
-    eprintln!(
+    say!(
         "reading {} from {from} of each of its {} partitions, then following",
         args.topic,
         history.partitions()

@@ -126,6 +126,16 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
         "{problems:?}"
     );
 
+    // Standard error whose reader has gone (`weir check … 2>&1 | head -1`): the same exit
+    // code, not a panic on the first problem line. So for an error `main` reports.
+    let code =
+        exit_code_with_stderr_gone(&["check".as_ref(), "-c".as_ref(), bad.as_os_str()]).await?;
+    assert_eq!(code, Some(2), "weir check with its stderr reader gone");
+    let missing = dir.path().join("missing.toml");
+    let code =
+        exit_code_with_stderr_gone(&["run".as_ref(), "-c".as_ref(), missing.as_os_str()]).await?;
+    assert_eq!(code, Some(1), "weir run with its stderr reader gone");
+
     // A component that is valid but is a `wasi:cli/run` program, not a weir function.
     let wrong_world = format!(
         "{}{}",
@@ -185,6 +195,25 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
         }
     }
     Ok(())
+}
+
+/// `weir ARGS`, its standard error a pipe whose reader closed before it started (so every
+/// write fails), bounded: its exit code.
+async fn exit_code_with_stderr_gone(args: &[&std::ffi::OsStr]) -> anyhow::Result<Option<i32>> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let mut child = tokio::process::Command::new(weir_bin()?)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting weir {args:?}"))?;
+    let status = tokio::time::timeout(CHECK_TIMEOUT, child.wait())
+        .await
+        .with_context(|| format!("weir {args:?} ended in time"))??;
+    Ok(status.code())
 }
 
 /// The JSON lines `weir tail` printed.
