@@ -1,6 +1,8 @@
 //! The Kafka transport against a real Kafka-protocol broker (Tansu): round trips, commits at
 //! the watermark, ordering lanes, redelivery of dropped deliveries, lag, and resuming after a
-//! consumer restart. Each test starts its own broker; every wait is bounded.
+//! consumer restart; and the topic reader of `weir tail --kafka` ending when its topic is
+//! deleted (on librdkafka's mock cluster: see that test). Each test starts its own broker;
+//! every wait is bounded.
 
 // Test helpers outside `#[test]` functions: a failed expect is a failed assertion here too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -103,7 +105,7 @@ impl Setup {
     }
 }
 
-async fn next_within(sub: &mut KafkaSubscription, within: Duration) -> Option<Delivery> {
+async fn next_within(sub: &mut impl Subscription, within: Duration) -> Option<Delivery> {
     tokio::time::timeout(within, sub.next())
         .await
         .ok()
@@ -628,4 +630,59 @@ async fn a_small_buffer_throttles_without_losing_or_reordering() {
     assert_eq!(seen, expected, "every record once, in order");
     setup.wait_committed("g-throttled", 60).await;
     sub.close().await;
+}
+
+/// `weir tail --kafka`'s reader ends, saying why, when its topic is deleted while it follows.
+///
+/// On librdkafka's mock cluster, not Tansu: a fetch from a topic deleted on Tansu 0.6 crashes
+/// librdkafka 2.12 (SIGSEGV). Tansu answers it with a zero topic id and a current-leader tag,
+/// and librdkafka then looks the tag's topic up by a null name. The mock answers the topic's
+/// metadata with the error a deleted topic gives, which is what the reader's check reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_reader_ends_when_its_topic_is_deleted() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::types::RDKafkaRespErr;
+
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("goes", 1, 1).expect("create topic");
+    let bootstrap = mock.bootstrap_servers();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::<(), str>::to("goes").payload(r#"{"n":0}"#),
+            NEXT_DELIVERY,
+        )
+        .await
+        .expect("produce");
+    let config = weir_broker_bridge::kafka::KafkaConfig {
+        bootstrap,
+        ..weir_broker_bridge::kafka::KafkaConfig::default()
+    };
+    let transport = KafkaTransport::connect(&config).await.expect("connect");
+    let mut reader = transport
+        .read_topic_history("goes", None)
+        .await
+        .expect("read the topic");
+    let first = next_within(&mut reader, FIRST_DELIVERY)
+        .await
+        .expect("the topic's record");
+    assert_eq!(payload_of(&first), r#"{"n":0}"#);
+    assert_eq!(reader.ended_by(), None);
+
+    mock.topic_error(
+        "goes",
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+    )
+    .expect("delete the topic");
+    let ended = tokio::time::timeout(NEXT_DELIVERY, reader.next())
+        .await
+        .expect("the reader ends in time");
+    assert!(ended.is_none(), "no record after the topic is gone");
+    assert_eq!(reader.ended_by(), Some("topic goes was deleted"));
+    // Ended for good.
+    assert!(reader.next().await.is_none());
 }
