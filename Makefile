@@ -77,10 +77,12 @@ tansu:
 	  $(CARGO) install tansu --version $(TANSU_VERSION) --features $(TANSU_FEATURES) --locked --force; \
 	fi
 
-## lint: rustfmt and clippy, for the workspace and the functions
+## lint: rustfmt and clippy, for the workspace and the functions; rustdoc (broken or private
+## intra-doc links) for the workspace
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 	cd functions && $(CARGO) fmt --all --check && $(CARGO) clippy --release -- -D warnings
 
 ## bench: throughput and latency against same-run baselines

@@ -130,8 +130,8 @@ impl NatsTransport {
         )
     }
 
-    /// Creates `config`'s stream when missing, else reports how it differs (see
-    /// [`ensure_stream`]). The declaration is remembered: if the stream is deleted while this
+    /// Creates `config`'s stream when missing, else reports how it differs (the
+    /// [`StreamReport`]). The declaration is remembered: if the stream is deleted while this
     /// transport runs, a subscription on it or a confirmed publish to its subjects creates it
     /// again with these settings (empty: what it held is gone).
     pub async fn ensure_stream(

@@ -147,9 +147,9 @@ impl FunctionRunner {
     /// back to the broker for redelivery.
     ///
     /// Deliveries are handled in *batch tasks*. When a delivery comes, the runner takes it and
-    /// whatever else is ready (up to [`batch_limit`], each with a free slot) and spawns a task
+    /// whatever else is ready (up to `batch_limit`, each with a free slot) and spawns a task
     /// that runs them concurrently. When one of them is settled, the task keeps its slot and
-    /// takes the next ready delivery itself, if any, for up to [`BATCH_TASK_DELIVERIES`]; then
+    /// takes the next ready delivery itself, if any, for up to `BATCH_TASK_DELIVERIES`; then
     /// it ends. Under load that replaces a spawn and a scheduler hop per delivery with a loop,
     /// and lets the connection's writer send many outputs and acks in one write (it runs when
     /// the task yields) instead of one write each; an idle trigger still gets each delivery

@@ -284,7 +284,7 @@ impl Subscription for SubjectHistory {
         self.ended_by.as_deref()
     }
 
-    /// Stops the pulls and deletes the consumer, waiting at most [`DELETE_TIMEOUT`]: a reader
+    /// Stops the pulls and deletes the consumer, waiting at most `DELETE_TIMEOUT` (2 s): a reader
     /// that cannot reach the server must still be able to exit, and the server removes the
     /// consumer by itself after its inactivity threshold.
     async fn close(&mut self) {

@@ -849,7 +849,7 @@ impl Publisher for JetStreamPublisher {
     }
 }
 
-/// What [`ensure_stream`] did.
+/// What [`NatsTransport::ensure_stream`](super::NatsTransport::ensure_stream) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamReport {
     pub name: String,
