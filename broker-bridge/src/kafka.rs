@@ -19,7 +19,8 @@
 //! input carry the same deterministic key.
 //!
 //! This module does not decide retries (the dispatcher retries in place, see
-//! [`RetryStyle::InPlace`](crate::RetryStyle::InPlace)), does not decode events and does not use Kafka transactions.
+//! [`RetryStyle::InPlace`](crate::RetryStyle::InPlace)), does not decode events and does not
+//! use Kafka transactions.
 //!
 //! Security: librdkafka is built with the system OpenSSL (the `rdkafka/ssl` feature), so every
 //! `security_protocol` works: `ssl` (server verified against `ssl_ca_location`, else the system

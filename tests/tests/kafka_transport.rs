@@ -677,7 +677,7 @@ async fn a_topic_reader_ends_when_its_topic_is_deleted() {
         "goes",
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
     )
-    .expect("delete the topic");
+    .expect("the topic's metadata says it is gone");
     let ended = tokio::time::timeout(NEXT_DELIVERY, reader.next())
         .await
         .expect("the reader ends in time");
