@@ -52,7 +52,7 @@ use weir_dispatcher::runtime::Runtime;
 use weir_tests::bench::{env_number, StallWatch, Stalls};
 use weir_tests::cpu::{CpuMeter, CpuUsed};
 use weir_tests::nats_server::NatsServer;
-use weir_tests::weir::functions_dir;
+use weir_tests::weir::{component_path, functions_dir};
 
 /// The weir binary's allocator, so Weir runs here as it does in production; the native
 /// baselines in this process use it too.
@@ -468,16 +468,6 @@ async fn wait_lag_zero(js: &Context, durable: &str, deadline: Instant) -> anyhow
     }
 }
 
-fn module(file: &str) -> anyhow::Result<String> {
-    let path = functions_dir()?.join(file);
-    ensure!(
-        path.is_file(),
-        "{} is missing: run `make functions`",
-        path.display()
-    );
-    Ok(path.display().to_string())
-}
-
 async fn start_weir(url: &str, function: &str) -> anyhow::Result<Runtime> {
     let text = format!(
         "[brokers.nats]\nservers = [\"{url}\"]\n\n[[brokers.nats_streams]]\nname = \"{STREAM}\"\nsubjects = [\"{JS_SUBJECT}\"]\n{function}"
@@ -507,7 +497,7 @@ max = {slots}
 "#,
         slots = plan.slots,
         prefetch = plan.prefetch,
-        module = module("noop.wasm")?,
+        module = component_path("noop.wasm")?,
     );
     let runtime = start_weir(url, &function).await?;
     let meter = CpuMeter::start(plan.server_pid)?;
@@ -735,7 +725,7 @@ min = {slots}
 max = {slots}
 "#,
         slots = plan.slots,
-        module = module("echo.wasm")?
+        module = component_path("echo.wasm")?
     ))
 }
 

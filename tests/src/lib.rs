@@ -10,5 +10,6 @@ pub mod kafka_broker;
 pub mod nats_server;
 pub mod ports;
 pub mod process;
+pub mod scenario;
 pub mod tls;
 pub mod weir;

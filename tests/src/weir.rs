@@ -17,6 +17,7 @@ use anyhow::{bail, Context as _};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use weir_dispatcher::runner::FunctionRunner;
 use weir_dispatcher::runtime::{Runtime, Shared};
 use weir_dispatcher::{config, http, telemetry};
 
@@ -65,6 +66,16 @@ pub fn functions_dir() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(dir)
+}
+
+/// The absolute path of component `file` (e.g. `echo.wasm`), for configurations written to a
+/// temporary directory.
+pub fn component_path(file: &str) -> anyhow::Result<String> {
+    let path = functions_dir()?.join(file);
+    if !path.is_file() {
+        bail!("{} is missing: run `make functions`", path.display());
+    }
+    Ok(path.display().to_string())
 }
 
 /// The `weir` binary built next to the test executable (`target/debug/weir`).
@@ -153,6 +164,14 @@ impl InProcess {
     /// The memory bus and the function runners (counters, pools, recent failures).
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    /// The runner of function `name`: its counters, pool, spec and recent failures.
+    pub fn function(&self, name: &str) -> anyhow::Result<Arc<FunctionRunner>> {
+        self.shared
+            .function(name)
+            .cloned()
+            .with_context(|| format!("no function {name}"))
     }
 
     pub fn client(&self) -> &reqwest::Client {

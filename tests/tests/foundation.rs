@@ -12,14 +12,17 @@
 //!
 //! Every wait is bounded. Needs `make functions` (the components) first.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use base64::prelude::{Engine as _, BASE64_STANDARD};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use weir_broker_bridge::{OutboundMessage, Publisher as _};
-use weir_dispatcher::retry::RetryPolicy;
+use weir_tests::scenario::{
+    check_exhausted_record, check_flaky_retries, check_forbidden_output, check_memory_trap_record,
+    check_order_chain, check_rejected_record, check_timeout_record, check_trap_record,
+    check_undecodable_record, ext, flaky_policy, SPIN_TIMEOUT, TRACEPARENT,
+};
 use weir_tests::weir::InProcess;
 
 /// Tests of this file run one at a time (see the module docs).
@@ -35,9 +38,6 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(90);
 /// and a task; on a loaded 2-core machine that takes up to a few tens of ms.
 const SCHEDULING_SLACK: Duration = Duration::from_millis(60);
 
-/// The spin timeout of case 5.
-const SPIN_TIMEOUT: Duration = Duration::from_millis(300);
-
 /// Beyond the timeout: the epoch ticks every 10 ms, then the trap unwinds, the instance is
 /// dropped, the DLQ record is appended and the long-poll wakes. Measured in the low ms; the
 /// rest of the bound is scheduling slack on a shared 2-core machine.
@@ -45,9 +45,6 @@ const TIMEOUT_OVERHEAD: Duration = Duration::from_millis(100);
 /// Documented extra slack for [`TIMEOUT_OVERHEAD`]: the HTTP round trips of the post and the
 /// long-poll, on a machine where other test binaries compile and run at the same time.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(150);
-
-const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// Every function of these tests in one runtime. Module paths are relative to the components
 /// directory. `http.max_body` is 1 KiB so case 9 can exceed it; every fixture stays below.
@@ -194,20 +191,6 @@ fn accepted_id(status: u16, answer: &Value) -> anyhow::Result<String> {
     }
 }
 
-fn ext<'a>(event: &'a Value, name: &str) -> &'a str {
-    event[name].as_str().unwrap_or_default()
-}
-
-fn parse_time(text: &str) -> anyhow::Result<SystemTime> {
-    humantime::parse_rfc3339_weak(text).with_context(|| format!("{text:?} is not an RFC 3339 time"))
-}
-
-fn since(later: SystemTime, earlier: SystemTime) -> anyhow::Result<Duration> {
-    later
-        .duration_since(earlier)
-        .with_context(|| format!("{later:?} is before {earlier:?}"))
-}
-
 /// The DLQ record for event `id` on function `function`'s dead-letter topic.
 async fn dlq_record(weir: &InProcess, function: &str, id: &str) -> anyhow::Result<Value> {
     let topic = format!("weir.dlq.{function}");
@@ -220,11 +203,7 @@ fn pool_stats(
     weir: &InProcess,
     function: &str,
 ) -> anyhow::Result<weir_dispatcher::pool::PoolStats> {
-    let shared = weir.shared();
-    let runner = shared
-        .function(function)
-        .with_context(|| format!("no function {function}"))?;
-    Ok(runner.pool.stats())
+    Ok(weir.function(function)?.pool.stats())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,28 +378,7 @@ async fn event_kinds_reach_their_functions(weir: &InProcess) -> anyhow::Result<(
     let enriched = weir
         .wait_for_match("orders.enriched", WAIT, |e| e["data"]["id"] == "o-1")
         .await?;
-    assert_eq!(
-        enriched["data"],
-        json!({"id": "o-1", "amount": 42, "validated": true, "tier": "small", "currency": "EUR"})
-    );
-    assert_eq!(enriched["type"], "weir.order.enriched");
-    assert_eq!(ext(&validated, "weirhops"), "1");
-    assert_eq!(ext(&enriched, "weirhops"), "2");
-    assert_eq!(
-        ext(&enriched, "weircausation"),
-        ext(&validated, "id"),
-        "causation names the validated event"
-    );
-    for event in [&validated, &enriched] {
-        let traceparent = ext(event, "traceparent");
-        assert_eq!(
-            traceparent.split('-').nth(1),
-            Some(TRACE_ID),
-            "trace id carried: {event}"
-        );
-        assert_ne!(traceparent, TRACEPARENT, "each hop has its own span id");
-    }
-    Ok(())
+    check_order_chain(&validated, &enriched)
 }
 
 /// Case 2: `flaky` fails twice with `retry`, then succeeds; the gaps between attempts are the
@@ -428,17 +386,10 @@ async fn event_kinds_reach_their_functions(weir: &InProcess) -> anyhow::Result<(
 async fn flaky_succeeds_on_the_third_attempt_within_the_backoff_bounds(
     weir: &InProcess,
 ) -> anyhow::Result<()> {
-    let policy = RetryPolicy {
-        max_attempts: 5,
-        initial_delay: Duration::from_millis(200),
-        multiplier: 2.0,
-        max_delay: Duration::from_secs(30),
-        jitter: 0.2,
-        max_age: None,
-    };
+    let flaky = weir.function("flaky")?;
     assert_eq!(
-        weir.shared().function("flaky").context("flaky")?.spec.retry,
-        policy,
+        flaky.spec.retry,
+        flaky_policy(),
         "the configured policy is the one checked here"
     );
     let (status, answer) = weir
@@ -453,61 +404,7 @@ async fn flaky_succeeds_on_the_third_attempt_within_the_backoff_bounds(
         .wait_for_match("flaky.out", WAIT, |e| e["weircausation"] == "flaky-1")
         .await?;
     assert_eq!(output["data"], json!({"n": 1}), "flaky echoes its input");
-
-    let failures: Vec<_> = weir
-        .shared()
-        .function("flaky")
-        .context("flaky")?
-        .recent_failures()
-        .into_iter()
-        .filter(|f| f.event_id == "flaky-1")
-        .collect();
-    assert_eq!(
-        failures.len(),
-        2,
-        "exactly two failed attempts: {failures:?}"
-    );
-    assert_eq!(
-        failures[0].error,
-        "function asked to retry: attempt 1 failed"
-    );
-    assert_eq!(
-        failures[1].error,
-        "function asked to retry: attempt 2 failed"
-    );
-    assert!(
-        failures.iter().all(|f| f.outcome == "retry"),
-        "{failures:?}"
-    );
-    let runner = weir.shared().function("flaky").context("flaky")?.clone();
-    let counters = &runner.counters;
-    assert_eq!(
-        counters
-            .succeeded
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        counters.retried.load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
-
-    // The output's `time` is stamped when the third attempt succeeded (the input had none).
-    let attempts = [
-        parse_time(&failures[0].at)?,
-        parse_time(&failures[1].at)?,
-        parse_time(ext(&output, "time"))?,
-    ];
-    for (index, pair) in attempts.windows(2).enumerate() {
-        let failed_attempt = index as u32 + 1;
-        let gap = since(pair[1], pair[0])?;
-        let (low, high) = policy.delay_bounds(failed_attempt);
-        // Timestamps have millisecond precision, hence the 5 ms below the low bound.
-        assert!(
-            gap + Duration::from_millis(5) >= low && gap <= high + SCHEDULING_SLACK,
-            "the delay after attempt {failed_attempt} was {gap:?}, outside {low:?}..{high:?} (+{SCHEDULING_SLACK:?})"
-        );
-    }
+    check_flaky_retries(&flaky, "flaky-1", &output, SCHEDULING_SLACK)?;
     Ok(())
 }
 
@@ -542,48 +439,19 @@ async fn retries_exhausted_are_dead_lettered_with_every_extension(
         .map(|(seq, _)| seq)
         .context("the input in flaky.forever's history")?;
 
-    assert_eq!(
-        ext(&record, "weirdlqreason"),
-        "retries-exhausted",
-        "{record}"
-    );
-    assert_eq!(ext(&record, "weirdlqattempts"), "3");
-    assert_eq!(ext(&record, "weirdlqfunction"), "flaky-forever");
-    assert_eq!(ext(&record, "weirdlqmodule"), sha256);
-    assert_eq!(
-        ext(&record, "weirdlqorigin"),
-        format!("memory://flaky.forever/{seq}")
-    );
-    assert_eq!(
-        ext(&record, "weirdlqerror"),
-        "function asked to retry: attempt 3 failed"
-    );
-    let first = parse_time(ext(&record, "weirdlqfirstfailure"))?;
-    let last = parse_time(ext(&record, "weirdlqlastfailure"))?;
-    let span = since(last, first).context("first failure after last failure")?;
-    // Two delays of at least 40 ms and 80 ms separate the first and the last failure.
-    assert!(
-        span >= Duration::from_millis(115),
-        "first..last failure spans only {span:?}"
-    );
-    // The original, unchanged.
-    assert_eq!(record["id"], "forever-1");
-    assert_eq!(record["type"], "com.example.forever");
-    assert_eq!(record["source"], "weir-tests");
-    assert_eq!(record["subject"], "orders/o-77");
-    assert_eq!(record["datacontenttype"], "application/json");
-    assert_eq!(record["data"], data);
+    check_exhausted_record(
+        &record,
+        &data,
+        sha256,
+        &format!("memory://flaky.forever/{seq}"),
+    )?;
     assert_eq!(
         ext(&record, "traceparent").split('-').count(),
         4,
         "ingress stamped a trace: {record}"
     );
 
-    let runner = weir
-        .shared()
-        .function("flaky-forever")
-        .context("flaky-forever")?
-        .clone();
+    let runner = weir.function("flaky-forever")?;
     let attempts = runner
         .recent_failures()
         .into_iter()
@@ -612,15 +480,8 @@ async fn reject_goes_to_the_dlq_at_once(weir: &InProcess) -> anyhow::Result<()> 
         .await?;
     accepted_id(status, &answer)?;
     let record = dlq_record(weir, "reject-all", "reject-1").await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "rejected", "{record}");
-    assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    // A reject's reason is kept as the function wrote it.
-    assert_eq!(ext(&record, "weirdlqerror"), "rejected by test");
-    let runner = weir
-        .shared()
-        .function("reject-all")
-        .context("reject-all")?
-        .clone();
+    check_rejected_record(&record)?;
+    let runner = weir.function("reject-all")?;
     assert_eq!(
         runner
             .counters
@@ -651,21 +512,11 @@ async fn timeout_is_enforced_and_dead_lettered(weir: &InProcess) -> anyhow::Resu
     accepted_id(status, &answer)?;
     let record = dlq_record(weir, "spin", "spin-1").await?;
     let elapsed = posted.elapsed();
-    assert_eq!(ext(&record, "weirdlqreason"), "timeout", "{record}");
-    assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    assert!(
-        ext(&record, "weirdlqerror").contains("timed out after 300ms"),
-        "{record}"
-    );
-    assert!(
-        elapsed >= SPIN_TIMEOUT,
-        "dead-lettered after {elapsed:?}, before the timeout"
-    );
-    let bound = SPIN_TIMEOUT + TIMEOUT_OVERHEAD + TIMEOUT_SLACK;
-    assert!(
-        elapsed <= bound,
-        "dead-lettered after {elapsed:?}, later than {bound:?}"
-    );
+    check_timeout_record(
+        &record,
+        elapsed,
+        SPIN_TIMEOUT + TIMEOUT_OVERHEAD + TIMEOUT_SLACK,
+    )?;
     let after = pool_stats(weir, "spin")?;
     assert_eq!(
         after.discarded,
@@ -723,12 +574,7 @@ async fn traps_and_memory_breaches_are_dead_lettered(weir: &InProcess) -> anyhow
         .await?;
     accepted_id(status, &answer)?;
     let record = dlq_record(weir, "memory-hog", "hog-1").await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
-    let error = ext(&record, "weirdlqerror");
-    assert!(
-        error.contains("memory limit") && error.contains("32"),
-        "error names the 32 MiB limit: {error}"
-    );
+    check_memory_trap_record(&record)?;
     assert!(pool_stats(weir, "memory-hog")?.discarded >= 1);
 
     let (status, answer) = weir
@@ -736,11 +582,7 @@ async fn traps_and_memory_breaches_are_dead_lettered(weir: &InProcess) -> anyhow
         .await?;
     accepted_id(status, &answer)?;
     let record = dlq_record(weir, "always-trap", "trap-1").await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
-    assert!(
-        ext(&record, "weirdlqerror").starts_with("trapped: "),
-        "{record}"
-    );
+    check_trap_record(&record)?;
     assert!(pool_stats(weir, "always-trap")?.discarded >= 1);
     Ok(())
 }
@@ -753,27 +595,8 @@ async fn forbidden_outputs_are_never_published(weir: &InProcess) -> anyhow::Resu
         .await?;
     accepted_id(status, &answer)?;
     let record = dlq_record(weir, "bad-output", "bad-1").await?;
-    assert_eq!(
-        ext(&record, "weirdlqreason"),
-        "retries-exhausted",
-        "{record}"
-    );
-    assert_eq!(ext(&record, "weirdlqattempts"), "2");
-    let error = ext(&record, "weirdlqerror");
-    assert!(
-        error.contains("\"forbidden.topic\"")
-            && error.contains("not in the function's allowed outputs"),
-        "{error}"
-    );
-    let failures = weir
-        .shared()
-        .function("bad-output")
-        .context("bad-output")?
-        .recent_failures();
-    assert!(
-        failures.iter().all(|f| f.outcome == "output_rule"),
-        "{failures:?}"
-    );
+    let bad_output = weir.function("bad-output")?;
+    check_forbidden_output(&record, &bad_output, "forbidden.topic")?;
     assert!(
         weir.history("forbidden.topic").await?.is_empty(),
         "nothing was published to forbidden.topic"
@@ -874,23 +697,7 @@ async fn malformed_inputs(weir: &InProcess) -> anyhow::Result<()> {
             e["weirdlqorigin"] == origin.as_str()
         })
         .await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "undecodable", "{record}");
-    assert_eq!(ext(&record, "weirdlqfunction"), "echo");
-    assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    assert!(
-        ext(&record, "weirdlqerror").contains("0.3"),
-        "the error names the version: {record}"
-    );
-    assert_eq!(record["type"], "weir.undecodable");
-    assert_eq!(record["datacontenttype"], "application/octet-stream");
-    let data = record["data_base64"]
-        .as_str()
-        .context("raw bytes are carried as data_base64")?;
-    assert_eq!(
-        BASE64_STANDARD.decode(data)?,
-        raw.as_ref(),
-        "the raw bytes, unchanged"
-    );
+    check_undecodable_record(&record, &raw)?;
     assert!(
         weir.history("echo.out").await?.is_empty(),
         "echo never ran on it"

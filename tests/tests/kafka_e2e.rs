@@ -25,13 +25,12 @@
 //! `cargo build -p weir-dispatcher --bin weir` first.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context as _};
-use base64::prelude::{Engine as _, BASE64_STANDARD};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -43,10 +42,14 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use weir_broker_bridge::kafka::KafkaTransport;
-use weir_dispatcher::retry::RetryPolicy;
 use weir_tests::kafka_broker::{test_producer, KafkaBroker};
 use weir_tests::process::{metric_value, WeirProcess};
-use weir_tests::weir::{functions_dir, InProcess};
+use weir_tests::scenario::{
+    check_exhausted_record, check_flaky_retries, check_forbidden_output, check_memory_trap_record,
+    check_order_chain, check_rejected_record, check_timeout_record, check_trap_record,
+    check_undecodable_record, ext, flaky_policy, write_config, SPIN_TIMEOUT, TRACEPARENT,
+};
+use weir_tests::weir::{component_path, InProcess};
 
 /// Tests of this file run one at a time (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -65,12 +68,8 @@ const PARTITIONS: i32 = 3;
 /// Slack over the upper bound of an in-place retry delay: a tokio timer, a task wake-up and
 /// the millisecond resolution of the timestamps compared, on a loaded 2-core machine.
 const IN_PLACE_SLACK: Duration = Duration::from_millis(150);
-const SPIN_TIMEOUT: Duration = Duration::from_millis(300);
 /// Beyond the timeout: epoch tick, unwind, the DLQ publish confirmed, and the test's polling.
 const TIMEOUT_BOUND_SLACK: Duration = Duration::from_millis(1500);
-
-const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 // -------------------------------------------------------------------------------------------
 // Test-side Kafka helpers
@@ -536,31 +535,6 @@ fn ce_headers(id: &str, ty: &str, extra: &[(&str, &str)]) -> Vec<(String, String
     headers
 }
 
-fn ext<'a>(event: &'a Value, name: &str) -> &'a str {
-    event[name].as_str().unwrap_or_default()
-}
-
-fn parse_time(text: &str) -> anyhow::Result<SystemTime> {
-    humantime::parse_rfc3339_weak(text).with_context(|| format!("{text:?} is not an RFC 3339 time"))
-}
-
-fn since(later: SystemTime, earlier: SystemTime) -> anyhow::Result<Duration> {
-    later
-        .duration_since(earlier)
-        .with_context(|| format!("{later:?} is before {earlier:?}"))
-}
-
-/// The absolute path of a component, for configurations written to a temp dir.
-fn module(file: &str) -> anyhow::Result<String> {
-    let path = functions_dir()?.join(file);
-    ensure!(
-        path.is_file(),
-        "{} is missing: run `make functions`",
-        path.display()
-    );
-    Ok(path.display().to_string())
-}
-
 /// `[brokers.kafka]` for `bootstrap`, with short timeouts suited to tests.
 fn brokers(bootstrap: &str, create_topics: bool) -> String {
     format!(
@@ -575,22 +549,6 @@ publish_timeout = "5s"
 "#,
         session = SESSION_TIMEOUT.as_secs()
     )
-}
-
-fn write_config(dir: &Path, text: &str) -> anyhow::Result<PathBuf> {
-    let path = dir.join("weir.toml");
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-fn runner(
-    weir: &InProcess,
-    function: &str,
-) -> anyhow::Result<std::sync::Arc<weir_dispatcher::runner::FunctionRunner>> {
-    weir.shared()
-        .function(function)
-        .cloned()
-        .with_context(|| format!("no function {function}"))
 }
 
 /// How many outputs each input id has, from the outputs' `weircausation`.
@@ -796,27 +754,7 @@ async fn chain(kafka: &Kafka) -> anyhow::Result<()> {
     let enriched = kafka
         .wait_event("orders.enriched", WAIT, |e| e["data"]["id"] == "o-1")
         .await?;
-    assert_eq!(
-        enriched["data"],
-        json!({"id": "o-1", "amount": 42, "validated": true, "tier": "small", "currency": "EUR"})
-    );
-    assert_eq!(enriched["type"], "weir.order.enriched");
-    assert_eq!(ext(&validated, "weirhops"), "1");
-    assert_eq!(ext(&enriched, "weirhops"), "2");
-    assert_eq!(
-        ext(&enriched, "weircausation"),
-        ext(&validated, "id"),
-        "causation names the validated event"
-    );
-    for event in [&validated, &enriched] {
-        let traceparent = ext(event, "traceparent");
-        assert_eq!(
-            traceparent.split('-').nth(1),
-            Some(TRACE_ID),
-            "trace id carried: {event}"
-        );
-        assert_ne!(traceparent, TRACEPARENT, "each hop has its own span id");
-    }
+    check_order_chain(&validated, &enriched)?;
     // Outputs are keyed by the order id (order-validate / order-enrich set it).
     let stored = kafka.read("orders.enriched")?;
     assert_eq!(stored.len(), 1);
@@ -830,17 +768,10 @@ async fn chain(kafka: &Kafka) -> anyhow::Result<()> {
 }
 
 async fn flaky_retries_in_place(kafka: &Kafka, weir: &InProcess) -> anyhow::Result<()> {
-    let policy = RetryPolicy {
-        max_attempts: 5,
-        initial_delay: Duration::from_millis(200),
-        multiplier: 2.0,
-        max_delay: Duration::from_secs(30),
-        jitter: 0.2,
-        max_age: None,
-    };
-    let flaky = runner(weir, "flaky")?;
+    let flaky = weir.function("flaky")?;
     assert_eq!(
-        flaky.spec.retry, policy,
+        flaky.spec.retry,
+        flaky_policy(),
         "the configured policy is the one checked here"
     );
     kafka
@@ -857,48 +788,12 @@ async fn flaky_retries_in_place(kafka: &Kafka, weir: &InProcess) -> anyhow::Resu
         .wait_event("k.flaky.out", WAIT, |e| e["weircausation"] == "flaky-1")
         .await?;
     assert_eq!(output["data"], json!({"n": 1}), "flaky echoes its input");
-
-    let failures: Vec<_> = flaky
-        .recent_failures()
-        .into_iter()
-        .filter(|f| f.event_id == "flaky-1")
-        .collect();
-    assert_eq!(
-        failures.len(),
-        2,
-        "exactly two failed attempts: {failures:?}"
-    );
-    assert_eq!(
-        failures[0].error,
-        "function asked to retry: attempt 1 failed"
-    );
-    assert_eq!(
-        failures[1].error, "function asked to retry: attempt 2 failed",
-        "the attempt number grows in place"
-    );
+    check_flaky_retries(&flaky, "flaky-1", &output, IN_PLACE_SLACK)?;
     assert_eq!(
         flaky.counters.received.load(Relaxed),
         1,
         "Kafka delivered it once; the retries were in place"
     );
-    assert_eq!(flaky.counters.retried.load(Relaxed), 2);
-    assert_eq!(flaky.counters.succeeded.load(Relaxed), 1);
-
-    let attempts = [
-        parse_time(&failures[0].at)?,
-        parse_time(&failures[1].at)?,
-        parse_time(ext(&output, "time"))?,
-    ];
-    for (index, pair) in attempts.windows(2).enumerate() {
-        let failed_attempt = index as u32 + 1;
-        let gap = since(pair[1], pair[0])?;
-        let (low, high) = policy.delay_bounds(failed_attempt);
-        println!("flaky on Kafka: in-place delay after attempt {failed_attempt}: {gap:?} (policy {low:?}..{high:?})");
-        assert!(
-            gap + Duration::from_millis(5) >= low && gap <= high + IN_PLACE_SLACK,
-            "the delay after attempt {failed_attempt} was {gap:?}, outside {low:?}..{high:?} (+{IN_PLACE_SLACK:?})"
-        );
-    }
     assert_eq!(kafka.read("k.flaky.out")?.len(), 1, "one output");
     kafka.wait_committed("k.flaky.in", "weir-flaky", WAIT).await
 }
@@ -918,41 +813,17 @@ async fn exhaustion_dead_letters_once(kafka: &Kafka, weir: &InProcess) -> anyhow
     let record = kafka
         .wait_event("weir.dlq.flaky-forever", WAIT, |e| e["id"] == "forever-1")
         .await?;
-    let runner = runner(weir, "flaky-forever")?;
-    assert_eq!(
-        ext(&record, "weirdlqreason"),
-        "retries-exhausted",
-        "{record}"
-    );
-    assert_eq!(ext(&record, "weirdlqattempts"), "3");
-    assert_eq!(ext(&record, "weirdlqfunction"), "flaky-forever");
-    assert_eq!(ext(&record, "weirdlqmodule"), runner.pool.module().sha256());
-    assert_eq!(ext(&record, "weirdlqmodule").len(), 64);
-    assert_eq!(
-        ext(&record, "weirdlqorigin"),
-        format!(
+    let runner = weir.function("flaky-forever")?;
+    // The first and last failures are two in-place delays apart.
+    check_exhausted_record(
+        &record,
+        &data,
+        runner.pool.module().sha256(),
+        &format!(
             "kafka://k.forever.in/{}/{}",
             produced.partition, produced.offset
-        )
-    );
-    assert_eq!(
-        ext(&record, "weirdlqerror"),
-        "function asked to retry: attempt 3 failed"
-    );
-    let first = parse_time(ext(&record, "weirdlqfirstfailure"))?;
-    let last = parse_time(ext(&record, "weirdlqlastfailure"))?;
-    let span = since(last, first)?;
-    // Two in-place delays of at least 40 ms and 80 ms separate the first and the last failure.
-    assert!(
-        span >= Duration::from_millis(115),
-        "first..last failure spans only {span:?}"
-    );
-    assert_eq!(record["id"], "forever-1");
-    assert_eq!(record["type"], "com.example.forever");
-    assert_eq!(record["source"], "weir-tests");
-    assert_eq!(record["subject"], "orders/o-77");
-    assert_eq!(record["datacontenttype"], "application/json");
-    assert_eq!(record["data"], data);
+        ),
+    )?;
 
     // Exactly one record, the input committed past, no output.
     kafka
@@ -978,9 +849,7 @@ async fn reject(kafka: &Kafka, weir: &InProcess) -> anyhow::Result<()> {
     let record = kafka
         .wait_event("weir.dlq.reject-all", WAIT, |e| e["id"] == "reject-1")
         .await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "rejected", "{record}");
-    assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    assert_eq!(ext(&record, "weirdlqerror"), "rejected by test");
+    check_rejected_record(&record)?;
     assert_eq!(
         ext(&record, "weirdlqorigin"),
         format!(
@@ -991,7 +860,7 @@ async fn reject(kafka: &Kafka, weir: &InProcess) -> anyhow::Result<()> {
     kafka
         .wait_committed("k.reject.in", "weir-reject-all", WAIT)
         .await?;
-    let runner = runner(weir, "reject-all")?;
+    let runner = weir.function("reject-all")?;
     assert_eq!(
         runner.counters.retried.load(Relaxed),
         0,
@@ -1009,21 +878,11 @@ async fn timeout_and_traps(kafka: &Kafka) -> anyhow::Result<()> {
     let record = kafka
         .wait_event("weir.dlq.spin", WAIT, |e| e["id"] == "spin-1")
         .await?;
-    let elapsed = published.elapsed();
-    assert_eq!(ext(&record, "weirdlqreason"), "timeout", "{record}");
-    assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    assert!(
-        ext(&record, "weirdlqerror").contains("timed out after 300ms"),
-        "{record}"
-    );
-    assert!(
-        elapsed >= SPIN_TIMEOUT,
-        "dead-lettered after {elapsed:?}, before the timeout"
-    );
-    assert!(
-        elapsed <= SPIN_TIMEOUT + TIMEOUT_BOUND_SLACK,
-        "dead-lettered only after {elapsed:?}"
-    );
+    check_timeout_record(
+        &record,
+        published.elapsed(),
+        SPIN_TIMEOUT + TIMEOUT_BOUND_SLACK,
+    )?;
 
     kafka
         .publish_event("k.hog.in", None, "hog-1", "com.example.x", "{}", &[])
@@ -1031,12 +890,7 @@ async fn timeout_and_traps(kafka: &Kafka) -> anyhow::Result<()> {
     let record = kafka
         .wait_event("weir.dlq.memory-hog", WAIT, |e| e["id"] == "hog-1")
         .await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
-    let error = ext(&record, "weirdlqerror");
-    assert!(
-        error.contains("memory limit") && error.contains("32"),
-        "error names the 32 MiB limit: {error}"
-    );
+    check_memory_trap_record(&record)?;
 
     kafka
         .publish_event("k.trap.in", None, "trap-1", "com.example.x", "{}", &[])
@@ -1044,11 +898,7 @@ async fn timeout_and_traps(kafka: &Kafka) -> anyhow::Result<()> {
     let record = kafka
         .wait_event("weir.dlq.always-trap", WAIT, |e| e["id"] == "trap-1")
         .await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "trap", "{record}");
-    assert!(
-        ext(&record, "weirdlqerror").starts_with("trapped: "),
-        "{record}"
-    );
+    check_trap_record(&record)?;
     for (topic, group) in [
         ("k.spin.in", "weir-spin"),
         ("k.hog.in", "weir-memory-hog"),
@@ -1066,23 +916,8 @@ async fn forbidden_output(kafka: &Kafka, weir: &InProcess) -> anyhow::Result<()>
     let record = kafka
         .wait_event("weir.dlq.bad-output", WAIT, |e| e["id"] == "bad-1")
         .await?;
-    assert_eq!(
-        ext(&record, "weirdlqreason"),
-        "retries-exhausted",
-        "{record}"
-    );
-    assert_eq!(ext(&record, "weirdlqattempts"), "2");
-    let error = ext(&record, "weirdlqerror");
-    assert!(
-        error.contains("\"k.forbidden.topic\"")
-            && error.contains("not in the function's allowed outputs"),
-        "{error}"
-    );
-    let failures = runner(weir, "bad-output")?.recent_failures();
-    assert!(
-        !failures.is_empty() && failures.iter().all(|f| f.outcome == "output_rule"),
-        "{failures:?}"
-    );
+    let bad_output = weir.function("bad-output")?;
+    check_forbidden_output(&record, &bad_output, "k.forbidden.topic")?;
     assert!(
         kafka.read("k.forbidden.topic")?.is_empty(),
         "nothing on the forbidden topic"
@@ -1127,23 +962,7 @@ async fn undecodable(kafka: &Kafka) -> anyhow::Result<()> {
             e["weirdlqorigin"] == origin.as_str()
         })
         .await?;
-    assert_eq!(ext(&record, "weirdlqreason"), "undecodable", "{record}");
-    assert_eq!(ext(&record, "weirdlqfunction"), "echo");
-    assert_eq!(ext(&record, "weirdlqattempts"), "1");
-    assert!(
-        ext(&record, "weirdlqerror").contains("0.3"),
-        "the error names the version: {record}"
-    );
-    assert_eq!(record["type"], "weir.undecodable");
-    assert_eq!(record["datacontenttype"], "application/octet-stream");
-    let data = record["data_base64"]
-        .as_str()
-        .context("raw bytes are carried as data_base64")?;
-    assert_eq!(
-        BASE64_STANDARD.decode(data)?,
-        raw,
-        "the raw bytes, unchanged"
-    );
+    check_undecodable_record(&record, &raw)?;
     assert!(kafka.read("k.echo.out")?.is_empty(), "echo never ran on it");
     kafka.wait_committed("k.echo.in", "weir-echo", WAIT).await
 }
@@ -1295,7 +1114,7 @@ max = {KEYS}
         tokio::time::sleep(Duration::from_millis(200)).await;
         reader.catch_up()?;
     }
-    let runner = runner(&weir, "key-order")?;
+    let runner = weir.function("key-order")?;
     kafka
         .wait_committed("ko.in", "weir-key-order", WAIT)
         .await?;
@@ -1543,7 +1362,7 @@ min = 1
 max = 8
 "#,
         brokers = brokers(bootstrap, true),
-        module = module("echo.wasm")?
+        module = component_path("echo.wasm")?
     ))
 }
 
@@ -1771,7 +1590,7 @@ max = 4
             break;
         }
         if Instant::now() >= deadline {
-            let runner = runner(&weir, "restart-echo")?;
+            let runner = weir.function("restart-echo")?;
             bail!(
                 "after the broker restart, {} outputs for {} inputs; missing e.g. {lost:?}; \
                  received {}, succeeded {}, failures {:?}; broker log:\n{}",
@@ -1934,7 +1753,7 @@ initial_delay = "20ms"
         1,
         "one DLQ record"
     );
-    let view = runner(&weir, "dlq-guard")?;
+    let view = weir.function("dlq-guard")?;
     assert!(!view.counters.dlq_paused.load(Relaxed), "resumed");
     let metrics = weir
         .client()
