@@ -574,22 +574,12 @@ async fn core_publish_and_tail(url: &str) -> anyhow::Result<()> {
 async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow::Result<()> {
     let server = NatsServer::start()?;
     let url = server.url();
-    let client = async_nats::connect(&url).await?;
-    let js = async_nats::jetstream::new(client);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "HIST".into(),
-        subjects: vec!["hist.>".into()],
-        ..Default::default()
-    })
-    .await?;
+    let (js, _) = stream_capturing(&url, "HIST", "hist").await?;
     // hist.a holds the even numbers, hist.b the odd ones, and hist.b has the last word.
-    for n in 0..41u32 {
+    for n in 0..=41u32 {
         let subject = if n % 2 == 0 { "hist.a" } else { "hist.b" };
-        js.publish(subject, format!(r#"{{"n":{n}}}"#).into())
-            .await?
-            .await?;
+        publish_numbers(&js, subject, [n]).await?;
     }
-    js.publish("hist.b", r#"{"n":41}"#.into()).await?.await?;
     for (last, limit, expected) in [
         ("1", "1", vec![40]),
         ("3", "3", vec![36, 38, 40]),
@@ -680,20 +670,10 @@ async fn tail_ends_cleanly_when_stopped_or_its_reader_goes() -> anyhow::Result<(
 
     let server = NatsServer::start()?;
     let url = server.url();
-    let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "ENDS".into(),
-        subjects: vec!["ends.>".into()],
-        ..Default::default()
-    })
-    .await?;
-    for n in 0..3u32 {
-        js.publish("ends.a", format!(r#"{{"n":{n}}}"#).into())
-            .await?
-            .await?;
-    }
+    let (js, _) = stream_capturing(&url, "ENDS", "ends").await?;
+    publish_numbers(&js, "ends.a", 0..3).await?;
     // ends.b holds one event: once it is printed, the tail has nothing more to write.
-    js.publish("ends.b", r#"{"n":0}"#.into()).await?.await?;
+    publish_numbers(&js, "ends.b", [0]).await?;
 
     // Ctrl-C: the three events printed, exit 0, the consumer gone.
     let mut tail = spawn_weir(&["tail", "ends.a", "--nats", &url])?;
@@ -767,15 +747,8 @@ async fn tail_ends_cleanly_when_stopped_or_its_reader_goes() -> anyhow::Result<(
 async fn tail_fails_when_its_stream_is_deleted_or_created_again() -> anyhow::Result<()> {
     let server = NatsServer::start()?;
     let url = server.url();
-    let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
-    let config = async_nats::jetstream::stream::Config {
-        name: "GOES".into(),
-        subjects: vec!["goes.>".into()],
-        ..Default::default()
-    };
-
-    js.create_stream(config.clone()).await?;
-    js.publish("goes.a", r#"{"n":0}"#.into()).await?.await?;
+    let (js, config) = stream_capturing(&url, "GOES", "goes").await?;
+    publish_numbers(&js, "goes.a", [0]).await?;
     let (tail, mut stderr) = tail_until_first_event(&url, "goes.a").await?;
     js.delete_stream("GOES").await?;
     let (status, said) = tail_ends(tail, &mut stderr).await?;
@@ -785,11 +758,7 @@ async fn tail_fails_when_its_stream_is_deleted_or_created_again() -> anyhow::Res
     );
 
     js.create_stream(config.clone()).await?;
-    for n in 0..3u32 {
-        js.publish("goes.a", format!(r#"{{"n":{n}}}"#).into())
-            .await?
-            .await?;
-    }
+    publish_numbers(&js, "goes.a", 0..3).await?;
     let (tail, mut stderr) = tail_until_first_event(&url, "goes.a").await?;
     js.delete_stream("GOES").await?;
     js.create_stream(config).await?;
@@ -804,6 +773,43 @@ async fn tail_fails_when_its_stream_is_deleted_or_created_again() -> anyhow::Res
 
 type StderrLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
 type StdoutLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// A JetStream context on `url` and a new stream `name` capturing `<prefix>.>`, with its
+/// configuration for creating it again.
+async fn stream_capturing(
+    url: &str,
+    name: &str,
+    prefix: &str,
+) -> anyhow::Result<(
+    async_nats::jetstream::Context,
+    async_nats::jetstream::stream::Config,
+)> {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let config = async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{prefix}.>")],
+        ..Default::default()
+    };
+    js.create_stream(config.clone())
+        .await
+        .with_context(|| format!("creating stream {name}"))?;
+    Ok((js, config))
+}
+
+/// Publishes `{"n":<n>}` to `subject` for each number, each publish confirmed.
+async fn publish_numbers(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    numbers: impl IntoIterator<Item = u32>,
+) -> anyhow::Result<()> {
+    for n in numbers {
+        js.publish(subject.to_owned(), format!(r#"{{"n":{n}}}"#).into())
+            .await?
+            .await
+            .with_context(|| format!("publishing n={n} to {subject}"))?;
+    }
+    Ok(())
+}
 
 /// A child's standard output, line by line.
 fn stdout_lines(child: &mut tokio::process::Child) -> anyhow::Result<StdoutLines> {
