@@ -117,11 +117,12 @@ struct PublishArgs {
     /// Ordering key (the `partitionkey` extension) with --type.
     #[arg(long)]
     key: Option<String>,
-    /// How many times to send it.
-    #[arg(long, default_value_t = 1)]
+    /// How many times to send it (at least once).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
-    /// Events per second (default: as fast as the server accepts them).
-    #[arg(long)]
+    /// Events per second, from one a day (1/86400) to 1e9 (default: as fast as the server
+    /// accepts them).
+    #[arg(long, value_parser = parse_rate, allow_negative_numbers = true)]
     rate: Option<f64>,
     /// A running weir's HTTP address (default 127.0.0.1:8080; with -c, its `[http] listen`).
     #[arg(long, value_name = "ADDR")]
@@ -130,7 +131,7 @@ struct PublishArgs {
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
     /// A core NATS publish (unconfirmed) instead of JetStream.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["kafka", "http"])]
     core: bool,
     /// Publish straight to Kafka at this bootstrap address (acks=all), not through a running weir.
     #[arg(long, value_name = "BOOTSTRAP", conflicts_with = "nats")]
@@ -164,7 +165,7 @@ struct TailArgs {
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
     /// Follow the core NATS subject (new messages only) even when a stream captures it.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["kafka", "http"])]
     core: bool,
     /// Read the topic on Kafka at this bootstrap address, from its earliest retained offset on
     /// (or the last N), then following. Joins no consumer group and commits nothing.
@@ -201,8 +202,50 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             say!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<BadInput>() {
+                usage_exit()
+            } else {
+                ExitCode::FAILURE
+            }
         }
+    }
+}
+
+/// The exit code of a command given something wrong (its own arguments, as clap gives for what
+/// it finds itself, or its configuration, as `weir check` gives): scripts can tell a mistake
+/// to fix (2) from a failure to do what was asked (1).
+fn usage_exit() -> ExitCode {
+    ExitCode::from(2)
+}
+
+/// What the command was given is wrong: a `-c` configuration that is not valid, or arguments
+/// that only turn out to contradict each other once it is read (what clap can see alone it
+/// reports itself). Exits with [`usage_exit`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+/// `path is not valid:` and every problem, as [`BadInput`].
+fn invalid_config(path: &std::path::Path, problems: impl std::fmt::Display) -> anyhow::Error {
+    BadInput(format!("{} is not valid:\n{problems}", path.display())).into()
+}
+
+/// `--rate`: a positive, finite number of events per second, one event every 1 ns to 1 day. A
+/// zero gap would make the pacing timer panic, and so would a gap that overflows its clock.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    const LONGEST_GAP: Duration = Duration::from_secs(24 * 60 * 60);
+    let rate: f64 = text
+        .parse()
+        .map_err(|e| format!("{e}: give events per second, e.g. 100 or 0.5"))?;
+    if !(rate > 0.0 && rate.is_finite()) {
+        return Err("must be a positive number of events per second".into());
+    }
+    match Duration::try_from_secs_f64(1.0 / rate) {
+        Ok(gap) if !gap.is_zero() && gap <= LONGEST_GAP => Ok(rate),
+        // Clap names the value given; printed back it could be three hundred digits.
+        _ => Err("cannot be paced: give one event every 1 ns to 1 day \
+             (1e9 to 1/86400 events per second)"
+            .into()),
     }
 }
 
@@ -282,11 +325,9 @@ Try, in another terminal:
 
 /// Load a config file and check its modules; every problem is an error.
 fn load_checked(path: &std::path::Path) -> anyhow::Result<Config> {
-    let config =
-        config::load(path).map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?;
+    let config = config::load(path).map_err(|e| invalid_config(path, e))?;
     let engine = engine::WasmEngine::new(&runtime::engine_settings(&config))?;
-    runtime::load_modules(&engine, &config)
-        .map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?;
+    runtime::load_modules(&engine, &config).map_err(|e| invalid_config(path, e))?;
     Ok(config)
 }
 
@@ -318,7 +359,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     for problem in problems.iter() {
         say!("  {}: {}", problem.path, problem.message);
     }
-    Ok(ExitCode::from(2))
+    Ok(usage_exit())
 }
 
 async fn serve(config: Config, banner: Option<String>) -> anyhow::Result<ExitCode> {
@@ -392,11 +433,12 @@ fn base_url(addr: &str) -> String {
 }
 
 async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    // Before the body: a `-c` file that is not valid is reported at once, not after stdin ends.
+    let target = Target::resolve(&args.topic, &args.connection())?;
     let body = match (&args.data, &args.file) {
         (Some(data), _) => data.clone().into_bytes(),
-        (None, Some(path)) => {
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
-        }
+        (None, Some(path)) => std::fs::read(path)
+            .map_err(|e| BadInput(format!("reading --file {}: {e}", path.display())))?,
         (None, None) => {
             let mut buf = Vec::new();
             std::io::stdin()
@@ -405,10 +447,6 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
             buf
         }
     };
-    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        bail!("--rate must be a positive number of events per second");
-    }
-    let target = Target::resolve(&args.topic, &args.connection())?;
     let mut sink = match target {
         Target::Nats { settings, core } => Sink::nats(&settings, core).await?,
         Target::Kafka(settings) => Sink::kafka(&settings, args.key.clone()).await?,
@@ -572,6 +610,11 @@ impl Sink {
                     .with_context(|| format!("POST {url}"))?;
                 let status = response.status();
                 let text = response.text().await.unwrap_or_default();
+                if status.is_client_error() {
+                    // The weir refused the event itself (not valid, too large, a topic it
+                    // serves elsewhere): something to fix, as on a broker below.
+                    return Err(BadInput(format!("{status}: {text}")).into());
+                }
                 if !status.is_success() {
                     bail!("{status}: {text}");
                 }
@@ -592,7 +635,7 @@ impl Sink {
                 ..
             } => {
                 let events = ingress::decode_request(ingress::Entry::Cli, topic, &headers, body)
-                    .map_err(|e| anyhow::anyhow!("the event is not valid ({}): {e}", e.kind()))?;
+                    .map_err(|e| BadInput(format!("the event is not valid ({}): {e}", e.kind())))?;
                 let accepted =
                     ingress::publish(publisher.as_ref(), *broker, topic, events, key.as_deref())
                         .await?;
@@ -658,7 +701,12 @@ async fn tail_http(args: &TailArgs, base: &str) -> anyhow::Result<ExitCode> {
         if !response.status().is_success() {
             let status = response.status();
             say!("{status}: {}", response.text().await.unwrap_or_default());
-            return Ok(ExitCode::FAILURE);
+            // A 4xx is this tail asking wrongly (a topic the weir serves elsewhere, say).
+            return Ok(if status.is_client_error() {
+                usage_exit()
+            } else {
+                ExitCode::FAILURE
+            });
         }
         let page: serde_json::Value = response
             .json()
@@ -809,7 +857,7 @@ impl Target {
             None => None,
             Some(path) => Some(
                 config::load_for(path, config::LoadFor::Connecting)
-                    .map_err(|e| anyhow::anyhow!("{} is not valid:\n{e}", path.display()))?,
+                    .map_err(|e| invalid_config(path, e))?,
             ),
         };
         let nats = |config: Option<&Config>| {
@@ -852,7 +900,10 @@ impl Target {
             (None, None, None) => Target::Http(connection.http.unwrap_or(DEFAULT_HTTP).to_owned()),
         };
         if connection.core && !matches!(target, Target::Nats { .. }) {
-            bail!("--core is for NATS: give --nats URL, or -c FILE in which {topic} is a NATS subject");
+            return Err(BadInput(format!(
+                "--core is for NATS: give --nats URL, or -c FILE in which {topic} is a NATS subject"
+            ))
+            .into());
         }
         Ok(target)
     }
@@ -867,9 +918,9 @@ fn broker_settings<T: Clone + Default>(
 ) -> anyhow::Result<T> {
     match config {
         None => Ok(T::default()),
-        Some(config) => section(&config.brokers).clone().with_context(|| {
+        Some(config) => section(&config.brokers).clone().ok_or_else(|| {
             let shown = path.map(|p| p.display().to_string()).unwrap_or_default();
-            format!("{shown} has no [brokers.{name}]")
+            BadInput(format!("{shown} has no [brokers.{name}]")).into()
         }),
     }
 }

@@ -134,7 +134,11 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
     let missing = dir.path().join("missing.toml");
     let code =
         exit_code_with_stderr_gone(&["run".as_ref(), "-c".as_ref(), missing.as_os_str()]).await?;
-    assert_eq!(code, Some(1), "weir run with its stderr reader gone");
+    assert_eq!(
+        code,
+        Some(2),
+        "weir run with its stderr reader gone: a missing file is bad input"
+    );
 
     // A component that is valid but is a `wasi:cli/run` program, not a weir function.
     let wrong_world = format!(
@@ -184,8 +188,7 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
             CHECK_TIMEOUT,
         )
         .await?;
-        assert_ne!(output.code, Some(0), "{output:?}");
-        assert!(output.code.is_some(), "it exits by itself: {output:?}");
+        assert_eq!(output.code, Some(2), "bad input: {output:?}");
         assert!(output.stderr.contains("is not valid"), "{output:?}");
         for path in expected {
             assert!(
@@ -214,6 +217,94 @@ async fn exit_code_with_stderr_gone(args: &[&std::ffi::OsStr]) -> anyhow::Result
         .await
         .with_context(|| format!("weir {args:?} ended in time"))??;
     Ok(status.code())
+}
+
+/// Misuse exits 2, as clap's own usage errors and `weir check`'s invalid configurations do,
+/// and is reported before anything is read or sent: `--rate` that no timer can pace (which
+/// used to be found only after the body was read from stdin, and a rate of 1e300 made the
+/// pacing timer panic), `--count 0`, `--core` beside another broker, `--core` for a topic the
+/// `-c` configuration puts on Kafka, a `-c` or `--file` that does not exist. A failure to do
+/// what was asked stays exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka_only = write(
+        dir.path(),
+        "kafka-only.toml",
+        "[brokers.kafka]\nbootstrap = \"127.0.0.1:9\"\n",
+    )?;
+    let kafka_only = kafka_only.to_str().context("a UTF-8 temp path")?;
+    let missing = dir.path().join("missing.toml");
+    let missing = missing.to_str().context("a UTF-8 temp path")?;
+    let cases: [(&[&str], &str); 12] = [
+        (
+            &["publish", "t", "--rate", "0"],
+            "positive number of events",
+        ),
+        (
+            &["publish", "t", "--rate", "-3"],
+            "positive number of events",
+        ),
+        (
+            &["publish", "t", "--rate", "NaN"],
+            "positive number of events",
+        ),
+        (
+            &["publish", "t", "--rate", "fast"],
+            "give events per second",
+        ),
+        (&["publish", "t", "--rate", "1e300"], "cannot be paced"),
+        (&["publish", "t", "--rate", "1e-300"], "cannot be paced"),
+        (&["publish", "t", "--count", "0"], "--count"),
+        (
+            &["publish", "t", "--core", "--kafka", "127.0.0.1:9"],
+            "cannot be used with",
+        ),
+        (
+            &["tail", "t", "--core", "--http", "127.0.0.1:9"],
+            "cannot be used with",
+        ),
+        (
+            &["publish", "t", "--core", "-c", kafka_only],
+            "--core is for NATS",
+        ),
+        (&["publish", "t", "-c", missing], "is not valid"),
+        (&["publish", "t", "--file", missing], "reading --file"),
+    ];
+    for (args, says) in cases {
+        // Standard input stays open and empty: a command that read it before checking its
+        // arguments would wait here until the bound.
+        let mut child = tokio::process::Command::new(weir_bin()?)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting weir {args:?}"))?;
+        let stdin = child.stdin.take();
+        let output = tokio::time::timeout(CLIENT_TIMEOUT, child.wait_with_output())
+            .await
+            .with_context(|| format!("weir {args:?} ended without reading stdin"))??;
+        drop(stdin);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            output.status.code() == Some(2) && stderr.contains(says),
+            "weir {args:?} exits 2 saying {says:?}: {output:?}"
+        );
+        ensure!(
+            !stderr.contains("panicked"),
+            "weir {args:?} does not panic: {stderr}"
+        );
+    }
+    // What is asked may fail; that is exit 1, not misuse: nothing listens at this address.
+    let output = run_weir(
+        ["publish", "t", "--data", "{}", "--http", "127.0.0.1:9"],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(1), "{output:?}");
+    Ok(())
 }
 
 /// The JSON lines `weir tail` printed.
@@ -497,7 +588,7 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
         CLIENT_TIMEOUT,
     )
     .await?;
-    assert_eq!(output.code, Some(1), "{output:?}");
+    assert_eq!(output.code, Some(2), "asked wrongly: {output:?}");
     ensure!(
         output.stderr.contains("409")
             && output.stderr.contains("is on jetstream")
@@ -646,7 +737,7 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
         CLIENT_TIMEOUT,
     )
     .await?;
-    assert_eq!(output.code, Some(1), "{output:?}");
+    assert_eq!(output.code, Some(2), "misuse: {output:?}");
     ensure!(output.stderr.contains("--core is for NATS"), "{output:?}");
     // --core and --last contradict each other: a usage error.
     let output = run_weir(
