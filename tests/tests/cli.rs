@@ -595,6 +595,22 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
             && output.stderr.contains("--nats URL"),
         "{output:?}"
     );
+
+    // An event that is not valid (a CloudEvent must have a source) is the caller's to fix,
+    // exit 2, whether the weir's HTTP server refuses it (400) or `weir publish` itself does
+    // before it goes to JetStream.
+    for (via, says) in [(["--http", &http], "400"), (["--nats", &url], "not valid")] {
+        let mut args = vec!["publish", "orders", "--type", "o", "--source", ""];
+        args.extend(["--data", "{}"]);
+        args.extend(via);
+        let output = run_weir(&args, CLIENT_TIMEOUT).await?;
+        ensure!(
+            output.code == Some(2)
+                && output.stderr.contains(says)
+                && output.stderr.contains("`source`"),
+            "{args:?}: {output:?}"
+        );
+    }
     Ok(())
 }
 
