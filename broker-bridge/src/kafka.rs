@@ -678,7 +678,11 @@ async fn probe_cluster(config: &KafkaConfig, client: &ClientConfig) -> Result<()
 /// names the state a connection failed in; a dropped connection in these states is the
 /// typical sign of a `security_protocol` the listener does not speak.
 fn mismatch_hint(protocol: SecurityProtocol, last_error: &str) -> Option<&'static str> {
-    let dropped = last_error.contains("Disconnected");
+    // The hang-up is seen either on reading ("Disconnected") or, when librdkafka was still
+    // writing the request, on writing ("Send failed: ... Broken pipe", or a reset).
+    let dropped = ["Disconnected", "Broken pipe", "Connection reset by peer"]
+        .iter()
+        .any(|sign| last_error.contains(sign));
     if last_error.contains("in state SSL_HANDSHAKE") && !dropped {
         Some("hint: the TLS handshake got no answer: does this listener speak TLS?")
     } else if dropped && last_error.contains("in state APIVERSION_QUERY") && !protocol.uses_tls() {
@@ -1327,6 +1331,11 @@ mod tests {
         let hint = mismatch_hint(SecurityProtocol::Ssl, no_sasl).unwrap();
         assert!(hint.contains("require SASL"), "{hint}");
         assert_eq!(mismatch_hint(SecurityProtocol::SaslSsl, no_sasl), None);
+        // The same hang-up, met while the first request was still being written.
+        let no_sasl_on_send = "ssl://127.0.0.1:42183/bootstrap: Send failed: SSL transport \
+                               error: Broken pipe (after 0ms in state UP)";
+        let hint = mismatch_hint(SecurityProtocol::Ssl, no_sasl_on_send).unwrap();
+        assert!(hint.contains("require SASL"), "{hint}");
 
         let refused = "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: \
                        Connection refused (after 0ms in state CONNECT)";
