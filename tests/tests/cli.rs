@@ -274,14 +274,7 @@ async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> 
     for (args, says) in cases {
         // Standard input stays open and empty: a command that read it before checking its
         // arguments would wait here until the bound.
-        let mut child = tokio::process::Command::new(weir_bin()?)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting weir {args:?}"))?;
+        let mut child = spawn_weir_with_stdin(args, std::process::Stdio::piped())?;
         let stdin = child.stdin.take();
         let output = tokio::time::timeout(CLIENT_TIMEOUT, child.wait_with_output())
             .await
@@ -600,8 +593,9 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
     // exit 2, whether the weir's HTTP server refuses it (400) or `weir publish` itself does
     // before it goes to JetStream.
     for (via, says) in [(["--http", &http], "400"), (["--nats", &url], "not valid")] {
-        let mut args = vec!["publish", "orders", "--type", "o", "--source", ""];
-        args.extend(["--data", "{}"]);
+        let mut args = vec![
+            "publish", "orders", "--type", "o", "--source", "", "--data", "{}",
+        ];
         args.extend(via);
         let output = run_weir(&args, CLIENT_TIMEOUT).await?;
         ensure!(
@@ -1050,9 +1044,17 @@ async fn tail_one_new(
 
 /// `weir ARGS` in the background, its output piped; killed when dropped.
 fn spawn_weir(args: &[&str]) -> anyhow::Result<tokio::process::Child> {
+    spawn_weir_with_stdin(args, std::process::Stdio::null())
+}
+
+/// [`spawn_weir`] with this standard input.
+fn spawn_weir_with_stdin(
+    args: &[&str],
+    stdin: std::process::Stdio,
+) -> anyhow::Result<tokio::process::Child> {
     tokio::process::Command::new(weir_bin()?)
         .args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(stdin)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
