@@ -198,15 +198,47 @@ impl Nats {
         ty: &str,
         data: &str,
     ) -> anyhow::Result<()> {
+        self.publish_core_raw(
+            subject,
+            ce_headers(id, ty, &[]),
+            Bytes::from(data.to_owned()),
+        )
+        .await
+    }
+
+    /// A core NATS publish of raw bytes with raw headers, flushed.
+    async fn publish_core_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> anyhow::Result<()> {
         self.client
-            .publish_with_headers(
-                subject.to_owned(),
-                ce_headers(id, ty, &[]),
-                Bytes::from(data.to_owned()),
-            )
-            .await?;
-        self.client.flush().await?;
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .with_context(|| format!("publishing to {subject}"))?;
+        self.client
+            .flush()
+            .await
+            .with_context(|| format!("flushing the publish to {subject}"))?;
         Ok(())
+    }
+
+    /// Publishes an empty event `id` on the core subject `subject` and waits for `function`'s
+    /// dead-letter record of it, which the test's `CAPTURE` stream keeps.
+    async fn core_dead_letter(
+        &self,
+        subject: &str,
+        id: &str,
+        function: &str,
+    ) -> anyhow::Result<Value> {
+        self.publish_core(subject, id, "com.example.x", "{}")
+            .await?;
+        self.wait_event("CAPTURE", &format!("weir.dlq.{function}"), WAIT, |e| {
+            e["id"] == id
+        })
+        .await
+        .with_context(|| format!("{function}'s dead-letter record of {id}"))
     }
 
     /// Every message of `stream` (optionally only `filter`), oldest first.
@@ -797,14 +829,20 @@ async fn js_forbidden_output(nats: &Nats, weir: &InProcess) -> anyhow::Result<()
     Ok(())
 }
 
-async fn js_undecodable(nats: &Nats) -> anyhow::Result<()> {
-    let raw = Bytes::from_static(b"\x00\x01 not json \xff");
+/// What `check_undecodable_record` expects to find undecoded: raw bytes under the headers of a
+/// CloudEvents version Weir does not read (0.3).
+fn undecodable_message() -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert("ce-specversion", "0.3");
     headers.insert("ce-id", "legacy-1");
     headers.insert("ce-source", "legacy");
     headers.insert("ce-type", "com.example.legacy");
     headers.insert("content-type", "application/octet-stream");
+    (headers, Bytes::from_static(b"\x00\x01 not json \xff"))
+}
+
+async fn js_undecodable(nats: &Nats) -> anyhow::Result<()> {
+    let (headers, raw) = undecodable_message();
     let sequence = nats.publish_raw("js.echo.in", headers, raw.clone()).await?;
     let origin = format!("jetstream://TEST/{sequence}");
     let record = nats
@@ -1167,6 +1205,189 @@ jitter = 0.2
             .len(),
         1,
         "one output"
+    );
+    shutdown_within(weir).await
+}
+
+/// Core NATS: the failure scenarios, each ending in a dead-letter record published on core NATS
+/// (the `CAPTURE` stream keeps it for the test): retries run out in place, a timeout, a
+/// memory-limit trap, a trap, an output the function may not write, and input that does not
+/// decode. Core NATS delivers each event once, so every attempt after the first is a retry in
+/// place, and the records must be the same as on the memory bus, JetStream and Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats_failures_end_in_dead_letters() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let streams: [(&str, &[&str]); 1] = [("CAPTURE", &["core.>", "weir.dlq.>"])];
+    let config = format!(
+        r#"
+[defaults.trigger]
+broker = "nats"
+
+{brokers}
+[[functions]]
+name = "flaky-forever"
+module = "flaky.wasm"
+outputs = ["core.forever.out"]
+config = {{ fail_attempts = "1000", output_topic = "core.forever.out" }}
+[functions.trigger]
+topic = "core.forever.in"
+[functions.retry]
+max_attempts = 3
+initial_delay = "50ms"
+
+[[functions]]
+name = "spin"
+module = "spin.wasm"
+timeout = "300ms"
+[functions.trigger]
+topic = "core.spin.in"
+[functions.retry]
+max_attempts = 1
+[functions.scaling]
+min = 1
+max = 1
+
+[[functions]]
+name = "memory-hog"
+module = "memory_hog.wasm"
+memory = "32MiB"
+[functions.trigger]
+topic = "core.hog.in"
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "always-trap"
+module = "always_trap.wasm"
+[functions.trigger]
+topic = "core.trap.in"
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "bad-output"
+module = "bad_output.wasm"
+outputs = ["core.ok.topic"]
+config = {{ topic = "core.forbidden.topic" }}
+[functions.trigger]
+topic = "core.bad.in"
+[functions.retry]
+max_attempts = 2
+
+[[functions]]
+name = "echo"
+module = "echo.wasm"
+outputs = ["core.echo.out"]
+config = {{ output_topic = "core.echo.out" }}
+[functions.trigger]
+topic = "core.echo.in"
+"#,
+        brokers = brokers(&nats.server.url(), &streams)
+    );
+    let weir = InProcess::start(&config).await?;
+
+    // Exhaustion: three attempts in place, one record, no output.
+    let data = json!({"order": "o-77", "lines": [1, 2, 3]});
+    nats.publish_core_raw(
+        "core.forever.in",
+        ce_headers(
+            "forever-1",
+            "com.example.forever",
+            &[("ce-subject", "orders/o-77")],
+        ),
+        Bytes::from(data.to_string()),
+    )
+    .await?;
+    let record = nats
+        .wait_event("CAPTURE", "weir.dlq.flaky-forever", WAIT, |e| {
+            e["id"] == "forever-1"
+        })
+        .await
+        .context("exhaustion")?;
+    let forever = weir.function("flaky-forever")?;
+    check_exhausted_record(
+        &record,
+        &data,
+        forever.pool.module().sha256(),
+        "nats://core.forever.in",
+    )?;
+    assert_eq!(
+        (
+            forever.counters.received.load(Relaxed),
+            forever.counters.retried.load(Relaxed),
+            forever.counters.dead_lettered.load(Relaxed),
+        ),
+        (1, 2, 1),
+        "delivered once, retried twice in place, dead-lettered once"
+    );
+
+    // A timeout, a memory-limit trap and a trap, each dead-lettered after its one attempt.
+    let published = Instant::now();
+    let record = nats
+        .core_dead_letter("core.spin.in", "spin-1", "spin")
+        .await?;
+    check_timeout_record(
+        &record,
+        published.elapsed(),
+        SPIN_TIMEOUT + TIMEOUT_BOUND_SLACK,
+    )?;
+    let record = nats
+        .core_dead_letter("core.hog.in", "hog-1", "memory-hog")
+        .await?;
+    check_memory_trap_record(&record)?;
+    let record = nats
+        .core_dead_letter("core.trap.in", "trap-1", "always-trap")
+        .await?;
+    check_trap_record(&record)?;
+
+    // An output the function may not write: nothing reaches either subject.
+    let record = nats
+        .core_dead_letter("core.bad.in", "bad-1", "bad-output")
+        .await?;
+    let bad_output = weir.function("bad-output")?;
+    check_forbidden_output(&record, &bad_output, "core.forbidden.topic")?;
+
+    // Input that does not decode: its bytes unchanged in the record, echo never run.
+    let (headers, raw) = undecodable_message();
+    nats.publish_core_raw("core.echo.in", headers, raw.clone())
+        .await?;
+    let record = nats
+        .wait_event("CAPTURE", "weir.dlq.echo", WAIT, |e| {
+            e["weirdlqorigin"] == "nats://core.echo.in"
+        })
+        .await
+        .context("undecodable")?;
+    check_undecodable_record(&record, &raw)?;
+
+    // Every record above was published once, and no function wrote an output.
+    for (subject, records) in [
+        ("weir.dlq.flaky-forever", 1),
+        ("weir.dlq.spin", 1),
+        ("weir.dlq.memory-hog", 1),
+        ("weir.dlq.always-trap", 1),
+        ("weir.dlq.bad-output", 1),
+        ("weir.dlq.echo", 1),
+        ("core.forever.out", 0),
+        ("core.ok.topic", 0),
+        ("core.forbidden.topic", 0),
+        ("core.echo.out", 0),
+    ] {
+        assert_eq!(
+            nats.read_stream("CAPTURE", Some(subject)).await?.len(),
+            records,
+            "messages on {subject}"
+        );
+    }
+    let echo = weir.function("echo")?;
+    assert_eq!(
+        (
+            echo.counters.succeeded.load(Relaxed),
+            echo.counters.retried.load(Relaxed),
+            echo.counters.dead_lettered.load(Relaxed),
+        ),
+        (0, 0, 1),
+        "undecodable input is dead-lettered at once, never run"
     );
     shutdown_within(weir).await
 }
