@@ -61,6 +61,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const STREAM: &str = "BENCH";
 const JS_SUBJECT: &str = "bench.js";
+/// Issue #3's goals: Weir at this fraction of a plain async-nats program's rate, and at these
+/// rates on a 2-core machine.
+const GOAL_RATIO: f64 = 0.8;
+const JS_GOAL_RATE: f64 = 100_000.0;
+const CORE_GOAL_RATE: f64 = 250_000.0;
 /// Weir's instance slots unless `WEIR_BENCH_SLOTS` says otherwise; also the confirmed-ack
 /// baseline's concurrency.
 const SLOTS: u32 = 8;
@@ -177,6 +182,30 @@ impl Rounds {
             .chain([self.median_like_for_like()])
             .flatten()
             .collect()
+    }
+
+    /// Whether Weir's median met issue #3's goals: at least [`GOAL_RATIO`] of each baseline's
+    /// median, and at least `goal_rate` events/s. Only a full run's figures mean anything.
+    fn print_goals(&self, name: &str, native: &str, like_for_like: &str, goal_rate: f64) {
+        let verdict = |met: bool| if met { "met" } else { "NOT met" };
+        let ratio = self.median_ratio();
+        let mut line = format!(
+            "  {name:<10} ≥ {GOAL_RATIO}x {native}: {} ({ratio:.3}x)",
+            verdict(ratio >= GOAL_RATIO)
+        );
+        if let Some(baseline) = self.median_like_for_like() {
+            let ratio = self.median_weir().rate() / baseline.rate();
+            line.push_str(&format!(
+                "; ≥ {GOAL_RATIO}x {like_for_like}: {} ({ratio:.3}x)",
+                verdict(ratio >= GOAL_RATIO)
+            ));
+        }
+        let rate = self.median_weir().rate();
+        line.push_str(&format!(
+            "; ≥ {goal_rate:.0}/s: {} ({rate:.0}/s)",
+            verdict(rate >= goal_rate)
+        ));
+        println!("{line}");
     }
 
     fn print(&self, name: &str) {
@@ -348,12 +377,14 @@ async fn run(full: bool) -> anyhow::Result<()> {
         }
     };
     if let Some((publish_rate, rounds, native_js_confirmed)) = &jetstream {
-        medians(rounds, "≥ 0.8x native, ≥ 100000/s", "same consumer limits");
+        let goal = format!("≥ {GOAL_RATIO}x native, ≥ {JS_GOAL_RATE:.0}/s");
+        medians(rounds, &goal, "same consumer limits");
         line(native_js_confirmed, None, "(what a confirmed ack costs)");
         println!("JetStream publish of the input (pipelined): {publish_rate:.0} events/s");
     }
     if let Some((rounds, latencies)) = &core {
-        medians(rounds, "≥ 0.8x native, ≥ 250000/s", "same output headers");
+        let goal = format!("≥ {GOAL_RATIO}x native, ≥ {CORE_GOAL_RATE:.0}/s");
+        medians(rounds, &goal, "same output headers");
         let paths = [
             "core → echo → core latency through Weir",
             "core → (4c) relay → core latency, same rate",
@@ -410,6 +441,20 @@ async fn run(full: bool) -> anyhow::Result<()> {
     }
     if let Some((rounds, _)) = &core {
         rounds.print("core");
+    }
+    println!();
+    if plan.full {
+        println!(
+            "Goals, from the unrounded medians (a ratio printed 0.80x above may be under 0.8):"
+        );
+    } else {
+        println!("Goals (a smoke run's figures mean nothing; shown so the lines are exercised):");
+    }
+    if let Some((_, rounds, _)) = &jetstream {
+        rounds.print_goals("JetStream", "(2)", "(2c)", JS_GOAL_RATE);
+    }
+    if let Some((rounds, _)) = &core {
+        rounds.print_goals("core", "(4)", "(4c)", CORE_GOAL_RATE);
     }
     if !plan.full {
         // Every step above checked that each event came through.
