@@ -2040,12 +2040,74 @@ async fn two_processes_share_one_durable_consumer() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let nats = Nats::start().await?;
     let dir = tempfile::tempdir()?;
-    const EVENTS: usize = 2000;
     let streams: [(&str, &[&str]); 3] = [
         ("SIN", &["share.in"]),
         ("SOUT", &["share.out"]),
         ("DLQ", &["weir.dlq.>"]),
     ];
+    let config = shared_echo_config(
+        &nats,
+        dir.path(),
+        "broker = \"jetstream\"\nstream = \"SIN\"",
+        &streams,
+    )?;
+    let a = WeirProcess::start(&config, &[]).await?;
+    let b = WeirProcess::start(&config, &[]).await?;
+    let ids = shared_ids("share");
+    nats.publish_many("share.in", &ids).await?;
+    nats.wait_count("SOUT", SHARED_EVENTS as u64, LOAD_WAIT)
+        .await?;
+    nats.wait_drained("SIN", "shared", WAIT).await?;
+    check_shared_once(&nats, [&a, &b], &ids, "one durable consumer").await
+}
+
+/// Two `weir run` processes whose core NATS trigger names one queue group (`trigger.group`)
+/// share the subject: the server gives each event to one of them, so every event has exactly
+/// one output and both processes took work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_a_core_queue_group() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let dir = tempfile::tempdir()?;
+    let streams: [(&str, &[&str]); 1] = [("SOUT", &["share.out"])];
+    let config = shared_echo_config(&nats, dir.path(), "broker = \"nats\"", &streams)?;
+    // Each is subscribed once it answers /healthz: a core subject has no backlog to read.
+    let a = WeirProcess::start(&config, &[]).await?;
+    let b = WeirProcess::start(&config, &[]).await?;
+    let ids = shared_ids("core-share");
+    for id in &ids {
+        nats.client
+            .publish_with_headers(
+                "share.in",
+                ce_headers(id, "com.example.load", &[]),
+                Bytes::from(format!("{{\"id\":\"{id}\"}}")),
+            )
+            .await
+            .with_context(|| format!("publishing {id}"))?;
+    }
+    nats.client.flush().await.context("flushing the inputs")?;
+    nats.wait_count("SOUT", SHARED_EVENTS as u64, LOAD_WAIT)
+        .await?;
+    check_shared_once(&nats, [&a, &b], &ids, "one core queue group").await
+}
+
+/// How many events the two-process tests publish.
+const SHARED_EVENTS: usize = 2000;
+
+fn shared_ids(prefix: &str) -> Vec<String> {
+    (0..SHARED_EVENTS)
+        .map(|i| format!("{prefix}-{i:05}"))
+        .collect()
+}
+
+/// `weir.toml` in `dir` for the two-process tests: `echo` from `share.in` to `share.out`, in
+/// group `shared`, up to 4 instances; `trigger` adds the broker's keys to its trigger.
+fn shared_echo_config(
+    nats: &Nats,
+    dir: &Path,
+    trigger: &str,
+    streams: &[(&str, &[&str])],
+) -> anyhow::Result<std::path::PathBuf> {
     let config = format!(
         r#"
 {brokers}
@@ -2055,39 +2117,40 @@ module = "{module}"
 outputs = ["share.out"]
 config = {{ output_topic = "share.out" }}
 [functions.trigger]
-broker = "jetstream"
+{trigger}
 topic = "share.in"
-stream = "SIN"
 group = "shared"
 [functions.scaling]
 min = 1
 max = 4
 "#,
-        brokers = brokers(&nats.server.url(), &streams),
+        brokers = brokers(&nats.server.url(), streams),
         module = component_path("echo.wasm")?
     );
-    let config = write_config(dir.path(), &config)?;
-    let a = WeirProcess::start(&config, &[]).await?;
-    let b = WeirProcess::start(&config, &[]).await?;
-    let ids: Vec<String> = (0..EVENTS).map(|i| format!("share-{i:05}")).collect();
-    nats.publish_many("share.in", &ids).await?;
-    nats.wait_count("SOUT", EVENTS as u64, LOAD_WAIT).await?;
-    nats.wait_drained("SIN", "shared", WAIT).await?;
+    write_config(dir, &config)
+}
 
+/// After every event of `ids` has its output in `SOUT`: both processes took some, together
+/// they took each once, and every event has its output.
+async fn check_shared_once(
+    nats: &Nats,
+    processes: [&WeirProcess; 2],
+    ids: &[String],
+    shared: &str,
+) -> anyhow::Result<()> {
     let received = |view: &Value| view["counters"]["received"].as_u64().unwrap_or(0);
-    let (view_a, view_b) = (
-        a.function_view("echo").await?,
-        b.function_view("echo").await?,
+    let (from_a, from_b) = (
+        received(&processes[0].function_view("echo").await?),
+        received(&processes[1].function_view("echo").await?),
     );
-    let (from_a, from_b) = (received(&view_a), received(&view_b));
-    println!("two processes on one durable consumer: {from_a} + {from_b}");
+    println!("two processes on {shared}: {from_a} + {from_b}");
     assert!(
         from_a > 0 && from_b > 0,
         "both processes took work: {from_a} and {from_b}"
     );
     assert_eq!(
         from_a + from_b,
-        EVENTS as u64,
+        ids.len() as u64,
         "each event was delivered to exactly one process"
     );
     let outputs = nats.read_stream("SOUT", None).await?;
@@ -2095,7 +2158,7 @@ max = 4
         .iter()
         .filter_map(|m| m.header("ce-weircausation"))
         .collect();
-    assert_eq!(outputs.len(), EVENTS);
+    assert_eq!(outputs.len(), ids.len(), "one output per event");
     assert!(
         ids.iter().all(|id| causes.contains(id.as_str())),
         "the union covers every event"
