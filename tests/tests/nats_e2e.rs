@@ -1212,7 +1212,7 @@ jitter = 0.2
 /// Core NATS: the failure scenarios, each ending in a dead-letter record published on core NATS
 /// (the `CAPTURE` stream keeps it for the test): retries run out in place, a timeout, a
 /// memory-limit trap, a trap, an output the function may not write, and input that does not
-/// decode. Core NATS delivers each event once, so every attempt after the first is a retry in
+/// decode; and a core trigger whose dead letters go to JetStream (`dead_letter.broker`). Core NATS delivers each event once, so every attempt after the first is a retry in
 /// place, and the records must be the same as on the memory bus, JetStream and Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_nats_failures_end_in_dead_letters() -> anyhow::Result<()> {
@@ -1282,6 +1282,15 @@ outputs = ["core.echo.out"]
 config = {{ output_topic = "core.echo.out" }}
 [functions.trigger]
 topic = "core.echo.in"
+
+# A core trigger whose dead letters are kept: confirmed JetStream publishes.
+[[functions]]
+name = "reject-kept"
+module = "reject_all.wasm"
+[functions.trigger]
+topic = "core.kept.in"
+[functions.dead_letter]
+broker = "jetstream"
 "#,
         brokers = brokers(&nats.server.url(), &streams)
     );
@@ -1360,6 +1369,29 @@ topic = "core.echo.in"
         .context("undecodable")?;
     check_undecodable_record(&record, &raw)?;
 
+    // Dead letters on JetStream for a core trigger: the record is a confirmed publish, carrying
+    // its de-duplication id, where the core ones above carry none.
+    let record = nats
+        .core_dead_letter("core.kept.in", "kept-1", "reject-kept")
+        .await?;
+    check_rejected_record(&record)?;
+    assert_eq!(ext(&record, "weirdlqorigin"), "nats://core.kept.in");
+    let kept = nats
+        .read_stream("CAPTURE", Some("weir.dlq.reject-kept"))
+        .await?;
+    ensure!(
+        kept.len() == 1 && kept[0].header("Nats-Msg-Id").is_some(),
+        "one record, published to JetStream with a Nats-Msg-Id: {:?}",
+        kept.iter().map(|m| &m.headers).collect::<Vec<_>>()
+    );
+    let on_core = nats
+        .read_stream("CAPTURE", Some("weir.dlq.always-trap"))
+        .await?;
+    ensure!(
+        on_core.iter().all(|m| m.header("Nats-Msg-Id").is_none()),
+        "a core record carries no JetStream de-duplication id"
+    );
+
     // Every record above was published once, and no function wrote an output.
     for (subject, records) in [
         ("weir.dlq.flaky-forever", 1),
@@ -1368,6 +1400,7 @@ topic = "core.echo.in"
         ("weir.dlq.always-trap", 1),
         ("weir.dlq.bad-output", 1),
         ("weir.dlq.echo", 1),
+        ("weir.dlq.reject-kept", 1),
         ("core.forever.out", 0),
         ("core.ok.topic", 0),
         ("core.forbidden.topic", 0),
