@@ -175,6 +175,12 @@ impl Rounds {
         (!self.like_for_like.is_empty()).then(|| median(&self.like_for_like))
     }
 
+    /// Weir's median rate over the like-for-like baseline's, when there is one.
+    fn like_for_like_ratio(&self) -> Option<f64> {
+        self.median_like_for_like()
+            .map(|baseline| self.median_weir().rate() / baseline.rate())
+    }
+
     /// The median rows in table order: Weir, the native baseline, the like-for-like one.
     fn medians(&self) -> Vec<&Row> {
         [Some(self.median_weir()), Some(self.median_native())]
@@ -193,8 +199,7 @@ impl Rounds {
             "  {name:<10} ≥ {GOAL_RATIO}x {native}: {} ({ratio:.3}x)",
             verdict(ratio >= GOAL_RATIO)
         );
-        if let Some(baseline) = self.median_like_for_like() {
-            let ratio = self.median_weir().rate() / baseline.rate();
+        if let Some(ratio) = self.like_for_like_ratio() {
             line.push_str(&format!(
                 "; ≥ {GOAL_RATIO}x {like_for_like}: {} ({ratio:.3}x)",
                 verdict(ratio >= GOAL_RATIO)
@@ -371,7 +376,7 @@ async fn run(full: bool) -> anyhow::Result<()> {
         if let Some(like_for_like) = rounds.median_like_for_like() {
             line(
                 like_for_like,
-                Some(rounds.median_weir().rate() / like_for_like.rate()),
+                rounds.like_for_like_ratio(),
                 &format!("(Weir ÷ this row: {same_work})"),
             );
         }

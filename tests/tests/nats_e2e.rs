@@ -1212,8 +1212,9 @@ jitter = 0.2
 /// Core NATS: the failure scenarios, each ending in a dead-letter record published on core NATS
 /// (the `CAPTURE` stream keeps it for the test): retries run out in place, a timeout, a
 /// memory-limit trap, a trap, an output the function may not write, and input that does not
-/// decode; and a core trigger whose dead letters go to JetStream (`dead_letter.broker`). Core NATS delivers each event once, so every attempt after the first is a retry in
-/// place, and the records must be the same as on the memory bus, JetStream and Kafka.
+/// decode; and a core trigger whose dead letters go to JetStream (`dead_letter.broker`). Core
+/// NATS delivers each event once, so every attempt after the first is a retry in place, and the
+/// records must be the same as on the memory bus, JetStream and Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_nats_failures_end_in_dead_letters() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
