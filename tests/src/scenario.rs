@@ -49,6 +49,92 @@ pub fn write_config(dir: &Path, text: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The `[[functions]]` of the failure scenarios on a broker, as the checks below expect them:
+/// `flaky-forever` (3 attempts, 50 ms apart and doubling), `reject-all`, `spin` (timing out
+/// after [`SPIN_TIMEOUT`]), `memory-hog` (32 MiB), `always-trap`, `bad-output` (writing to
+/// `{prefix}.forbidden.topic`, allowed only `{prefix}.ok.topic`) and `echo`. Each reads
+/// `{prefix}.forever.in`, `{prefix}.reject.in`, `{prefix}.spin.in`, `{prefix}.hog.in`,
+/// `{prefix}.trap.in`, `{prefix}.bad.in` and `{prefix}.echo.in`; the configuration's
+/// `[defaults.trigger]` names the broker, and `trigger` adds its lines to every trigger (a
+/// JetStream stream, say).
+pub fn failure_functions(prefix: &str, trigger: &str) -> String {
+    let p = prefix;
+    format!(
+        r#"
+[[functions]]
+name = "flaky-forever"
+module = "flaky.wasm"
+outputs = ["{p}.forever.out"]
+config = {{ fail_attempts = "1000", output_topic = "{p}.forever.out" }}
+[functions.trigger]
+topic = "{p}.forever.in"
+{trigger}
+[functions.retry]
+max_attempts = 3
+initial_delay = "50ms"
+
+[[functions]]
+name = "reject-all"
+module = "reject_all.wasm"
+[functions.trigger]
+topic = "{p}.reject.in"
+{trigger}
+
+[[functions]]
+name = "spin"
+module = "spin.wasm"
+timeout = "300ms"
+[functions.trigger]
+topic = "{p}.spin.in"
+{trigger}
+[functions.retry]
+max_attempts = 1
+[functions.scaling]
+min = 1
+max = 1
+
+[[functions]]
+name = "memory-hog"
+module = "memory_hog.wasm"
+memory = "32MiB"
+[functions.trigger]
+topic = "{p}.hog.in"
+{trigger}
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "always-trap"
+module = "always_trap.wasm"
+[functions.trigger]
+topic = "{p}.trap.in"
+{trigger}
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "bad-output"
+module = "bad_output.wasm"
+outputs = ["{p}.ok.topic"]
+config = {{ topic = "{p}.forbidden.topic" }}
+[functions.trigger]
+topic = "{p}.bad.in"
+{trigger}
+[functions.retry]
+max_attempts = 2
+
+[[functions]]
+name = "echo"
+module = "echo.wasm"
+outputs = ["{p}.echo.out"]
+config = {{ output_topic = "{p}.echo.out" }}
+[functions.trigger]
+topic = "{p}.echo.in"
+{trigger}
+"#
+    )
+}
+
 /// The policy the scenario configurations give `flaky` (200 ms, doubling, ±20 %); what they
 /// leave out (`max_delay`, `max_age`) is the default.
 pub fn flaky_policy() -> RetryPolicy {

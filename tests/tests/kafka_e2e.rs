@@ -47,7 +47,8 @@ use weir_tests::process::{metric_value, WeirProcess};
 use weir_tests::scenario::{
     check_exhausted_record, check_flaky_retries, check_forbidden_output, check_memory_trap_record,
     check_order_chain, check_rejected_record, check_timeout_record, check_trap_record,
-    check_undecodable_record, ext, flaky_policy, write_config, SPIN_TIMEOUT, TRACEPARENT,
+    check_undecodable_record, ext, failure_functions, flaky_policy, write_config, SPIN_TIMEOUT,
+    TRACEPARENT,
 };
 use weir_tests::weir::{component_path, InProcess};
 
@@ -628,70 +629,7 @@ initial_delay = "200ms"
 multiplier = 2.0
 jitter = 0.2
 
-[[functions]]
-name = "flaky-forever"
-module = "flaky.wasm"
-outputs = ["k.forever.out"]
-config = {{ fail_attempts = "1000", output_topic = "k.forever.out" }}
-[functions.trigger]
-topic = "k.forever.in"
-[functions.retry]
-max_attempts = 3
-initial_delay = "50ms"
-
-[[functions]]
-name = "reject-all"
-module = "reject_all.wasm"
-[functions.trigger]
-topic = "k.reject.in"
-
-[[functions]]
-name = "spin"
-module = "spin.wasm"
-timeout = "300ms"
-[functions.trigger]
-topic = "k.spin.in"
-[functions.retry]
-max_attempts = 1
-[functions.scaling]
-min = 1
-max = 1
-
-[[functions]]
-name = "memory-hog"
-module = "memory_hog.wasm"
-memory = "32MiB"
-[functions.trigger]
-topic = "k.hog.in"
-[functions.retry]
-max_attempts = 1
-
-[[functions]]
-name = "always-trap"
-module = "always_trap.wasm"
-[functions.trigger]
-topic = "k.trap.in"
-[functions.retry]
-max_attempts = 1
-
-[[functions]]
-name = "bad-output"
-module = "bad_output.wasm"
-outputs = ["k.ok.topic"]
-config = {{ topic = "k.forbidden.topic" }}
-[functions.trigger]
-topic = "k.bad.in"
-[functions.retry]
-max_attempts = 2
-
-[[functions]]
-name = "echo"
-module = "echo.wasm"
-outputs = ["k.echo.out"]
-config = {{ output_topic = "k.echo.out" }}
-[functions.trigger]
-topic = "k.echo.in"
-
+{failures}
 [[functions]]
 name = "db-audit"
 module = "db_audit.wasm"
@@ -700,7 +638,8 @@ outputs = ["db.audit"]
 topic = "dbserver1.inventory.customers"
 format = "debezium"
 "#,
-        brokers = brokers(bootstrap, true)
+        brokers = brokers(bootstrap, true),
+        failures = failure_functions("k", ""),
     )
 }
 

@@ -34,7 +34,8 @@ use weir_tests::process::{metric_value, WeirProcess};
 use weir_tests::scenario::{
     check_exhausted_record, check_flaky_retries, check_forbidden_output, check_memory_trap_record,
     check_order_chain, check_rejected_record, check_timeout_record, check_trap_record,
-    check_undecodable_record, ext, flaky_policy, write_config, SPIN_TIMEOUT, TRACEPARENT,
+    check_undecodable_record, ext, failure_functions, flaky_policy, write_config, SPIN_TIMEOUT,
+    TRACEPARENT,
 };
 use weir_tests::weir::{component_path, functions_dir, InProcess};
 
@@ -529,78 +530,9 @@ initial_delay = "200ms"
 multiplier = 2.0
 jitter = 0.2
 
-[[functions]]
-name = "flaky-forever"
-module = "flaky.wasm"
-outputs = ["js.forever.out"]
-config = {{ fail_attempts = "1000", output_topic = "js.forever.out" }}
-[functions.trigger]
-topic = "js.forever.in"
-stream = "TEST"
-[functions.retry]
-max_attempts = 3
-initial_delay = "50ms"
-
-[[functions]]
-name = "reject-all"
-module = "reject_all.wasm"
-[functions.trigger]
-topic = "js.reject.in"
-stream = "TEST"
-
-[[functions]]
-name = "spin"
-module = "spin.wasm"
-timeout = "300ms"
-[functions.trigger]
-topic = "js.spin.in"
-stream = "TEST"
-[functions.retry]
-max_attempts = 1
-[functions.scaling]
-min = 1
-max = 1
-
-[[functions]]
-name = "memory-hog"
-module = "memory_hog.wasm"
-memory = "32MiB"
-[functions.trigger]
-topic = "js.hog.in"
-stream = "TEST"
-[functions.retry]
-max_attempts = 1
-
-[[functions]]
-name = "always-trap"
-module = "always_trap.wasm"
-[functions.trigger]
-topic = "js.trap.in"
-stream = "TEST"
-[functions.retry]
-max_attempts = 1
-
-[[functions]]
-name = "bad-output"
-module = "bad_output.wasm"
-outputs = ["js.ok.topic"]
-config = {{ topic = "js.forbidden.topic" }}
-[functions.trigger]
-topic = "js.bad.in"
-stream = "TEST"
-[functions.retry]
-max_attempts = 2
-
-[[functions]]
-name = "echo"
-module = "echo.wasm"
-outputs = ["js.echo.out"]
-config = {{ output_topic = "js.echo.out" }}
-[functions.trigger]
-topic = "js.echo.in"
-stream = "TEST"
-"#,
-        brokers = brokers(url, &streams)
+{failures}"#,
+        brokers = brokers(url, &streams),
+        failures = failure_functions("js", r#"stream = "TEST""#),
     )
 }
 
@@ -1211,8 +1143,8 @@ jitter = 0.2
 
 /// Core NATS: the failure scenarios, each ending in a dead-letter record published on core NATS
 /// (the `CAPTURE` stream keeps it for the test): retries run out in place, a timeout, a
-/// memory-limit trap, a trap, an output the function may not write, and input that does not
-/// decode; and a core trigger whose dead letters go to JetStream (`dead_letter.broker`). Core
+/// memory-limit trap, a reject, a trap, an output the function may not write, and input that
+/// does not decode; and a core trigger whose dead letters go to JetStream (`dead_letter.broker`). Core
 /// NATS delivers each event once, so every attempt after the first is a retry in place, and the
 /// records must be the same as on the memory bus, JetStream and Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1226,64 +1158,7 @@ async fn core_nats_failures_end_in_dead_letters() -> anyhow::Result<()> {
 broker = "nats"
 
 {brokers}
-[[functions]]
-name = "flaky-forever"
-module = "flaky.wasm"
-outputs = ["core.forever.out"]
-config = {{ fail_attempts = "1000", output_topic = "core.forever.out" }}
-[functions.trigger]
-topic = "core.forever.in"
-[functions.retry]
-max_attempts = 3
-initial_delay = "50ms"
-
-[[functions]]
-name = "spin"
-module = "spin.wasm"
-timeout = "300ms"
-[functions.trigger]
-topic = "core.spin.in"
-[functions.retry]
-max_attempts = 1
-[functions.scaling]
-min = 1
-max = 1
-
-[[functions]]
-name = "memory-hog"
-module = "memory_hog.wasm"
-memory = "32MiB"
-[functions.trigger]
-topic = "core.hog.in"
-[functions.retry]
-max_attempts = 1
-
-[[functions]]
-name = "always-trap"
-module = "always_trap.wasm"
-[functions.trigger]
-topic = "core.trap.in"
-[functions.retry]
-max_attempts = 1
-
-[[functions]]
-name = "bad-output"
-module = "bad_output.wasm"
-outputs = ["core.ok.topic"]
-config = {{ topic = "core.forbidden.topic" }}
-[functions.trigger]
-topic = "core.bad.in"
-[functions.retry]
-max_attempts = 2
-
-[[functions]]
-name = "echo"
-module = "echo.wasm"
-outputs = ["core.echo.out"]
-config = {{ output_topic = "core.echo.out" }}
-[functions.trigger]
-topic = "core.echo.in"
-
+{failures}
 # A core trigger whose dead letters are kept: confirmed JetStream publishes.
 [[functions]]
 name = "reject-kept"
@@ -1293,7 +1168,8 @@ topic = "core.kept.in"
 [functions.dead_letter]
 broker = "jetstream"
 "#,
-        brokers = brokers(&nats.server.url(), &streams)
+        brokers = brokers(&nats.server.url(), &streams),
+        failures = failure_functions("core", ""),
     );
     let weir = InProcess::start(&config).await?;
 
@@ -1332,7 +1208,12 @@ broker = "jetstream"
         "delivered once, retried twice in place, dead-lettered once"
     );
 
-    // A timeout, a memory-limit trap and a trap, each dead-lettered after its one attempt.
+    // A reject, a timeout, a memory-limit trap and a trap, each dead-lettered after its one
+    // attempt.
+    let record = nats
+        .core_dead_letter("core.reject.in", "reject-1", "reject-all")
+        .await?;
+    check_rejected_record(&record)?;
     let published = Instant::now();
     let record = nats
         .core_dead_letter("core.spin.in", "spin-1", "spin")
@@ -1396,6 +1277,7 @@ broker = "jetstream"
     // Every record above was published once, and no function wrote an output.
     for (subject, records) in [
         ("weir.dlq.flaky-forever", 1),
+        ("weir.dlq.reject-all", 1),
         ("weir.dlq.spin", 1),
         ("weir.dlq.memory-hog", 1),
         ("weir.dlq.always-trap", 1),
