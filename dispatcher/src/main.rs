@@ -736,10 +736,7 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
             .read_subject_history(&args.topic, args.last)
             .await?
         {
-            let from = match args.last {
-                None => "the first message".to_owned(),
-                Some(last) => format!("the last {last} messages"),
-            };
+            let from = history_start(args.last, "the first message", "message");
             let stop = tail_stop();
             say!(
                 "reading {} from {from} stream {} holds, then following",
@@ -770,14 +767,23 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
     tail_broker(Box::new(subscription), "nats", args.limit, stop).await
 }
 
+/// Where a history read starts, for the line `weir tail` prints: `first` without `--last`,
+/// else counted back from the newest `noun` ("the last 3 messages", "the last message", and
+/// "after the last message" for `--last 0`).
+fn history_start(last: Option<u64>, first: &str, noun: &str) -> String {
+    match last {
+        None => first.to_owned(),
+        Some(0) => format!("after the last {noun}"),
+        Some(1) => format!("the last {noun}"),
+        Some(last) => format!("the last {last} {noun}s"),
+    }
+}
+
 /// `weir tail` on Kafka: every partition from its earliest offset (or its last N).
 async fn tail_kafka(args: &TailArgs, settings: &KafkaConfig) -> anyhow::Result<ExitCode> {
     let transport = connect_kafka(settings).await?;
     let history = transport.read_topic_history(&args.topic, args.last).await?;
-    let from = match args.last {
-        None => "the earliest offset".to_owned(),
-        Some(last) => format!("the last {last} records"),
-    };
+    let from = history_start(args.last, "the earliest offset", "record");
     let stop = tail_stop();
     say!(
         "reading {} from {from} of each of its {} partitions, then following",

@@ -681,11 +681,16 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
         let subject = if n % 2 == 0 { "hist.a" } else { "hist.b" };
         publish_numbers(&js, subject, [n]).await?;
     }
-    for (last, limit, expected) in [
-        ("1", "1", vec![40]),
-        ("3", "3", vec![36, 38, 40]),
+    for (last, limit, expected, from) in [
+        ("1", "1", vec![40], "the last message"),
+        ("3", "3", vec![36, 38, 40], "the last 3 messages"),
         // More than the subject holds: all of it.
-        ("50", "21", (0..=40).step_by(2).collect::<Vec<u64>>()),
+        (
+            "50",
+            "21",
+            (0..=40).step_by(2).collect::<Vec<u64>>(),
+            "the last 50 messages",
+        ),
     ] {
         let (output, numbers) = tail_numbers(vec![
             "tail", "hist.a", "--nats", &url, "--last", last, "--limit", limit,
@@ -694,7 +699,7 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
         ensure!(
             output
                 .stderr
-                .contains(&format!("from the last {last} messages stream HIST holds")),
+                .contains(&format!("from {from} stream HIST holds")),
             "{output:?}"
         );
         assert_eq!(numbers, expected, "--last {last}: {output:?}");
@@ -711,7 +716,7 @@ async fn tail_last_on_jetstream_starts_at_the_subjects_last_messages() -> anyhow
         &[
             "tail", "hist.b", "--nats", &url, "--last", "0", "--limit", "1",
         ],
-        "from the last 0 messages stream HIST holds",
+        "from after the last message stream HIST holds",
         async {
             js.publish("hist.b", r#"{"n":99}"#.into()).await?.await?;
             Ok(())
@@ -1145,7 +1150,7 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
     ensure!(
         output
             .stderr
-            .contains("from the last 1 records of each of its 2 partitions"),
+            .contains("from the last record of each of its 2 partitions"),
         "{output:?}"
     );
     assert_eq!(per_partition(&numbers), (vec![2], vec![11]));
@@ -1164,7 +1169,7 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
             "--limit",
             "1",
         ],
-        "from the last 0 records",
+        "from after the last record of each",
         async {
             produce(1, 12).await?;
             Ok(())
