@@ -784,11 +784,14 @@ async fn tail_kafka(args: &TailArgs, settings: &KafkaConfig) -> anyhow::Result<E
     let transport = connect_kafka(settings).await?;
     let history = transport.read_topic_history(&args.topic, args.last).await?;
     let from = history_start(args.last, "the earliest offset", "record");
+    let partitions = match history.partitions() {
+        1 => "its only partition".to_owned(),
+        n => format!("each of its {n} partitions"),
+    };
     let stop = tail_stop();
     say!(
-        "reading {} from {from} of each of its {} partitions, then following",
-        args.topic,
-        history.partitions()
+        "reading {} from {from} of {partitions}, then following",
+        args.topic
     );
     tail_broker(Box::new(history), "kafka", args.limit, stop).await
 }

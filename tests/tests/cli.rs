@@ -1097,8 +1097,9 @@ async fn stderr_after(
 
 /// `weir publish --kafka` and `weir tail --kafka [--last N]` on a topic of two partitions:
 /// every record from the earliest offsets, the last N of each partition, only new ones with
-/// `--last 0`, a clear error for a topic that does not exist, and no consumer group left on
-/// the broker (the reader assigns partitions itself).
+/// `--last 0`, a clear error for a topic that does not exist, the starting line of a topic of
+/// one partition, and no consumer group left on the broker (the reader assigns partitions
+/// itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -1110,13 +1111,13 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
     transport.ensure_topic("cli.kafka", 2, 1).await?;
     // One record per batch: see `test_producer` on Tansu's fetch inside a batch.
     let producer = test_producer(&bootstrap)?;
-    let produce = |partition: i32, n: u64| {
+    let produce = |topic: &'static str, partition: i32, n: u64| {
         let producer = producer.clone();
         async move {
             let payload = format!(r#"{{"n":{n}}}"#);
             producer
                 .send(
-                    FutureRecord::<(), str>::to("cli.kafka")
+                    FutureRecord::<(), str>::to(topic)
                         .partition(partition)
                         .payload(&payload),
                     CLIENT_TIMEOUT,
@@ -1127,18 +1128,18 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
     };
     // Partition 0 holds 0, 1, 2; partition 1 holds 10, 11.
     for (partition, n) in [(0, 0), (0, 1), (0, 2), (1, 10), (1, 11)] {
-        produce(partition, n).await?;
+        produce("cli.kafka", partition, n).await?;
     }
     // Each partition in order; the two partitions interleave as they arrive.
     let per_partition =
         |numbers: &[u64]| -> (Vec<u64>, Vec<u64>) { numbers.iter().partition(|&&n| n < 10) };
-    let tail = |args: &'static [&'static str]| {
-        let mut all = vec!["tail", "cli.kafka", "--kafka", &bootstrap];
+    let tail = |topic: &'static str, args: &'static [&'static str]| {
+        let mut all = vec!["tail", topic, "--kafka", &bootstrap];
         all.extend_from_slice(args);
         tail_numbers(all)
     };
 
-    let (output, numbers) = tail(&["--limit", "5"]).await?;
+    let (output, numbers) = tail("cli.kafka", &["--limit", "5"]).await?;
     ensure!(
         output
             .stderr
@@ -1146,7 +1147,7 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
         "{output:?}"
     );
     assert_eq!(per_partition(&numbers), (vec![0, 1, 2], vec![10, 11]));
-    let (output, numbers) = tail(&["--last", "1", "--limit", "2"]).await?;
+    let (output, numbers) = tail("cli.kafka", &["--last", "1", "--limit", "2"]).await?;
     ensure!(
         output
             .stderr
@@ -1154,7 +1155,7 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
         "{output:?}"
     );
     assert_eq!(per_partition(&numbers), (vec![2], vec![11]));
-    let (_, numbers) = tail(&["--last", "2", "--limit", "4"]).await?;
+    let (_, numbers) = tail("cli.kafka", &["--last", "2", "--limit", "4"]).await?;
     assert_eq!(per_partition(&numbers), (vec![1, 2], vec![10, 11]));
 
     // --last 0: only what arrives after the reader started.
@@ -1171,7 +1172,7 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
         ],
         "from after the last record of each",
         async {
-            produce(1, 12).await?;
+            produce("cli.kafka", 1, 12).await?;
             Ok(())
         },
     )
@@ -1240,6 +1241,28 @@ async fn kafka_publish_and_tail_from_the_cli() -> anyhow::Result<()> {
         output.stderr.contains("no.such.topic") && output.stderr.contains("no such topic"),
         "{output:?}"
     );
+
+    // A topic of one partition: the line says so, not "each of its 1 partitions".
+    transport.ensure_topic("cli.kafka.one", 1, 1).await?;
+    for n in [20, 21] {
+        produce("cli.kafka.one", 0, n).await?;
+    }
+    let (output, numbers) = tail("cli.kafka.one", &["--limit", "2"]).await?;
+    ensure!(
+        output
+            .stderr
+            .contains("from the earliest offset of its only partition, then following"),
+        "{output:?}"
+    );
+    assert_eq!(numbers, vec![20, 21]);
+    let (output, numbers) = tail("cli.kafka.one", &["--last", "1", "--limit", "1"]).await?;
+    ensure!(
+        output
+            .stderr
+            .contains("from the last record of its only partition, then following"),
+        "{output:?}"
+    );
+    assert_eq!(numbers, vec![21]);
 
     // Reading joined no group, so the broker lists none.
     let admin: BaseConsumer = rdkafka::ClientConfig::new()
