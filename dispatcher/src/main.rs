@@ -338,9 +338,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             match runtime::load_modules(&engine, &config) {
                 Ok(_) => {
                     print_line(&format_args!(
-                        "{}: ok ({} functions)",
+                        "{}: ok ({})",
                         path.display(),
-                        config.functions.len()
+                        count_of(config.functions.len(), "function")
                     ))?;
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -481,10 +481,12 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if duplicates > 0 {
         // Said on stderr too: a CloudEvent sent again with its own id, on which nothing runs,
         // looks like a broken pipeline otherwise. (Debezium and S3 bodies get fresh ids here.)
+        let were = if duplicates == 1 { "was" } else { "were" };
         say!(
-            "weir publish: {duplicates} event(s) were already on {} (same source and id, inside \
-             the broker's de-duplication window) and were not stored again; give each event its \
-             own id to publish it anew",
+            "weir publish: {} {were} already on {} (same source and id, inside the broker's \
+             de-duplication window) and {were} not stored again; give each event its own id to \
+             publish it anew",
+            count_of(duplicates, "event"),
             args.topic
         );
     }
@@ -767,6 +769,15 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
     tail_broker(Box::new(subscription), "nats", args.limit, stop).await
 }
 
+/// "1 event", "2 events": a count with its noun, for what weir prints to people.
+fn count_of<N: std::fmt::Display + PartialEq + From<u8>>(n: N, noun: &str) -> String {
+    if n == N::from(1) {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Where a history read starts, for the line `weir tail` prints: `first` without `--last`,
 /// else counted back from the newest `noun` ("the last 3 messages", "the last message", and
 /// "after the last message" for `--last 0`).
@@ -775,7 +786,7 @@ fn history_start(last: Option<u64>, first: &str, noun: &str) -> String {
         None => first.to_owned(),
         Some(0) => format!("after the last {noun}"),
         Some(1) => format!("the last {noun}"),
-        Some(last) => format!("the last {last} {noun}s"),
+        Some(last) => format!("the last {}", count_of(last, noun)),
     }
 }
 
