@@ -112,9 +112,10 @@ struct PublishArgs {
     #[arg(long = "type", value_name = "TYPE")]
     ty: Option<String>,
     /// CloudEvents `source` with --type.
-    #[arg(long, default_value = "weir-cli")]
+    #[arg(long, default_value = "weir-cli", requires = "ty")]
     source: String,
-    /// Ordering key (the `partitionkey` extension) with --type.
+    /// Ordering key: the `partitionkey` extension with --type; on Kafka also the record's key
+    /// (with or without --type).
     #[arg(long)]
     key: Option<String>,
     /// How many times to send it (at least once).
@@ -435,6 +436,15 @@ fn base_url(addr: &str) -> String {
 async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     // Before the body: a `-c` file that is not valid is reported at once, not after stdin ends.
     let target = Target::resolve(&args.topic, &args.connection())?;
+    // Refused rather than dropped: the key would reach neither the event nor the broker.
+    if args.key.is_some() && args.ty.is_none() && !matches!(target, Target::Kafka(_)) {
+        return Err(BadInput(
+            "--key without --type sets nothing here: the key is a --type event's `partitionkey`, \
+             or on Kafka the record's key; give --type, or set the key in the event itself"
+                .to_owned(),
+        )
+        .into());
+    }
     let body = match (&args.data, &args.file) {
         (Some(data), _) => data.clone().into_bytes(),
         (None, Some(path)) => std::fs::read(path)

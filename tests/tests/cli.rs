@@ -244,7 +244,7 @@ async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> 
     let kafka_only = kafka_only.to_str().context("a UTF-8 temp path")?;
     let missing = dir.path().join("missing.toml");
     let missing = missing.to_str().context("a UTF-8 temp path")?;
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 15] = [
         (
             &["publish", "t", "--rate", "0"],
             "positive number of events",
@@ -264,6 +264,12 @@ async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> 
         (&["publish", "t", "--rate", "1e300"], "cannot be paced"),
         (&["publish", "t", "--rate", "1e-300"], "cannot be paced"),
         (&["publish", "t", "--count", "0"], "--count"),
+        (&["publish", "t", "--source", "s"], "--type"),
+        (&["publish", "t", "--key", "k"], "--key without --type"),
+        (
+            &["publish", "t", "--key", "k", "--nats", "nats://127.0.0.1:9"],
+            "--key without --type",
+        ),
         (
             &["publish", "t", "--core", "--kafka", "127.0.0.1:9"],
             "cannot be used with",
