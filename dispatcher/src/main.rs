@@ -796,7 +796,7 @@ fn history_start(last: Option<u64>, first: &str, noun: &str) -> String {
         None => first.to_owned(),
         Some(0) => format!("after the last {noun}"),
         Some(1) => format!("the last {noun}"),
-        Some(last) => format!("the last {}", count_of(last, noun)),
+        Some(last) => format!("the last {last} {noun}s"),
     }
 }
 
