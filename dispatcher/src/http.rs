@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -89,9 +90,27 @@ async fn publish(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ingress::Accepted>), Problem> {
     check_topic(&topic)?;
+    // axum's own rejection is plain text; an ingress client gets the same JSON problem (and
+    // the same metric) for a body over the limit as for any other refusal.
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the request body is over http.max_body ({})",
+                state.shared.config.http.max_body
+            )
+        } else {
+            rejection.body_text()
+        };
+        Problem {
+            status,
+            kind: "body",
+            message,
+        }
+    })?;
     let mut wire_headers: Vec<(String, String)> = Vec::with_capacity(headers.len());
     for (name, value) in &headers {
         let value = value.to_str().map_err(|_| Problem {
@@ -246,8 +265,10 @@ async fn topics(State(state): State<AppState>) -> Json<Value> {
 struct EventsQuery {
     /// Return events with a sequence greater than this (default: from the oldest retained).
     after: Option<u64>,
+    /// At most this many messages (1 to 1,000; default 100).
     limit: Option<usize>,
-    /// Long-poll: wait up to this long for a new event when none is available (e.g. `10s`).
+    /// Long-poll: wait up to this long (at most 30 s) for a new event when none is available
+    /// (e.g. `10s`).
     wait: Option<String>,
 }
 
@@ -255,9 +276,14 @@ struct EventsQuery {
 async fn events(
     State(state): State<AppState>,
     Path(topic): Path<String>,
-    Query(query): Query<EventsQuery>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, Problem> {
     check_topic(&topic)?;
+    let Query(query) = query.map_err(|rejection| Problem {
+        status: StatusCode::BAD_REQUEST,
+        kind: "query",
+        message: rejection.body_text(),
+    })?;
     // The memory bus would answer for any name with an empty history, and a `weir tail` would
     // wait on it for ever: say where the topic is instead.
     let broker = state.shared.topic_broker(&topic);
@@ -275,7 +301,18 @@ async fn events(
             ),
         });
     }
-    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    // A page larger than the cap is only shortened: `next` says where to go on from.
+    let limit = match query.limit {
+        None => 100,
+        Some(0) => {
+            return Err(Problem {
+                status: StatusCode::BAD_REQUEST,
+                kind: "query",
+                message: "limit=0: ask for 1 to 1000 events a page".to_owned(),
+            })
+        }
+        Some(limit) => limit.min(1000),
+    };
     let wait = match query.wait.as_deref() {
         None => Duration::ZERO,
         Some(text) => humantime::parse_duration(text).map_err(|e| Problem {
@@ -286,7 +323,10 @@ async fn events(
     }
     .min(Duration::from_secs(30));
     let bus = &state.shared.memory;
-    let from = query.after.map(|after| after + 1);
+    // From the oldest retained when no `after` is given (the bus's `None` would be the
+    // newest page, and a tail would skip all but the last `limit`). Saturating: nothing
+    // follows the largest sequence, and a client's `after` is not trusted.
+    let from = Some(query.after.map_or(0, |after| after.saturating_add(1)));
     let mut watch = bus.watch(&topic);
     let mut stored = bus.history(&topic, from, limit);
     if stored.is_empty() && !wait.is_zero() {

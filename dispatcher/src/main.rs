@@ -149,8 +149,8 @@ struct PublishArgs {
 #[derive(Debug, Args)]
 struct TailArgs {
     topic: String,
-    /// Exit after this many events.
-    #[arg(long)]
+    /// Exit after this many events (at least one).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     limit: Option<u64>,
     /// Start at the last N messages instead of the oldest, then follow (0: new messages only).
     /// On a weir's memory bus and a JetStream subject, the topic's last N; on Kafka, the last

@@ -203,8 +203,8 @@ impl InProcess {
         Ok((status, json))
     }
 
-    /// `GET` a path of the admin API as JSON.
-    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+    /// `GET` a path of the admin API: the status and the body as text, whatever the status.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let url = format!("{}{path}", self.base_url());
         let response = self
             .client
@@ -212,15 +212,21 @@ impl InProcess {
             .send()
             .await
             .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
+        let status = response.status().as_u16();
         let text = response
             .text()
             .await
             .with_context(|| format!("reading GET {url}"))?;
-        if !status.is_success() {
-            bail!("GET {url}: {status}: {text}");
+        Ok((status, text))
+    }
+
+    /// `GET` a path of the admin API as JSON; a status other than 2xx is an error.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let (status, text) = self.get(path).await?;
+        if !(200..300).contains(&status) {
+            bail!("GET {path}: {status}: {text}");
         }
-        serde_json::from_str(&text).with_context(|| format!("GET {url} is not JSON: {text}"))
+        serde_json::from_str(&text).with_context(|| format!("GET {path} is not JSON: {text}"))
     }
 
     /// The events on `topic` (decoded, as `weir tail` shows them), oldest first, until there
@@ -314,34 +320,42 @@ impl InProcess {
             .with_context(|| format!("reading GET {url}"))
     }
 
-    /// The topic's retained messages with their sequences: `(seq, decoded events)`.
+    /// The topic's retained messages with their sequences, `(seq, decoded events)`, page by
+    /// page (the server gives at most 1,000 a page) until a page comes back empty.
     pub async fn messages(&self, topic: &str) -> anyhow::Result<Vec<(u64, Vec<Value>)>> {
-        let page = self
-            .get_json(&format!("/v1/topics/{topic}/events?limit=10000"))
-            .await?;
-        Ok(page["messages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| {
+        // More pages than any test's topic holds: a topic that keeps growing is an error.
+        const MAX_PAGES: usize = 1000;
+        let mut messages = Vec::new();
+        let mut after = String::new();
+        for _ in 0..MAX_PAGES {
+            let page = self
+                .get_json(&format!("/v1/topics/{topic}/events?limit=1000{after}"))
+                .await?;
+            let before = messages.len();
+            messages.extend(page["messages"].as_array().into_iter().flatten().map(|m| {
                 (
                     m["seq"].as_u64().unwrap_or(0),
                     m["events"].as_array().cloned().unwrap_or_default(),
                 )
-            })
-            .collect())
+            }));
+            if messages.len() == before {
+                return Ok(messages);
+            }
+            let next = page["next"]
+                .as_u64()
+                .with_context(|| format!("a page of {topic} without `next`: {page}"))?;
+            after = format!("&after={next}");
+        }
+        bail!("{topic} still had messages after {MAX_PAGES} pages")
     }
 
     /// The whole retained history of `topic` right now (no waiting).
     pub async fn history(&self, topic: &str) -> anyhow::Result<Vec<Value>> {
-        let page = self
-            .get_json(&format!("/v1/topics/{topic}/events?limit=10000"))
-            .await?;
-        Ok(page["messages"]
-            .as_array()
+        Ok(self
+            .messages(topic)
+            .await?
             .into_iter()
-            .flatten()
-            .flat_map(|m| m["events"].as_array().cloned().unwrap_or_default())
+            .flat_map(|(_, events)| events)
             .collect())
     }
 

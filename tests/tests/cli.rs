@@ -230,7 +230,8 @@ async fn exit_code_with_stderr_gone(args: &[&std::ffi::OsStr]) -> anyhow::Result
 /// Misuse exits 2, as clap's own usage errors and `weir check`'s invalid configurations do,
 /// and is reported before anything is read or sent: `--rate` that no timer can pace (which
 /// used to be found only after the body was read from stdin, and a rate of 1e300 made the
-/// pacing timer panic), `--count 0`, `--core` beside another broker, `--core` for a topic the
+/// pacing timer panic), `--count 0`, `--limit 0` (which printed one event, or waited for
+/// one), `--core` beside another broker, `--core` for a topic the
 /// `-c` configuration puts on Kafka, a `-c` or `--file` that does not exist. A failure to do
 /// what was asked stays exit 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +245,7 @@ async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> 
     let kafka_only = kafka_only.to_str().context("a UTF-8 temp path")?;
     let missing = dir.path().join("missing.toml");
     let missing = missing.to_str().context("a UTF-8 temp path")?;
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 16] = [
         (
             &["publish", "t", "--rate", "0"],
             "positive number of events",
@@ -264,6 +265,7 @@ async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> 
         (&["publish", "t", "--rate", "1e300"], "cannot be paced"),
         (&["publish", "t", "--rate", "1e-300"], "cannot be paced"),
         (&["publish", "t", "--count", "0"], "--count"),
+        (&["tail", "t", "--limit", "0"], "--limit"),
         (&["publish", "t", "--source", "s"], "--type"),
         (&["publish", "t", "--key", "k"], "--key without --type"),
         (
@@ -448,6 +450,33 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     // `weir tail orders | head -1` ends by itself, whether or not more events are printed.
     let first = first_then_reader_goes(&["tail", "orders", "--http", &http]).await?;
     assert_eq!(first["data"]["id"], "o-1", "{first}");
+
+    // A tail starts at the topic's oldest retained event, also past the first page of 100
+    // (it used to start at the newest page: the 51st of 150 here). `--last 150` starts there too.
+    let output = run_weir(
+        [
+            "publish",
+            "many",
+            "--data",
+            r#"{"n":1}"#,
+            "--count",
+            "150",
+            "--http",
+            &http,
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(0),
+        "publish --count 150 failed: {output:?}"
+    );
+    let (_, oldest) = tail_one(&up, &["many", "--http", &http]).await?;
+    let (_, last_150) = tail_one(&up, &["many", "--last", "150", "--http", &http]).await?;
+    ensure!(
+        oldest["id"] == last_150["id"],
+        "tail starts at the oldest event: {oldest} is not {last_150}"
+    );
 
     // A body that is no event of its own gets the HTTP ingress as its source.
     let output = run_weir(

@@ -646,7 +646,17 @@ async fn malformed_inputs(weir: &InProcess) -> anyhow::Result<()> {
             "x".repeat(1025),
         )
         .await?;
-    assert_eq!(status, 413, "a body over http.max_body: {answer}");
+    assert_eq!(
+        (status, answer["kind"].as_str()),
+        (413, Some("body")),
+        "a body over http.max_body is a JSON problem like any other refusal: {answer}"
+    );
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("http.max_body (1.0 KiB)")),
+        "{answer}"
+    );
 
     // A Debezium tombstone: a literal JSON null.
     let (status, answer) = weir
@@ -838,6 +848,79 @@ async fn binary_mode_without_ce_id_is_refused() -> anyhow::Result<()> {
     assert!(
         answer["error"].as_str().unwrap_or_default().contains("id"),
         "{answer}"
+    );
+    Ok(())
+}
+
+/// The history endpoint `weir tail` reads refuses a query it cannot use with the same JSON
+/// problem as ingress (axum's own rejection is plain text), asks for `limit` of at least 1
+/// (`limit=0` used to return one event), caps a larger page at 1,000, starts at the oldest
+/// event without `after` (it used to give the newest page), and takes any `after` (the largest
+/// one used to overflow: a panic in a debug build, the oldest events in release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_queries_are_checked() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let weir = InProcess::start(ECHO_ONLY).await?;
+    let result = history_queries(&weir).await;
+    weir.shutdown().await?;
+    result
+}
+
+async fn history_queries(weir: &InProcess) -> anyhow::Result<()> {
+    for n in 0..3 {
+        let (status, answer) = weir
+            .post(
+                "echo.in",
+                &ce_headers(&format!("h-{n}"), "com.example.x"),
+                "{}",
+            )
+            .await?;
+        accepted_id(status, &answer)?;
+    }
+    let path = |query: &str| format!("/v1/topics/echo.in/events?{query}");
+    for (query, says) in [
+        ("limit=0", "limit=0"),
+        ("limit=-1", "limit"),
+        ("limit=many", "limit"),
+        ("after=first", "after"),
+        ("wait=forever", "wait"),
+    ] {
+        let (status, text) = weir.get(&path(query)).await?;
+        let answer: Value = serde_json::from_str(&text)
+            .with_context(|| format!("?{query} answers JSON, not {text:?}"))?;
+        ensure!(
+            status == 400
+                && answer["kind"] == "query"
+                && answer["error"].as_str().is_some_and(|e| e.contains(says)),
+            "?{query} is a 400 query problem naming {says:?}: {status} {answer}"
+        );
+    }
+    let page = weir.get_json(&path("limit=5000")).await?;
+    let seqs: Vec<u64> = page["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["seq"].as_u64())
+        .collect();
+    ensure!(
+        seqs == [1, 2, 3],
+        "limit=5000 is a page of all three: {page}"
+    );
+    let page = weir.get_json(&path("limit=1")).await?;
+    ensure!(
+        page["messages"][0]["seq"] == 1 && page["next"] == 1,
+        "without `after`, the oldest first: {page}"
+    );
+    let page = weir.get_json(&path("limit=1&after=1")).await?;
+    ensure!(
+        page["messages"][0]["seq"] == 2 && page["next"] == 2,
+        "one page of one after 1: {page}"
+    );
+    let last = u64::MAX;
+    let page = weir.get_json(&path(&format!("after={last}"))).await?;
+    ensure!(
+        page["messages"] == json!([]) && page["next"] == last,
+        "nothing after the largest sequence: {page}"
     );
     Ok(())
 }
