@@ -3,11 +3,14 @@
 //!
 //! Ingress decodes before it publishes so that a malformed event is refused at the door with a
 //! precise reason; what it publishes is the decoded event in CloudEvents binary mode, so the id
-//! the caller is told is the id the function sees.
+//! the caller is told is the id the function sees. A request in the HTTP binding's batched mode
+//! becomes one message per event: batching is how the events came in, not how they are stored.
 
 use bytes::Bytes;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use weir_broker_bridge::{BrokerKind, OutboundMessage, Published, Publisher, TransportError};
+use weir_schemas::cloudevents::{CONTENT_TYPE_HEADER, STRUCTURED_CONTENT_TYPE};
 use weir_schemas::{ext, DecodeError, Event, Format, WireMessage};
 
 use crate::chain;
@@ -33,6 +36,32 @@ impl Entry {
     }
 }
 
+/// The CloudEvents HTTP binding's batched mode: a JSON array of structured events.
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+
+/// Why a request carries no events Weir can publish.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("a batch ({BATCH_CONTENT_TYPE}) must be a JSON array of structured CloudEvents: {0}")]
+    NotABatch(serde_json::Error),
+    /// All or nothing: one bad event refuses the whole batch, so a client's retry of the
+    /// corrected batch is not half a repeat.
+    #[error("event [{index}] of the batch: {error}")]
+    InBatch { index: usize, error: DecodeError },
+}
+
+impl RequestError {
+    /// A short, stable label for the answer and for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Decode(error) | Self::InBatch { error, .. } => error.kind(),
+            Self::NotABatch(_) => "batch",
+        }
+    }
+}
+
 /// Decode a request into the events it carries. Each request is its own origin, so events
 /// without an id of their own get a fresh one.
 pub fn decode_request(
@@ -40,23 +69,59 @@ pub fn decode_request(
     topic: &str,
     headers: &[(String, String)],
     body: &[u8],
-) -> Result<Vec<Event>, DecodeError> {
+) -> Result<Vec<Event>, RequestError> {
     let origin = format!("ingress://{}", uuid::Uuid::new_v4());
     let default_source = weir_schemas::wire::default_source(entry.as_str(), topic);
-    let wire = WireMessage {
-        headers,
-        payload: Some(body),
-        key: None,
-        origin: &origin,
-        default_source: &default_source,
+    let content_type = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(CONTENT_TYPE_HEADER))
+        .map(|(_, v)| v.split(';').next().unwrap_or_default().trim());
+    let mut events = if content_type.is_some_and(|t| t.eq_ignore_ascii_case(BATCH_CONTENT_TYPE)) {
+        decode_batch(body, &origin, &default_source)?
+    } else {
+        let wire = WireMessage {
+            headers,
+            payload: Some(body),
+            key: None,
+            origin: &origin,
+            default_source: &default_source,
+        };
+        weir_schemas::decode(&wire, Format::Auto)?
     };
-    let mut events = weir_schemas::decode(&wire, Format::Auto)?;
     let traceparent = headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(ext::TRACEPARENT))
         .map(|(_, v)| v.as_str());
     for event in &mut events {
         stamp_trace(event, traceparent);
+    }
+    Ok(events)
+}
+
+/// Each member of a batch, decoded as the structured event it must be.
+fn decode_batch(
+    body: &[u8],
+    origin: &str,
+    default_source: &str,
+) -> Result<Vec<Event>, RequestError> {
+    let members: Vec<&RawValue> = serde_json::from_slice(body).map_err(RequestError::NotABatch)?;
+    let structured = [(
+        CONTENT_TYPE_HEADER.to_owned(),
+        STRUCTURED_CONTENT_TYPE.to_owned(),
+    )];
+    let mut events = Vec::with_capacity(members.len());
+    for (index, member) in members.into_iter().enumerate() {
+        let wire = WireMessage {
+            headers: &structured,
+            payload: Some(member.get().as_bytes()),
+            key: None,
+            origin,
+            default_source,
+        };
+        events.extend(
+            weir_schemas::decode(&wire, Format::CloudEvents)
+                .map_err(|error| RequestError::InBatch { index, error })?,
+        );
     }
     Ok(events)
 }

@@ -925,6 +925,83 @@ async fn history_queries(weir: &InProcess) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The HTTP binding's batched mode: every event of the batch is its own message (its id kept,
+/// its function run), all or nothing. A batch with one bad event publishes none of them, and
+/// its refusal names the event; a body that is no array is refused as a batch. Batches used to
+/// be read as one structured event and refused with "expected a map".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_requests_publish_each_event() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let weir = InProcess::start(ECHO_ONLY).await?;
+    let result = batched_requests(&weir).await;
+    weir.shutdown().await?;
+    result
+}
+
+async fn batched_requests(weir: &InProcess) -> anyhow::Result<()> {
+    let batch = [("content-type", "application/cloudevents-batch+json")];
+    let event = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "batcher", "type": "com.example.x",
+               "data": {"id": id}})
+    };
+    let (status, answer) = weir
+        .post(
+            "echo.in",
+            &batch,
+            json!([event("b-1"), event("b-2")]).to_string(),
+        )
+        .await?;
+    ensure!(
+        status == 202 && answer["ids"] == json!(["b-1", "b-2"]),
+        "a batch of two is accepted with both ids: {status} {answer}"
+    );
+    for id in ["b-1", "b-2"] {
+        let echoed = weir
+            .wait_for_match("echo.out", WAIT, |e| e["weircausation"] == id)
+            .await?;
+        ensure!(echoed["data"] == json!({"id": id}), "{echoed}");
+    }
+
+    let mut nameless = event("b-4");
+    if let Some(attributes) = nameless.as_object_mut() {
+        attributes.remove("id");
+    }
+    let refusals = [
+        (
+            json!([event("b-3"), nameless]).to_string(),
+            "missing_attribute",
+            "event [1] of the batch",
+        ),
+        (event("b-5").to_string(), "batch", "must be a JSON array"),
+        ("[1]".to_owned(), "json", "event [0] of the batch"),
+    ];
+    for (body, kind, says) in refusals {
+        let (status, answer) = weir.post("echo.in", &batch, body.clone()).await?;
+        ensure!(
+            status == 400
+                && answer["kind"] == kind
+                && answer["error"].as_str().is_some_and(|e| e.contains(says)),
+            "{body} is refused ({kind}, {says:?}): {status} {answer}"
+        );
+    }
+    let (status, answer) = weir.post("echo.in", &batch, "[]").await?;
+    ensure!(
+        status == 202 && answer["ids"] == json!([]),
+        "an empty batch publishes nothing: {status} {answer}"
+    );
+    let ids: Vec<Value> = weir
+        .history("echo.in")
+        .await?
+        .into_iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    ensure!(
+        ids == [json!("b-1"), json!("b-2")],
+        "echo.in holds the first batch's two events and nothing of the refused ones: {ids:?}"
+    );
+    Ok(())
+}
+
 const ECHO_ONLY: &str = r#"
 [defaults.trigger]
 broker = "memory"
