@@ -108,7 +108,8 @@ struct PublishArgs {
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
     /// Send a CloudEvent of this type (binary mode). Without it the body is sent as is, and
-    /// Weir recognises Debezium, S3/MinIO and CloudEvents JSON by their shape.
+    /// Weir recognises Debezium, S3/MinIO and CloudEvents JSON by their shape (a JSON array of
+    /// CloudEvents is a batch: each event is published on its own).
     #[arg(long = "type", value_name = "TYPE")]
     ty: Option<String>,
     /// CloudEvents `source` with --type.
@@ -504,7 +505,8 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The headers `weir publish` sends: a binary-mode CloudEvent with `--type`, else only the
-/// content type, so that Weir recognises Debezium, S3 and structured CloudEvents by shape.
+/// content type, so that Weir recognises Debezium, S3 and structured CloudEvents by shape (and
+/// an array of structured CloudEvents, which no shape rule covers, as the batch it is).
 fn request_headers(args: &PublishArgs, body: &[u8]) -> Vec<(String, String)> {
     let mut headers = Vec::new();
     if let Some(ty) = &args.ty {
@@ -516,10 +518,27 @@ fn request_headers(args: &PublishArgs, body: &[u8]) -> Vec<(String, String)> {
         if let Some(key) = &args.key {
             headers.push(("ce-partitionkey".to_owned(), key.clone()));
         }
+    } else if looks_like_batch(body) {
+        headers.push((
+            "content-type".to_owned(),
+            ingress::BATCH_CONTENT_TYPE.to_owned(),
+        ));
     } else if looks_like_json(body) {
         headers.push(("content-type".to_owned(), "application/json".to_owned()));
     }
     headers
+}
+
+/// A JSON array of objects that all carry `specversion`: structured CloudEvents, a batch.
+fn looks_like_batch(body: &[u8]) -> bool {
+    serde_json::from_slice::<Vec<serde_json::Map<String, serde_json::Value>>>(body).is_ok_and(
+        |members| {
+            !members.is_empty()
+                && members
+                    .iter()
+                    .all(|member| member.contains_key("specversion"))
+        },
+    )
 }
 
 /// What one [`Sink::send`] did.

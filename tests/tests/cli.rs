@@ -478,6 +478,54 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         "tail starts at the oldest event: {oldest} is not {last_150}"
     );
 
+    // A file holding an array of structured CloudEvents is sent as the batch it is: each
+    // event stored on its own with its own id (it used to be one custom event).
+    let batch = write(
+        dir.path(),
+        "batch.json",
+        r#"[{"specversion":"1.0","id":"b-1","source":"cli-test","type":"com.example.note","data":1},
+            {"specversion":"1.0","id":"b-2","source":"cli-test","type":"com.example.note","data":2}]"#,
+    )?;
+    let output = run_weir(
+        ["publish", "notes.batch", "--file"]
+            .iter()
+            .map(Into::into)
+            .chain([
+                batch.as_os_str().to_owned(),
+                "--http".into(),
+                http.clone().into(),
+            ]),
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(0),
+        "publish of a batch failed: {output:?}"
+    );
+    let accepted: Value = serde_json::from_str(output.stdout.trim())?;
+    assert_eq!(
+        accepted["ids"],
+        serde_json::json!(["b-1", "b-2"]),
+        "{accepted}"
+    );
+    let output = run_weir(
+        ["tail", "notes.batch", "--limit", "2", "--http", &http],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    let stored: Vec<(Value, Value)> = json_lines(&output)?
+        .iter()
+        .map(|e| (e["id"].clone(), e["data"].clone()))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (Value::from("b-1"), Value::from(1)),
+            (Value::from("b-2"), Value::from(2))
+        ],
+        "{output:?}"
+    );
+
     // A body that is no event of its own gets the HTTP ingress as its source.
     let output = run_weir(
         ["publish", "notes", "--data", "plain text", "--http", &http],
