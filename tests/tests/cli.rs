@@ -387,20 +387,7 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         "change.json",
         r#"{"schema":{"type":"struct"},"payload":{"before":{"id":7,"qty":1},"after":{"id":7,"qty":3},"source":{"db":"shop","schema":"public","table":"stock"},"op":"u","ts_ms":1700000000000}}"#,
     )?;
-    let output = run_weir(
-        ["publish", "db.changes", "--file"]
-            .iter()
-            .map(Into::into)
-            .chain([
-                fixture.as_os_str().to_owned(),
-                "--http".into(),
-                http.clone().into(),
-            ]),
-        CLIENT_TIMEOUT,
-    )
-    .await?;
-    ensure!(output.code == Some(0), "publish --file failed: {output:?}");
-    let accepted: Value = serde_json::from_str(output.stdout.trim())?;
+    let accepted = publish_file("db.changes", &fixture, &http).await?;
     assert_eq!(accepted["duplicates"], serde_json::json!([]), "{accepted}");
     let (_, audit) = tail_one(&up, &["db.audit", "--http", &http]).await?;
     assert_eq!(audit["type"], "weir.db.audit");
@@ -486,23 +473,7 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
         r#"[{"specversion":"1.0","id":"b-1","source":"cli-test","type":"com.example.note","data":1},
             {"specversion":"1.0","id":"b-2","source":"cli-test","type":"com.example.note","data":2}]"#,
     )?;
-    let output = run_weir(
-        ["publish", "notes.batch", "--file"]
-            .iter()
-            .map(Into::into)
-            .chain([
-                batch.as_os_str().to_owned(),
-                "--http".into(),
-                http.clone().into(),
-            ]),
-        CLIENT_TIMEOUT,
-    )
-    .await?;
-    ensure!(
-        output.code == Some(0),
-        "publish of a batch failed: {output:?}"
-    );
-    let accepted: Value = serde_json::from_str(output.stdout.trim())?;
+    let accepted = publish_file("notes.batch", &batch, &http).await?;
     assert_eq!(
         accepted["ids"],
         serde_json::json!(["b-1", "b-2"]),
@@ -537,6 +508,21 @@ async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     assert_eq!(note["source"], "weir://http/notes", "{note}");
     assert_eq!(note["type"], "weir.custom", "{note}");
     Ok(())
+}
+
+/// `weir publish TOPIC --file FILE --http HTTP`: the weir's answer; fails unless it exits 0.
+async fn publish_file(topic: &str, file: &Path, http: &str) -> anyhow::Result<Value> {
+    let output = run_weir(
+        ["publish", topic, "--file"].iter().map(Into::into).chain([
+            file.as_os_str().to_owned(),
+            "--http".into(),
+            http.into(),
+        ]),
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "publish --file failed: {output:?}");
+    serde_json::from_str(output.stdout.trim()).with_context(|| format!("the answer: {output:?}"))
 }
 
 /// A CloudEvent in structured mode: it carries its own id, so sending it again is a repeat.
