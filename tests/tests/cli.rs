@@ -231,9 +231,8 @@ async fn exit_code_with_stderr_gone(args: &[&std::ffi::OsStr]) -> anyhow::Result
 /// and is reported before anything is read or sent: `--rate` that no timer can pace (which
 /// used to be found only after the body was read from stdin, and a rate of 1e300 made the
 /// pacing timer panic), `--count 0`, `--limit 0` (which printed one event, or waited for
-/// one), `--core` beside another broker, `--core` for a topic the
-/// `-c` configuration puts on Kafka, a `-c` or `--file` that does not exist. A failure to do
-/// what was asked stays exit 1.
+/// one), `--core` beside another broker, `--core` for a topic the `-c` configuration puts on
+/// Kafka, a `-c` or `--file` that does not exist. A failure to do what was asked stays exit 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -854,9 +854,9 @@ async fn binary_mode_without_ce_id_is_refused() -> anyhow::Result<()> {
 
 /// The history endpoint `weir tail` reads refuses a query it cannot use with the same JSON
 /// problem as ingress (axum's own rejection is plain text), asks for `limit` of at least 1
-/// (`limit=0` used to return one event), caps a larger page at 1,000, starts at the oldest
-/// event without `after` (it used to give the newest page), and takes any `after` (the largest
-/// one used to overflow: a panic in a debug build, the oldest events in release).
+/// (`limit=0` used to return one event), takes a larger one (capped at 1,000), starts at the
+/// oldest event without `after` (it used to give the newest page), and takes any `after` (the
+/// largest one used to overflow: a panic in a debug build, the oldest events in release).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_queries_are_checked() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
