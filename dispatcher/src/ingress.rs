@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use weir_broker_bridge::{BrokerKind, OutboundMessage, Published, Publisher, TransportError};
-use weir_schemas::cloudevents::{CONTENT_TYPE_HEADER, STRUCTURED_CONTENT_TYPE};
+use weir_schemas::cloudevents::{self, BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER};
 use weir_schemas::{ext, DecodeError, Event, Format, WireMessage};
 
 use crate::chain;
@@ -35,9 +35,6 @@ impl Entry {
         }
     }
 }
-
-/// The CloudEvents HTTP binding's batched mode: a JSON array of structured events.
-pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
 /// Why a request carries no events Weir can publish.
 #[derive(Debug, thiserror::Error)]
@@ -70,15 +67,13 @@ pub fn decode_request(
     headers: &[(String, String)],
     body: &[u8],
 ) -> Result<Vec<Event>, RequestError> {
-    let origin = format!("ingress://{}", uuid::Uuid::new_v4());
-    let default_source = weir_schemas::wire::default_source(entry.as_str(), topic);
-    let content_type = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(CONTENT_TYPE_HEADER))
-        .map(|(_, v)| v.split(';').next().unwrap_or_default().trim());
-    let mut events = if content_type.is_some_and(|t| t.eq_ignore_ascii_case(BATCH_CONTENT_TYPE)) {
-        decode_batch(body, &origin, &default_source)?
+    let batched = cloudevents::header(headers, CONTENT_TYPE_HEADER)
+        .is_some_and(cloudevents::is_batch_content_type);
+    let mut events = if batched {
+        decode_batch(body)?
     } else {
+        let origin = format!("ingress://{}", uuid::Uuid::new_v4());
+        let default_source = weir_schemas::wire::default_source(entry.as_str(), topic);
         let wire = WireMessage {
             headers,
             payload: Some(body),
@@ -88,42 +83,25 @@ pub fn decode_request(
         };
         weir_schemas::decode(&wire, Format::Auto)?
     };
-    let traceparent = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(ext::TRACEPARENT))
-        .map(|(_, v)| v.as_str());
+    let traceparent = cloudevents::header(headers, ext::TRACEPARENT);
     for event in &mut events {
         stamp_trace(event, traceparent);
     }
     Ok(events)
 }
 
-/// Each member of a batch, decoded as the structured event it must be.
-fn decode_batch(
-    body: &[u8],
-    origin: &str,
-    default_source: &str,
-) -> Result<Vec<Event>, RequestError> {
+/// Each member of a batch, decoded as the structured event it must be (each carries its own
+/// id and source, so the request's origin and default source play no part).
+fn decode_batch(body: &[u8]) -> Result<Vec<Event>, RequestError> {
     let members: Vec<&RawValue> = serde_json::from_slice(body).map_err(RequestError::NotABatch)?;
-    let structured = [(
-        CONTENT_TYPE_HEADER.to_owned(),
-        STRUCTURED_CONTENT_TYPE.to_owned(),
-    )];
-    let mut events = Vec::with_capacity(members.len());
-    for (index, member) in members.into_iter().enumerate() {
-        let wire = WireMessage {
-            headers: &structured,
-            payload: Some(member.get().as_bytes()),
-            key: None,
-            origin,
-            default_source,
-        };
-        events.extend(
-            weir_schemas::decode(&wire, Format::CloudEvents)
-                .map_err(|error| RequestError::InBatch { index, error })?,
-        );
-    }
-    Ok(events)
+    members
+        .into_iter()
+        .enumerate()
+        .map(|(index, member)| {
+            cloudevents::decode_structured(member.get().as_bytes())
+                .map_err(|error| RequestError::InBatch { index, error })
+        })
+        .collect()
 }
 
 /// Every event enters Weir with a trace: the caller's `traceparent` header (or extension), or

@@ -521,7 +521,7 @@ fn request_headers(args: &PublishArgs, body: &[u8]) -> Vec<(String, String)> {
     } else if looks_like_batch(body) {
         headers.push((
             "content-type".to_owned(),
-            ingress::BATCH_CONTENT_TYPE.to_owned(),
+            weir_schemas::cloudevents::BATCH_CONTENT_TYPE.to_owned(),
         ));
     } else if looks_like_json(body) {
         headers.push(("content-type".to_owned(), "application/json".to_owned()));

@@ -32,6 +32,9 @@ use crate::{DecodeError, Event, HeaderStyle, SPECVERSION};
 
 /// `content-type` of a structured-mode event.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// The HTTP binding's batched mode: a JSON array of structured events (HTTP only; the broker
+/// bindings have no batched mode).
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 /// The header that carries `datacontenttype` in binary mode (both styles).
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
 
@@ -100,6 +103,11 @@ pub fn is_structured_content_type(content_type: &str) -> bool {
     media_type(content_type)
         .get(..STRUCTURED.len())
         .is_some_and(|start| start.eq_ignore_ascii_case(STRUCTURED))
+}
+
+/// Whether a `content-type` announces the HTTP binding's batched mode (case-insensitive).
+pub fn is_batch_content_type(content_type: &str) -> bool {
+    media_type(content_type).eq_ignore_ascii_case(BATCH_CONTENT_TYPE)
 }
 
 /// Whether a media type is JSON: `application/json`, `text/json` or any `+json` suffix.
