@@ -648,6 +648,50 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
     assert_eq!(record["source"], "weir://cli/orders", "{record}");
     assert_eq!(record["weirdlqreason"], "rejected", "{record}");
 
+    // An array of CloudEvents goes straight to JetStream as the batch it is: one message per
+    // event, each with its own id. One without an id refuses the whole batch before anything
+    // is sent (exit 2), so the stream's last two messages are still the first batch's.
+    let batch = r#"[{"specversion":"1.0","id":"nb-1","source":"cli-test","type":"com.example.order","data":{"id":"nb-1","amount":3}},
+                    {"specversion":"1.0","id":"nb-2","source":"cli-test","type":"com.example.order","data":{"id":"nb-2","amount":4}}]"#;
+    let broken = r#"[{"specversion":"1.0","id":"nb-3","source":"cli-test","type":"com.example.order"},
+                     {"specversion":"1.0","source":"cli-test","type":"com.example.order"}]"#;
+    let output = run_weir(
+        ["publish", "orders", "--data", batch, "--nats", &url],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(0),
+        "publish of a batch failed: {output:?}"
+    );
+    let accepted: Value = serde_json::from_str(output.stdout.trim())?;
+    assert_eq!(
+        accepted["ids"],
+        serde_json::json!(["nb-1", "nb-2"]),
+        "{accepted}"
+    );
+    let output = run_weir(
+        ["publish", "orders", "--data", broken, "--nats", &url],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(2) && output.stderr.contains("event [1] of the batch"),
+        "a batch with an event without id is refused: {output:?}"
+    );
+    let output = run_weir(
+        [
+            "tail", "orders", "--nats", &url, "--last", "2", "--limit", "2",
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    let ids: Vec<Value> = json_lines(&output)?
+        .iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(ids, ["nb-1", "nb-2"], "{output:?}");
+
     // Reading a JetStream topic through the weir's HTTP server is refused with where to look,
     // instead of waiting for ever on an empty memory-bus topic.
     let http = up.addr().to_string();
