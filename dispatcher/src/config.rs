@@ -810,6 +810,7 @@ fn parse_sections(
     check_settings(&defaults, "defaults", errors);
 
     let mut resolved = Vec::with_capacity(functions.len());
+    let mut indices = Vec::with_capacity(functions.len());
     let mut first_index_of_name: HashMap<String, usize> = HashMap::new();
     for (i, raw) in functions.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
@@ -840,7 +841,9 @@ fn parse_sections(
             errors,
         );
         resolved.push(function);
+        indices.push(i);
     }
+    check_shared_consumers(&indices, &resolved, errors);
     // A value taken out looks unset to those checks ("missing: set it here or in
     // [defaults]"); its parse error already says what is wrong there.
     errors.keep_first_at(&taken_out);
@@ -1694,6 +1697,61 @@ fn check_stream_captures(
             declared.subjects.join(", ")
         ),
     );
+}
+
+/// Two functions of one configuration must not read through one consumer. On a shared Kafka or
+/// memory group, or a shared core queue group on overlapping subjects, they would split the
+/// events between them, each function seeing only a share and nothing saying so; a shared
+/// JetStream durable consumer is worse: binding it again re-points it at the second function's
+/// subject (the server updates a consumer's filter), so both run the second's events and
+/// nothing reads the first's. Instances of one function share its consumer (`scaling.max`), and so do
+/// weir processes running the same function; two functions never need to.
+fn check_shared_consumers(
+    indices: &[usize],
+    functions: &[FunctionConfig],
+    errors: &mut ConfigErrors,
+) {
+    for (later, function) in functions.iter().enumerate() {
+        let trigger = &function.trigger;
+        let clash = functions[..later].iter().position(|earlier| {
+            let other = &earlier.trigger;
+            // A repeated name is reported as such (and would repeat the default group too).
+            earlier.name != function.name
+                && other.broker == trigger.broker
+                && other.group == trigger.group
+                && match (trigger.broker, &other.jetstream, &trigger.jetstream) {
+                    (BrokerKind::JetStream, Some(a), Some(b)) => a.stream == b.stream,
+                    (BrokerKind::Nats, _, _) => patterns_overlap(&other.topic, &trigger.topic),
+                    _ => other.topic == trigger.topic,
+                }
+        });
+        let Some(earlier) = clash else { continue };
+        const SPLIT: &str = "two functions in one group would split its events, each seeing \
+                             only a share";
+        let (what, why) = match &trigger.jetstream {
+            Some(jetstream) => (
+                format!("the durable consumer on stream {}", jetstream.stream),
+                "a durable consumer has one subject filter, so the second binding would re-point \
+                 it and both functions would share the second's events, the first's unread",
+            ),
+            None if trigger.broker == BrokerKind::Nats => (
+                format!(
+                    "the queue group on `{}` (overlapping `{}`)",
+                    functions[earlier].trigger.topic, trigger.topic
+                ),
+                SPLIT,
+            ),
+            None => (format!("the consumer group on `{}`", trigger.topic), SPLIT),
+        };
+        errors.push(
+            format!("functions[{}].trigger.group", indices[later]),
+            format!(
+                "{:?} is already {what} of functions[{}] ({}): {why}; give each function its \
+                 own group (by default weir-<name>)",
+                trigger.group, indices[earlier], functions[earlier].name
+            ),
+        );
+    }
 }
 
 fn check_stream_name(stream: &str, path: &str, errors: &mut ConfigErrors) {

@@ -926,3 +926,115 @@ fn broker_sections_are_validated_by_their_own_rules() {
     assert!(message_at(&errors, "functions[0].trigger.ordering")
         .contains("jetstream triggers run events in parallel"));
 }
+
+#[test]
+fn two_functions_may_not_read_through_one_consumer() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    // Two functions, each with its trigger's broker, topic, stream and group.
+    let text = |first: (&str, &str, &str, &str), second: (&str, &str, &str, &str)| {
+        let function = |name: &str, (broker, topic, stream, group): (&str, &str, &str, &str)| {
+            let stream = if stream.is_empty() {
+                String::new()
+            } else {
+                format!("stream = \"{stream}\"\n")
+            };
+            let group = if group.is_empty() {
+                String::new()
+            } else {
+                format!("group = \"{group}\"\n")
+            };
+            format!(
+                "[[functions]]\nname = \"{name}\"\nmodule = \"a.wasm\"\n\
+                 [functions.trigger]\nbroker = \"{broker}\"\ntopic = \"{topic}\"\n{stream}{group}"
+            )
+        };
+        format!(
+            "[brokers.nats]\nservers = [\"nats://127.0.0.1:4333\"]\n\
+             [brokers.kafka]\nbootstrap = \"127.0.0.1:9092\"\n{}{}",
+            function("first", first),
+            function("second", second)
+        )
+    };
+    let refused = [
+        // One durable consumer, whatever the subjects: the second binding re-points it.
+        (
+            ("jetstream", "orders.eu", "ORDERS", "shared"),
+            ("jetstream", "orders.us", "ORDERS", "shared"),
+            "is already the durable consumer on stream ORDERS of functions[0] (first): a \
+             durable consumer has one subject filter, so the second binding would re-point it",
+        ),
+        (
+            ("nats", "orders.*", "", "shared"),
+            ("nats", "orders.eu", "", "shared"),
+            "is already the queue group on `orders.*` (overlapping `orders.eu`) of functions[0]",
+        ),
+        (
+            ("kafka", "orders", "", "shared"),
+            ("kafka", "orders", "", "shared"),
+            "is already the consumer group on `orders` of functions[0] (first)",
+        ),
+        (
+            ("memory", "orders", "", "shared"),
+            ("memory", "orders", "", "shared"),
+            "is already the consumer group on `orders` of functions[0] (first)",
+        ),
+        // A group named after another function's default.
+        (
+            ("memory", "orders", "", ""),
+            ("memory", "orders", "", "weir-first"),
+            "\"weir-first\" is already the consumer group on `orders` of functions[0] (first)",
+        ),
+    ];
+    for (first, second, expected) in refused {
+        let split = first.0 != "jetstream";
+        let errors = expect_errors(&text(first, second), fixture.path());
+        assert_eq!(paths(&errors), ["functions[1].trigger.group"], "{errors}");
+        let message = message_at(&errors, "functions[1].trigger.group");
+        assert!(
+            message.contains(expected) && message.contains("give each function its own group"),
+            "{message}"
+        );
+        assert_eq!(
+            message.contains("each seeing only a share"),
+            split,
+            "{message}"
+        );
+    }
+    let accepted = [
+        // Each function its own default group.
+        (
+            ("jetstream", "orders.eu", "ORDERS", ""),
+            ("jetstream", "orders.eu", "ORDERS", ""),
+        ),
+        (("kafka", "orders", "", ""), ("kafka", "orders", "", "")),
+        // One name on different streams is two durable consumers.
+        (
+            ("jetstream", "orders.eu", "ORDERS", "shared"),
+            ("jetstream", "refunds", "REFUNDS", "shared"),
+        ),
+        // Queue groups on subjects no message matches both of.
+        (
+            ("nats", "orders.*", "", "shared"),
+            ("nats", "orders.eu.paid", "", "shared"),
+        ),
+        // A Kafka group may read several topics; memory groups are per topic.
+        (
+            ("kafka", "orders", "", "shared"),
+            ("kafka", "refunds", "", "shared"),
+        ),
+        (
+            ("memory", "orders", "", "shared"),
+            ("memory", "refunds", "", "shared"),
+        ),
+        // Different brokers.
+        (
+            ("nats", "orders", "", "shared"),
+            ("memory", "orders", "", "shared"),
+        ),
+    ];
+    for (first, second) in accepted {
+        if let Err(errors) = config::from_toml_str(&text(first, second), fixture.path()) {
+            panic!("{first:?} and {second:?}: {errors}");
+        }
+    }
+}
