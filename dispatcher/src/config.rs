@@ -34,7 +34,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use weir_broker_bridge::kafka::KafkaConfig;
 use weir_broker_bridge::memory::MemoryBusConfig;
-use weir_broker_bridge::nats::{subject_covers, NatsConfig, StreamConfig};
+use weir_broker_bridge::nats::{subject_covers, NatsConfig, RetentionKind, StreamConfig};
 use weir_broker_bridge::{BrokerKind, Ordering};
 use weir_schemas::Format;
 
@@ -844,6 +844,7 @@ fn parse_sections(
         indices.push(i);
     }
     check_shared_consumers(&indices, &resolved, errors);
+    check_work_queue_consumers(&indices, &resolved, &brokers, errors);
     // A value taken out looks unset to those checks ("missing: set it here or in
     // [defaults]"); its parse error already says what is wrong there.
     errors.keep_first_at(&taken_out);
@@ -1704,8 +1705,8 @@ fn check_stream_captures(
 /// events between them, each function seeing only a share and nothing saying so; a shared
 /// JetStream durable consumer is worse: binding it again re-points it at the second function's
 /// subject (the server updates a consumer's filter), so both run the second's events and
-/// nothing reads the first's. Instances of one function share its consumer (`scaling.max`), and so do
-/// weir processes running the same function; two functions never need to.
+/// nothing reads the first's. Instances of one function share its consumer (`scaling.max`),
+/// and so do weir processes running the same function; two functions never need to.
 fn check_shared_consumers(
     indices: &[usize],
     functions: &[FunctionConfig],
@@ -1749,6 +1750,50 @@ fn check_shared_consumers(
                 "{:?} is already {what} of functions[{}] ({}): {why}; give each function its \
                  own group (by default weir-<name>)",
                 trigger.group, indices[earlier], functions[earlier].name
+            ),
+        );
+    }
+}
+
+/// A work-queue stream hands each message to one consumer, so the server refuses a second
+/// consumer whose subjects overlap another's ("filtered consumer not unique on workqueue
+/// stream"); for a stream declared here, `weir check` says so instead of `weir run` failing
+/// at start-up. (Two functions on one group are `check_shared_consumers`' problem.)
+fn check_work_queue_consumers(
+    indices: &[usize],
+    functions: &[FunctionConfig],
+    brokers: &BrokersConfig,
+    errors: &mut ConfigErrors,
+) {
+    fn on_work_queue<'f>(function: &'f FunctionConfig, brokers: &BrokersConfig) -> Option<&'f str> {
+        let jetstream = function.trigger.jetstream.as_ref()?;
+        brokers
+            .nats_streams
+            .iter()
+            .any(|s| s.name == jetstream.stream && s.retention == RetentionKind::WorkQueue)
+            .then_some(jetstream.stream.as_str())
+    }
+    for (later, function) in functions.iter().enumerate() {
+        let Some(stream) = on_work_queue(function, brokers) else {
+            continue;
+        };
+        let clash = functions[..later].iter().position(|earlier| {
+            on_work_queue(earlier, brokers) == Some(stream)
+                && earlier.trigger.group != function.trigger.group
+                && patterns_overlap(&earlier.trigger.topic, &function.trigger.topic)
+        });
+        let Some(earlier) = clash else { continue };
+        errors.push(
+            format!("functions[{}].trigger.topic", indices[later]),
+            format!(
+                "`{}` overlaps `{}`, which functions[{}] ({}) reads from stream {stream}, a \
+                 workqueue stream: it hands each message to one consumer, and the server \
+                 refuses a second on the same subjects; use a limits or interest stream for \
+                 events more than one function reads",
+                function.trigger.topic,
+                functions[earlier].trigger.topic,
+                indices[earlier],
+                functions[earlier].name
             ),
         );
     }

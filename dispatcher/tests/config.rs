@@ -1038,3 +1038,48 @@ fn two_functions_may_not_read_through_one_consumer() {
         }
     }
 }
+
+#[test]
+fn a_work_queue_stream_has_one_function_per_subject() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let text = |retention: &str, first: &str, second: &str| {
+        let function = |name: &str, topic: &str| {
+            format!(
+                "[[functions]]\nname = \"{name}\"\nmodule = \"a.wasm\"\n\
+                 [functions.trigger]\nbroker = \"jetstream\"\ntopic = \"{topic}\"\n\
+                 stream = \"JOBS\"\n"
+            )
+        };
+        format!(
+            "[brokers.nats]\nservers = [\"nats://127.0.0.1:4333\"]\n\
+             [[brokers.nats_streams]]\nname = \"JOBS\"\nsubjects = [\"jobs.>\"]\n\
+             retention = \"{retention}\"\n{}{}",
+            function("first", first),
+            function("second", second)
+        )
+    };
+    for (first, second) in [("jobs.>", "jobs.resize"), ("jobs.*", "jobs.resize")] {
+        let errors = expect_errors(&text("workqueue", first, second), fixture.path());
+        assert_eq!(paths(&errors), ["functions[1].trigger.topic"], "{errors}");
+        let message = message_at(&errors, "functions[1].trigger.topic");
+        assert!(
+            message.contains(&format!(
+                "`jobs.resize` overlaps `{first}`, which functions[0] (first) reads from stream \
+                 JOBS, a workqueue stream"
+            )),
+            "{message}"
+        );
+    }
+    // Subjects apart on a work queue, and any subjects on the other retentions.
+    let accepted = [
+        ("workqueue", "jobs.resize", "jobs.crop"),
+        ("limits", "jobs.>", "jobs.resize"),
+        ("interest", "jobs.>", "jobs.resize"),
+    ];
+    for (retention, first, second) in accepted {
+        if let Err(errors) = config::from_toml_str(&text(retention, first, second), fixture.path())
+        {
+            panic!("{retention}, {first} and {second}: {errors}");
+        }
+    }
+}
