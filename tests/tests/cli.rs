@@ -996,6 +996,55 @@ async fn tail_fails_when_its_stream_is_deleted_or_created_again() -> anyhow::Res
     Ok(())
 }
 
+/// `weir tail --nats` on a subject a workqueue stream captures: refused (exit 1), saying why
+/// and pointing at `--core`, with and without `--last`, having taken nothing from the stream
+/// (JetStream serves a work queue only to consumers that acknowledge, and an ack removes the
+/// message); `--core` then shows a new message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_refuses_a_work_queue_stream() -> anyhow::Result<()> {
+    use async_nats::jetstream::stream;
+
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
+    js.create_stream(stream::Config {
+        name: "JOBS".into(),
+        subjects: vec!["jobs.>".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await?;
+    publish_numbers(&js, "jobs.a", [0]).await?;
+    for last in [&[][..], &["--last", "1"]] {
+        let mut args = vec!["tail", "jobs.a", "--nats", &url, "--limit", "1"];
+        args.extend(last);
+        let output = run_weir(&args, CLIENT_TIMEOUT).await?;
+        ensure!(
+            output.code == Some(1)
+                && output.stderr.contains("stream JOBS is a workqueue stream")
+                && output
+                    .stderr
+                    .contains("`--core` shows new messages on jobs.a"),
+            "{args:?}: {output:?}"
+        );
+    }
+    let held = js.get_stream("JOBS").await?.info().await?.state.messages;
+    assert_eq!(
+        held, 1,
+        "the refused tails took nothing from the work queue"
+    );
+    assert_eq!(consumers_on(&js, "JOBS").await?, Vec::<String>::new());
+
+    let event = tail_one_new(
+        &["tail", "jobs.a", "--nats", &url, "--core", "--limit", "1"],
+        "following core subject jobs.a",
+        publish_numbers(&js, "jobs.a", [1]),
+    )
+    .await?;
+    assert_eq!(event["data"]["n"], 1, "{event}");
+    Ok(())
+}
+
 type StderrLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
 type StdoutLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
 

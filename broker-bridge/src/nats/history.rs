@@ -16,12 +16,15 @@
 //! one it opened: async-nats re-creates an ordered consumer for ever, so a deleted stream would
 //! otherwise leave the reader waiting in silence, and one created again would be read from the
 //! old stream's sequence on, missing its first messages. Either ends the read, with
-//! [`Subscription::ended_by`] saying why. It is for inspection only: it is not a trigger (no
-//! acks, no redelivery, no lag) and deliberately does not implement the delivery contract.
+//! [`Subscription::ended_by`] saying why. A workqueue stream is refused: JetStream serves one
+//! only to consumers that acknowledge, and an acknowledgement removes the message from the
+//! functions' queue. It is for inspection only: it is not a trigger (no acks, no redelivery,
+//! no lag) and deliberately does not implement the delivery contract.
 
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::RetentionPolicy;
 use async_trait::async_trait;
 use futures::StreamExt;
 
@@ -53,6 +56,16 @@ impl NatsTransport {
             .get_stream(&stream_name)
             .await
             .map_err(|err| subscribe_error(format!("opening stream {stream_name}: {err}")))?;
+        // The server serves a work queue only to consumers that acknowledge, and an ack there
+        // removes the message: reading would take events from the functions that consume it.
+        if stream.cached_info().config.retention == RetentionPolicy::WorkQueue {
+            return Err(subscribe_error(format!(
+                "stream {stream_name} is a workqueue stream: JetStream lets only consumers that \
+                 acknowledge read it, and each acknowledgement would take a message from the \
+                 functions that consume it; `--core` shows new messages on {subject} as they \
+                 are published"
+            )));
+        }
         let deliver_policy = match last {
             None => DeliverPolicy::All,
             Some(last) => start_of_last(&stream, subject, last)
