@@ -1,7 +1,7 @@
 //! The NATS transport against a real `nats-server -js` (one per test, on free loopback ports):
 //! confirmed JetStream publish and settle semantics, in-flight bound, lag, stream set-up (and
-//! re-creating a deleted declared stream), de-duplication, core queue groups, and surviving a
-//! server restart.
+//! re-creating a deleted declared stream, and a deleted consumer after its ack floor),
+//! de-duplication, core queue groups, and surviving a server restart.
 //!
 //! Every wait is bounded; a test that hangs is a failure, not a stuck CI job.
 
@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use weir_broker_bridge::nats::{
     JetStreamConsumerOptions, NatsConfig, NatsTransport, StorageKind, StreamConfig,
 };
@@ -682,6 +683,70 @@ async fn a_subscription_recreates_its_deleted_declared_stream() -> anyhow::Resul
     delivery.ack().await?;
     wait_for_lag(&subscription, 0).await?;
     subscription.close().await;
+    Ok(())
+}
+
+/// A durable consumer deleted under a subscription is created again just after its ack floor,
+/// as last read (here by the lag reading that saw everything acknowledged), not from the
+/// stream's start: the five acknowledged messages do not run again, the one published after
+/// the deletion does. Subscribing again later binds that consumer where it is, although its
+/// deliver policy (by start sequence) is not the configured one, which the server refuses to
+/// change.
+#[tokio::test]
+async fn a_deleted_consumer_is_created_again_after_its_ack_floor() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    for _ in 0..5 {
+        publisher.publish(message("before", None)).await?;
+    }
+    let mut subscription = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(2)), 2)
+        .await?;
+    for expected in 1..=5 {
+        let delivery = expect_next(&mut subscription, Duration::from_secs(5)).await?;
+        assert_eq!(sequence_of(&delivery)?, expected);
+        delivery.ack().await?;
+    }
+    wait_for_lag(&subscription, 0).await?;
+
+    let stream = transport.jetstream().get_stream(STREAM).await?;
+    ensure!(
+        stream.delete_consumer("worker").await?.success,
+        "the server did not delete the consumer"
+    );
+    publisher.publish(message("after", None)).await?;
+    let delivery = expect_next(&mut subscription, Duration::from_secs(15)).await?;
+    assert_eq!(
+        (sequence_of(&delivery)?, delivery.message.payload.as_deref()),
+        (6, Some(&b"after"[..])),
+        "the re-created consumer starts after the ack floor, not at the stream's start"
+    );
+    delivery.ack().await?;
+    let info = worker_info(&transport).await?;
+    assert_eq!(
+        info.config.deliver_policy,
+        DeliverPolicy::ByStartSequence { start_sequence: 6 }
+    );
+    assert!(
+        next_within(&mut subscription, Duration::from_millis(2500))
+            .await
+            .is_none(),
+        "nothing acknowledged before the deletion runs again"
+    );
+    wait_for_lag(&subscription, 0).await?;
+    subscription.close().await;
+
+    let mut again = transport
+        .subscribe_jetstream(SUBJECT, &options(Duration::from_secs(2)), 2)
+        .await?;
+    publisher.publish(message("later", None)).await?;
+    let delivery = expect_next(&mut again, Duration::from_secs(5)).await?;
+    assert_eq!(
+        (sequence_of(&delivery)?, delivery.message.payload.as_deref()),
+        (7, Some(&b"later"[..]))
+    );
+    delivery.ack().await?;
+    again.close().await;
     Ok(())
 }
 

@@ -312,6 +312,7 @@ pub struct JetStreamConsumerOptions {
     pub max_deliver: i64,
     #[serde(default, deserialize_with = "deserialize_durations")]
     pub backoff: Vec<Duration>,
+    /// Where a new consumer starts; an existing durable keeps its place.
     #[serde(default)]
     pub deliver_policy: DeliverFrom,
     /// Narrows the consumer to these subjects; absent: the trigger's subject.

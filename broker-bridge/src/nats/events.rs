@@ -92,6 +92,21 @@ pub(super) fn record_consumer_rebind_failed(
     counter!("weir_nats_consumer_rebinds_total", "outcome" => "error").increment(1);
 }
 
+/// The subscription's consumer was deleted under it and is created again from
+/// `start_sequence`, just after its last known ack floor; what was acknowledged after that
+/// reading runs again.
+pub(super) fn record_consumer_recreated(stream: &str, consumer: &str, start_sequence: u64) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        consumer,
+        start_sequence,
+        "the JetStream consumer was deleted; created it again just after its last known ack \
+         floor (events acknowledged since that reading run again)"
+    );
+    counter!("weir_nats_consumer_rebinds_total", "outcome" => "recreated").increment(1);
+}
+
 /// A pull consumer was re-bound after an error (server restart, leader change, deleted consumer).
 pub(super) fn record_consumer_rebound(stream: &str, consumer: &str) {
     info!(

@@ -9,9 +9,11 @@
 //! a buffered message is never redelivered behind the dispatcher's back (the dispatcher sends
 //! its own heartbeats once it runs one). When a pull fails (server restart, leader change,
 //! deleted consumer, lost connection) the task logs it, waits with exponential backoff and
-//! re-binds the consumer (create-or-update) before pulling again: the subscription never ends
-//! because of broker trouble, only on [`Subscription::close`]. When the stream itself is gone
-//! and it was declared, the task creates it again from its declaration first.
+//! binds the consumer again before pulling again: the subscription never ends because of
+//! broker trouble, only on [`Subscription::close`]. A consumer deleted under it is created
+//! again just after its last known ack floor, not from the stream's start, so that only what
+//! was acknowledged after that reading runs again. When the stream itself is gone and it was
+//! declared, the task creates it again from its declaration first.
 //!
 //! Settles (ack, NAK-with-delay, TERM, in-progress) are sent, not confirmed: each one would
 //! otherwise cost a server round trip and a temporary inbox subscription, and an ack the
@@ -23,7 +25,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::datetime::DateTime;
+use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
@@ -71,7 +75,8 @@ impl NatsTransport {
     /// `max_in_flight × (1 + prefetch)` is the consumer's `max_ack_pending` unless the options
     /// set one.
     /// Consumer settings are Weir's own: a changed `ack_wait` or `max_ack_pending` updates the
-    /// durable; a change the server refuses (e.g. `deliver_policy`) is an error naming it.
+    /// durable; a change the server refuses (e.g. to its ack policy) is an error naming it.
+    /// `deliver_policy` is where a new durable starts: an existing one keeps its place.
     pub async fn subscribe_jetstream(
         &self,
         subject_filter: &str,
@@ -152,10 +157,24 @@ impl NatsTransport {
             },
             ..Default::default()
         };
+        // A durable keeps its place: its deliver policy only says where a new consumer starts,
+        // and the server refuses to change it (an operator may have created it with another).
+        let mut binding = consumer_config.clone();
+        if options.durable.is_some() {
+            match stream.consumer_info(&name).await {
+                Ok(existing) => binding.deliver_policy = existing.config.deliver_policy,
+                Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
+                Err(err) => return Err(subscribe_error(format!("reading consumer {name}: {err}"))),
+            }
+        }
         let consumer: PullConsumer = stream
-            .create_consumer(consumer_config.clone())
+            .create_consumer(binding)
             .await
             .map_err(|err| subscribe_error(format!("creating consumer {name}: {err}")))?;
+        let position = Arc::new(ConsumerPosition::new(
+            stream.cached_info().created,
+            consumer.cached_info(),
+        ));
 
         let bound = max_in_flight.saturating_mul(per_slot);
         let prefetched = Arc::new(Prefetched::default());
@@ -172,6 +191,7 @@ impl NatsTransport {
             stream_name: Arc::from(options.stream.as_str()),
             consumer_name: name.clone(),
             consumer_config,
+            position: Arc::clone(&position),
             flow: Arc::clone(&flow),
             prefetched: Arc::clone(&prefetched),
             cancel: cancel.clone(),
@@ -193,6 +213,7 @@ impl NatsTransport {
             flow,
             stream,
             consumer_name: name,
+            position,
             prefetched,
             cancel,
             fetcher: Some(task),
@@ -223,6 +244,71 @@ fn retry_delay(failures: u32) -> Duration {
     RETRY_MIN.saturating_mul(1 << exponent).min(RETRY_MAX)
 }
 
+/// Why binding a consumer again failed.
+struct RebindError {
+    reason: String,
+    /// The stream is not there: if it was declared, it is created again.
+    stream_gone: bool,
+}
+
+/// Where a consumer deleted under a subscription is created again from: its ack floor as last
+/// read from the server (when it was bound, and at every lag reading), kept with the creation
+/// times of that consumer and of its stream, so that a floor is only used on the stream it
+/// counts in and only ever read from the consumer bound last.
+struct ConsumerPosition {
+    last: std::sync::Mutex<LastBound>,
+}
+
+struct LastBound {
+    stream_created: DateTime,
+    consumer_created: DateTime,
+    /// The stream sequence up to which everything was acknowledged.
+    ack_floor: u64,
+}
+
+impl ConsumerPosition {
+    fn new(stream_created: DateTime, consumer: &consumer::Info) -> Self {
+        Self {
+            last: std::sync::Mutex::new(LastBound {
+                stream_created,
+                consumer_created: consumer.created,
+                ack_floor: consumer.ack_floor.stream_sequence,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LastBound> {
+        // Plain values, consistent after any write: a poisoned lock holds nothing broken.
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn bound(&self, stream_created: DateTime, consumer: &consumer::Info) {
+        *self.lock() = LastBound {
+            stream_created,
+            consumer_created: consumer.created,
+            ack_floor: consumer.ack_floor.stream_sequence,
+        };
+    }
+
+    /// A lag reading of the consumer; one of a consumer since replaced is ignored.
+    fn observe(&self, consumer: &consumer::Info) {
+        let mut last = self.lock();
+        if consumer.created == last.consumer_created {
+            last.ack_floor = last.ack_floor.max(consumer.ack_floor.stream_sequence);
+        }
+    }
+
+    /// The stream sequence to create the consumer again from, on a stream created at
+    /// `stream_created`: `None` when nothing is known to have been acknowledged on it.
+    fn resume_from(&self, stream_created: DateTime) -> Option<u64> {
+        let last = self.lock();
+        (last.stream_created == stream_created && last.ack_floor > 0)
+            .then(|| last.ack_floor.saturating_add(1))
+    }
+}
+
 enum PullOutcome {
     /// The pull request ended; this many messages were handed on.
     Finished(usize),
@@ -238,7 +324,10 @@ struct Fetcher {
     stream: stream::Stream,
     stream_name: Arc<str>,
     consumer_name: String,
+    /// As configured: where a consumer created on a new stream starts.
     consumer_config: pull::Config,
+    /// Where a consumer deleted under it is created again from.
+    position: Arc<ConsumerPosition>,
     /// Holds the semaphore every fetched delivery takes a permit from.
     flow: Arc<InFlightBound>,
     prefetched: Arc<Prefetched>,
@@ -253,19 +342,15 @@ impl Fetcher {
         loop {
             let bound = match consumer.take() {
                 Some(bound) => bound,
-                None => match self
-                    .stream
-                    .create_consumer(self.consumer_config.clone())
-                    .await
-                {
+                None => match self.rebind().await {
                     Ok(bound) => {
                         events::record_consumer_rebound(&self.stream_name, &self.consumer_name);
                         just_recreated = false;
                         bound
                     }
                     Err(err) => {
-                        let mut reason = err.to_string();
-                        if stream_not_found(&err) && !just_recreated {
+                        let mut reason = err.reason;
+                        if err.stream_gone && !just_recreated {
                             match self.recreate_stream().await {
                                 // Bind to the stream at once, whoever made it: nothing to wait
                                 // for. Once only, so a stream that keeps vanishing backs off.
@@ -323,6 +408,63 @@ impl Fetcher {
                 }
             }
         }
+    }
+
+    /// Binds the consumer again after a failed pull. One still there (a server restart, a
+    /// leader change) is bound as it is, keeping its place. One deleted meanwhile is created
+    /// again just after the ack floor last read from the server, so that what had been
+    /// acknowledged does not run again: the configured start would run the stream's whole
+    /// history again. On a stream other than the one that floor was read on (deleted and
+    /// created again), the configured start applies.
+    async fn rebind(&self) -> Result<PullConsumer, RebindError> {
+        let stream_created = match self.context.get_stream(&*self.stream_name).await {
+            Ok(stream) => stream.cached_info().created,
+            Err(err) => {
+                let stream_gone = matches!(
+                    err.kind(),
+                    GetStreamErrorKind::JetStream(inner)
+                        if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND
+                );
+                return Err(RebindError {
+                    reason: format!("reading stream {}: {err}", self.stream_name),
+                    stream_gone,
+                });
+            }
+        };
+        let mut config = self.consumer_config.clone();
+        let mut resumed_at = None;
+        match self.stream.consumer_info(&self.consumer_name).await {
+            Ok(existing) => config.deliver_policy = existing.config.deliver_policy,
+            Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {
+                resumed_at = self.position.resume_from(stream_created);
+                if let Some(start_sequence) = resumed_at {
+                    config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence };
+                }
+            }
+            Err(err) => {
+                return Err(RebindError {
+                    stream_gone: err.kind() == ConsumerInfoErrorKind::StreamNotFound,
+                    reason: format!("reading consumer {}: {err}", self.consumer_name),
+                })
+            }
+        }
+        let bound = self
+            .stream
+            .create_consumer(config)
+            .await
+            .map_err(|err| RebindError {
+                stream_gone: stream_not_found(&err),
+                reason: err.to_string(),
+            })?;
+        self.position.bound(stream_created, bound.cached_info());
+        if let Some(start_sequence) = resumed_at {
+            events::record_consumer_recreated(
+                &self.stream_name,
+                &self.consumer_name,
+                start_sequence,
+            );
+        }
+        Ok(bound)
     }
 
     /// The stream has gone: create it again if it was declared. `Ok(true)` when it is there
@@ -569,6 +711,7 @@ pub struct JetStreamSubscription {
     flow: Arc<InFlightBound>,
     stream: stream::Stream,
     consumer_name: String,
+    position: Arc<ConsumerPosition>,
     prefetched: Arc<Prefetched>,
     cancel: CancellationToken,
     fetcher: Option<JoinHandle<()>>,
@@ -1066,6 +1209,7 @@ struct JetStreamLag {
     topic: String,
     stream: stream::Stream,
     consumer_name: String,
+    position: Arc<ConsumerPosition>,
 }
 
 #[async_trait]
@@ -1079,6 +1223,7 @@ impl LagProbe for JetStreamLag {
                 topic: self.topic.clone(),
                 reason: err.to_string(),
             })?;
+        self.position.observe(&info);
         Ok(info
             .num_pending
             .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX)))
@@ -1091,6 +1236,7 @@ impl JetStreamSubscription {
             topic: self.topic.clone(),
             stream: self.stream.clone(),
             consumer_name: self.consumer_name.clone(),
+            position: Arc::clone(&self.position),
         }
     }
 }
