@@ -53,7 +53,7 @@ pub use self::config::{
     StreamConfig, DEFAULT_PREFETCH, MAX_PREFETCH,
 };
 pub use self::core_nats::{NatsCoreSubscription, NatsPublisher};
-pub use self::declared::subject_covers;
+pub use self::declared::{subject_covers, subjects_overlap};
 pub use self::history::SubjectHistory;
 use self::jetstream::ensure_stream;
 pub use self::jetstream::{

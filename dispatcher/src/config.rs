@@ -34,7 +34,9 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use weir_broker_bridge::kafka::KafkaConfig;
 use weir_broker_bridge::memory::MemoryBusConfig;
-use weir_broker_bridge::nats::{subject_covers, NatsConfig, RetentionKind, StreamConfig};
+use weir_broker_bridge::nats::{
+    subject_covers, subjects_overlap, NatsConfig, RetentionKind, StreamConfig,
+};
 use weir_broker_bridge::{BrokerKind, Ordering};
 use weir_schemas::Format;
 
@@ -1474,7 +1476,7 @@ fn resolve_function(
             continue;
         }
         if same_topic_space(output_broker, trigger_broker)
-            && patterns_overlap(pattern, &raw.trigger.topic)
+            && subjects_overlap(pattern, &raw.trigger.topic)
         {
             errors.push(
                 output_path,
@@ -1505,7 +1507,7 @@ fn resolve_function(
         &dead_letter_path,
         errors,
     ) && same_topic_space(dead_letter_broker, trigger_broker)
-        && patterns_overlap(&dead_letter_topic, &raw.trigger.topic)
+        && subjects_overlap(&dead_letter_topic, &raw.trigger.topic)
     {
         errors.push(
             dead_letter_path,
@@ -1722,7 +1724,7 @@ fn check_shared_consumers(
                 && other.group == trigger.group
                 && match (trigger.broker, &other.jetstream, &trigger.jetstream) {
                     (BrokerKind::JetStream, Some(a), Some(b)) => a.stream == b.stream,
-                    (BrokerKind::Nats, _, _) => patterns_overlap(&other.topic, &trigger.topic),
+                    (BrokerKind::Nats, _, _) => subjects_overlap(&other.topic, &trigger.topic),
                     _ => other.topic == trigger.topic,
                 }
         });
@@ -1780,7 +1782,7 @@ fn check_work_queue_consumers(
         let clash = functions[..later].iter().position(|earlier| {
             on_work_queue(earlier, brokers) == Some(stream)
                 && earlier.trigger.group != function.trigger.group
-                && patterns_overlap(&earlier.trigger.topic, &function.trigger.topic)
+                && subjects_overlap(&earlier.trigger.topic, &function.trigger.topic)
         });
         let Some(earlier) = clash else { continue };
         errors.push(
@@ -1952,21 +1954,6 @@ pub fn topic_matches(pattern: &str, topic: &str) -> bool {
     }
 }
 
-/// Whether some topic matches both patterns (NATS wildcard rules: `*` one token, `>` one or
-/// more trailing tokens).
-fn patterns_overlap(a: &str, b: &str) -> bool {
-    let mut a_tokens = a.split('.');
-    let mut b_tokens = b.split('.');
-    loop {
-        match (a_tokens.next(), b_tokens.next()) {
-            (None, None) => return true,
-            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
-            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => continue,
-            _ => return false,
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Human-readable values
 // ---------------------------------------------------------------------------------------------
@@ -2084,17 +2071,6 @@ mod tests {
         assert!(!topic_matches("orders.>", "ordersx.eu"));
         assert!(topic_matches(">", "anything"));
         assert!(!topic_matches("orders*", "orders1"));
-    }
-
-    #[test]
-    fn overlap_follows_nats_wildcards() {
-        assert!(patterns_overlap("orders", "orders"));
-        assert!(patterns_overlap("orders.>", "orders.*"));
-        assert!(patterns_overlap("orders.*", "orders.eu"));
-        assert!(patterns_overlap(">", "orders"));
-        assert!(!patterns_overlap("orders.>", "orders"));
-        assert!(!patterns_overlap("orders.*", "orders.eu.paid"));
-        assert!(!patterns_overlap("orders.validated", "orders"));
     }
 
     #[test]

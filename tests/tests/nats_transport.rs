@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use weir_broker_bridge::nats::{
-    JetStreamConsumerOptions, NatsConfig, NatsTransport, StorageKind, StreamConfig,
+    JetStreamConsumerOptions, NatsConfig, NatsTransport, RetentionKind, StorageKind, StreamConfig,
 };
 use weir_broker_bridge::{
     BrokerKind, Delivery, Origin, OutboundMessage, Published, Publisher, RetryStyle, Subscription,
@@ -747,6 +747,50 @@ async fn a_deleted_consumer_is_created_again_after_its_ack_floor() -> anyhow::Re
     );
     delivery.ack().await?;
     again.close().await;
+    Ok(())
+}
+
+/// On a workqueue stream, a durable left behind by a function since renamed (its subjects
+/// overlapping the new one's) makes the server refuse the new consumer; the error names the
+/// one in the way. A consumer on subjects of its own is accepted.
+#[tokio::test]
+async fn a_work_queue_refusal_names_the_consumer_in_the_way() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let mut jobs = StreamConfig::new("JOBS", vec!["jobs.>".into()]);
+    jobs.retention = RetentionKind::WorkQueue;
+    transport.ensure_stream(&jobs).await?;
+    let mut options = JetStreamConsumerOptions::new("JOBS");
+    options.durable = Some("weir-old-name".into());
+    let mut old = transport.subscribe_jetstream("jobs.>", &options, 1).await?;
+    old.close().await;
+
+    options.durable = Some("weir-new-name".into());
+    let refused = match transport
+        .subscribe_jetstream("jobs.resize", &options, 1)
+        .await
+    {
+        Ok(_) => bail!("the workqueue stream took a second consumer on overlapping subjects"),
+        Err(err) => err.to_string(),
+    };
+    ensure!(
+        refused.contains("filtered consumer not unique on workqueue stream")
+            && refused.contains(
+                "stream JOBS is a workqueue stream, which hands each message to one consumer, \
+                 and consumer weir-old-name (jobs.>) already reads overlapping subjects"
+            ),
+        "{refused}"
+    );
+
+    let mut crop = StreamConfig::new("CROP", vec!["crop.>".into()]);
+    crop.retention = RetentionKind::WorkQueue;
+    transport.ensure_stream(&crop).await?;
+    let mut options = JetStreamConsumerOptions::new("CROP");
+    options.durable = Some("weir-crop".into());
+    let mut first = transport.subscribe_jetstream("crop.a", &options, 1).await?;
+    options.durable = Some("weir-other".into());
+    let mut second = transport.subscribe_jetstream("crop.b", &options, 1).await?;
+    first.close().await;
+    second.close().await;
     Ok(())
 }
 

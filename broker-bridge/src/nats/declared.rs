@@ -97,9 +97,34 @@ pub fn subject_covers(pattern: &str, filter: &str) -> bool {
     }
 }
 
+/// Whether some subject matches both patterns (NATS wildcards: `*` one token, `>` one or more
+/// trailing tokens). Weir's topic rules on Kafka and the memory bus use the same tokens.
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let mut a_tokens = a.split('.');
+    let mut b_tokens = b.split('.');
+    loop {
+        match (a_tokens.next(), b_tokens.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => continue,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn overlap_follows_nats_wildcards() {
+        assert!(subjects_overlap("orders", "orders"));
+        assert!(subjects_overlap("orders.>", "orders.*"));
+        assert!(subjects_overlap("orders.*", "orders.eu"));
+        assert!(subjects_overlap(">", "orders"));
+        assert!(!subjects_overlap("orders.>", "orders"));
+        assert!(!subjects_overlap("orders.*", "orders.eu.paid"));
+        assert!(!subjects_overlap("orders.validated", "orders"));
+    }
 
     #[test]
     fn a_stream_subject_covers_a_filter_when_it_matches_all_it_matches() {

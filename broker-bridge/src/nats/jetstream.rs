@@ -167,10 +167,16 @@ impl NatsTransport {
                 Err(err) => return Err(subscribe_error(format!("reading consumer {name}: {err}"))),
             }
         }
-        let consumer: PullConsumer = stream
-            .create_consumer(binding)
-            .await
-            .map_err(|err| subscribe_error(format!("creating consumer {name}: {err}")))?;
+        let consumer: PullConsumer = match stream.create_consumer(binding).await {
+            Ok(consumer) => consumer,
+            Err(err) => {
+                let rivals = work_queue_rivals(&stream, &name, &consumer_config, &err).await;
+                return Err(subscribe_error(format!(
+                    "creating consumer {name}: {err}{}",
+                    rivals.unwrap_or_default()
+                )));
+            }
+        };
         let position = Arc::new(ConsumerPosition::new(
             stream.cached_info().created,
             consumer.cached_info(),
@@ -228,6 +234,55 @@ fn ephemeral_name(client: &async_nats::Client) -> String {
     let inbox = client.new_inbox();
     let unique = inbox.rsplit('.').next().unwrap_or(inbox.as_str());
     format!("weir-{unique}")
+}
+
+/// When a workqueue stream refused a consumer because others read overlapping subjects (it
+/// hands each message to one consumer), which ones, as the rest of the error message: most
+/// often the durable of a function since renamed or removed, which nothing deletes.
+async fn work_queue_rivals(
+    stream: &stream::Stream,
+    name: &str,
+    config: &pull::Config,
+    err: &async_nats::jetstream::stream::ConsumerError,
+) -> Option<String> {
+    let async_nats::jetstream::stream::ConsumerErrorKind::JetStream(inner) = err.kind() else {
+        return None;
+    };
+    if inner.error_code() != js::ErrorCode::CONSUMER_WQ_CONSUMER_NOT_UNIQUE
+        && inner.error_code() != js::ErrorCode::CONSUMER_WQ_MULTIPLE_UNFILTERED
+    {
+        return None;
+    }
+    // A consumer's subjects: its list, else its one filter, else the whole stream.
+    let filters = |one: &str, many: &[String]| -> Vec<String> {
+        match (one, many) {
+            (_, [_, ..]) => many.to_vec(),
+            ("", []) => vec![">".to_owned()],
+            (one, []) => vec![one.to_owned()],
+        }
+    };
+    let wanted = filters(&config.filter_subject, &config.filter_subjects);
+    let mut rivals = Vec::new();
+    let mut consumers = stream.consumers();
+    // The listing is the server's, a page at a time; a failed page ends the hint, not the error.
+    while let Some(Ok(info)) = consumers.next().await {
+        let theirs = filters(&info.config.filter_subject, &info.config.filter_subjects);
+        let overlaps = theirs
+            .iter()
+            .any(|t| wanted.iter().any(|w| super::subjects_overlap(t, w)));
+        if info.name != name && overlaps {
+            rivals.push(format!("{} ({})", info.name, theirs.join(", ")));
+        }
+    }
+    (!rivals.is_empty()).then(|| {
+        format!(
+            "; stream {} is a workqueue stream, which hands each message to one consumer, and \
+             consumer {} already reads overlapping subjects: delete it if no function uses it \
+             any more (a function renamed or removed leaves its durable consumer behind)",
+            stream.cached_info().config.name,
+            rivals.join(", ")
+        )
+    })
 }
 
 /// Whether binding a consumer failed because its stream does not exist.
