@@ -27,8 +27,7 @@ use std::time::Duration;
 
 use async_nats::datetime::DateTime;
 use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
-use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self as js, Context};
@@ -274,15 +273,18 @@ async fn work_queue_rivals(
             rivals.push(format!("{} ({})", info.name, theirs.join(", ")));
         }
     }
-    (!rivals.is_empty()).then(|| {
-        format!(
-            "; stream {} is a workqueue stream, which hands each message to one consumer, and \
-             consumer {} already reads overlapping subjects: delete it if no function uses it \
-             any more (a function renamed or removed leaves its durable consumer behind)",
-            stream.cached_info().config.name,
-            rivals.join(", ")
-        )
-    })
+    let (who, read, it) = match rivals.len() {
+        0 => return None,
+        1 => ("consumer", "reads", "it"),
+        _ => ("consumers", "read", "them"),
+    };
+    Some(format!(
+        "; stream {} is a workqueue stream, which hands each message to one consumer, and {who} \
+         {} already {read} overlapping subjects: delete {it} if no function uses {it} any more \
+         (a function renamed or removed leaves its durable consumer behind)",
+        stream.cached_info().config.name,
+        rivals.join(", ")
+    ))
 }
 
 /// Whether binding a consumer failed because its stream does not exist.
