@@ -325,24 +325,18 @@ async fn stream_gone(
     stream: &str,
     created: async_nats::datetime::DateTime,
 ) -> Option<String> {
-    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
-
     match jetstream.get_stream(stream).await {
         Ok(found) if found.cached_info().created != created => Some(format!(
             "stream {stream} was deleted and created again (its sequence started over, so reading on would skip its first messages); run weir tail again to read the new stream"
         )),
         Ok(_) => None,
-        Err(err) => match err.kind() {
-            GetStreamErrorKind::JetStream(inner)
-                if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-            {
-                Some(format!("stream {stream} was deleted"))
-            }
-            _ => {
-                super::events::record_stream_check_failed(stream, &err.to_string());
-                None
-            }
-        },
+        Err(err) if super::jetstream::no_such_stream(&err) => {
+            Some(format!("stream {stream} was deleted"))
+        }
+        Err(err) => {
+            super::events::record_stream_check_failed(stream, &err.to_string());
+            None
+        }
     }
 }
 

@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use async_nats::datetime::DateTime;
 use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::context::{
+    ConsumerInfoError, ConsumerInfoErrorKind, GetStreamError, GetStreamErrorKind, PublishErrorKind,
+};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self as js, Context};
@@ -115,19 +117,16 @@ impl NatsTransport {
             .get_stream(&options.stream)
             .await
             .map_err(|err| {
-                subscribe_error(match err.kind() {
-                    GetStreamErrorKind::JetStream(inner)
-                        if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND =>
-                    {
-                        format!(
-                            "stream {} does not exist; declare it so Weir creates it",
-                            options.stream
-                        )
-                    }
-                    _ => match jetstream_disabled(&self.client) {
+                subscribe_error(if no_such_stream(&err) {
+                    format!(
+                        "stream {} does not exist; declare it so Weir creates it",
+                        options.stream
+                    )
+                } else {
+                    match jetstream_disabled(&self.client) {
                         Some(disabled) => disabled.to_owned(),
                         None => format!("reading stream {}: {err}", options.stream),
-                    },
+                    }
                 })
             })?;
 
@@ -160,10 +159,11 @@ impl NatsTransport {
         // and the server refuses to change it (an operator may have created it with another).
         let mut binding = consumer_config.clone();
         if options.durable.is_some() {
-            match stream.consumer_info(&name).await {
-                Ok(existing) => binding.deliver_policy = existing.config.deliver_policy,
-                Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {}
-                Err(err) => return Err(subscribe_error(format!("reading consumer {name}: {err}"))),
+            let existing = existing_start(&stream, &name)
+                .await
+                .map_err(|err| subscribe_error(format!("reading consumer {name}: {err}")))?;
+            if let Some(start) = existing {
+                binding.deliver_policy = start;
             }
         }
         let consumer: PullConsumer = match stream.create_consumer(binding).await {
@@ -285,6 +285,28 @@ async fn work_queue_rivals(
         stream.cached_info().config.name,
         rivals.join(", ")
     ))
+}
+
+/// Whether looking a stream up failed because there is no stream of that name.
+pub(super) fn no_such_stream(err: &GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        GetStreamErrorKind::JetStream(inner)
+            if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Where an existing consumer stands (its deliver policy, which the server refuses to change
+/// and which only says where a new consumer starts); `None` when there is no such consumer.
+async fn existing_start(
+    stream: &stream::Stream,
+    name: &str,
+) -> Result<Option<DeliverPolicy>, ConsumerInfoError> {
+    match stream.consumer_info(name).await {
+        Ok(existing) => Ok(Some(existing.config.deliver_policy)),
+        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
 }
 
 /// Whether binding a consumer failed because its stream does not exist.
@@ -477,22 +499,17 @@ impl Fetcher {
         let stream_created = match self.context.get_stream(&*self.stream_name).await {
             Ok(stream) => stream.cached_info().created,
             Err(err) => {
-                let stream_gone = matches!(
-                    err.kind(),
-                    GetStreamErrorKind::JetStream(inner)
-                        if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND
-                );
                 return Err(RebindError {
+                    stream_gone: no_such_stream(&err),
                     reason: format!("reading stream {}: {err}", self.stream_name),
-                    stream_gone,
-                });
+                })
             }
         };
         let mut config = self.consumer_config.clone();
         let mut resumed_at = None;
-        match self.stream.consumer_info(&self.consumer_name).await {
-            Ok(existing) => config.deliver_policy = existing.config.deliver_policy,
-            Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => {
+        match existing_start(&self.stream, &self.consumer_name).await {
+            Ok(Some(start)) => config.deliver_policy = start,
+            Ok(None) => {
                 resumed_at = self.position.resume_from(stream_created);
                 if let Some(start_sequence) = resumed_at {
                     config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence };
@@ -1106,28 +1123,24 @@ pub(super) async fn ensure_stream(
                 differences,
             })
         }
-        Err(err) => match err.kind() {
-            GetStreamErrorKind::JetStream(inner)
-                if inner.error_code() == js::ErrorCode::STREAM_NOT_FOUND =>
-            {
-                jetstream
-                    .create_stream(wanted)
-                    .await
-                    .map_err(|err| stream_error(format!("creating: {err}")))?;
-                events::record_stream_created(&config.name);
-                Ok(StreamReport {
-                    name: config.name.clone(),
-                    created: true,
-                    differences: Vec::new(),
-                })
-            }
-            _ => Err(stream_error(
-                match jetstream_disabled(&jetstream.client()) {
-                    Some(disabled) => disabled.to_owned(),
-                    None => format!("reading: {err}"),
-                },
-            )),
-        },
+        Err(err) if no_such_stream(&err) => {
+            jetstream
+                .create_stream(wanted)
+                .await
+                .map_err(|err| stream_error(format!("creating: {err}")))?;
+            events::record_stream_created(&config.name);
+            Ok(StreamReport {
+                name: config.name.clone(),
+                created: true,
+                differences: Vec::new(),
+            })
+        }
+        Err(err) => Err(stream_error(
+            match jetstream_disabled(&jetstream.client()) {
+                Some(disabled) => disabled.to_owned(),
+                None => format!("reading: {err}"),
+            },
+        )),
     }
 }
 
