@@ -35,7 +35,7 @@ use serde::Deserialize;
 use weir_broker_bridge::kafka::KafkaConfig;
 use weir_broker_bridge::memory::MemoryBusConfig;
 use weir_broker_bridge::nats::{
-    subject_covers, subjects_overlap, NatsConfig, RetentionKind, StreamConfig,
+    subject_covers, subjects_overlap, DeliverFrom, NatsConfig, RetentionKind, StreamConfig,
 };
 use weir_broker_bridge::{BrokerKind, Ordering};
 use weir_schemas::Format;
@@ -361,6 +361,9 @@ pub struct JetStreamTrigger {
     pub ack_wait: Duration,
     /// Messages fetched ahead per instance slot (see `JetStreamConsumerOptions::prefetch`).
     pub prefetch: usize,
+    /// Where the function's durable consumer starts when weir creates it; one that exists
+    /// keeps its place.
+    pub deliver_policy: DeliverFrom,
 }
 
 /// `[functions.retry]`, resolved.
@@ -454,6 +457,9 @@ pub struct TriggerDefaults {
     /// Applies to JetStream triggers only.
     #[serde(default)]
     pub prefetch: Option<usize>,
+    /// Applies to JetStream triggers only.
+    #[serde(default, deserialize_with = "de::opt_enum")]
+    pub deliver_policy: Option<DeliverFrom>,
 }
 
 /// `[defaults.dead_letter]`.
@@ -554,6 +560,8 @@ struct RawTrigger {
     ack_wait: Option<Duration>,
     #[serde(default)]
     prefetch: Option<usize>,
+    #[serde(default, deserialize_with = "de::opt_enum")]
+    deliver_policy: Option<DeliverFrom>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -584,6 +592,7 @@ impl RawFunction {
                 ordering: self.trigger.ordering,
                 ack_wait: self.trigger.ack_wait,
                 prefetch: self.trigger.prefetch,
+                deliver_policy: self.trigger.deliver_policy,
             },
             retry: self.retry.clone(),
             dead_letter: DeadLetterDefaults {
@@ -1389,6 +1398,11 @@ fn resolve_function(
             stream,
             ack_wait,
             prefetch,
+            deliver_policy: layer(
+                &own.trigger.deliver_policy,
+                &defaults.trigger.deliver_policy,
+                DeliverFrom::All,
+            ),
         })
     } else {
         if raw.trigger.stream.is_some() {
@@ -1407,6 +1421,12 @@ fn resolve_function(
             errors.push(
                 format!("{path}.trigger.prefetch"),
                 format!("only jetstream triggers have a prefetch (this trigger's broker is {trigger_broker})"),
+            );
+        }
+        if raw.trigger.deliver_policy.is_some() {
+            errors.push(
+                format!("{path}.trigger.deliver_policy"),
+                format!("only jetstream triggers have a deliver_policy (this trigger's broker is {trigger_broker})"),
             );
         }
         None

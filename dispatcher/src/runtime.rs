@@ -454,6 +454,7 @@ impl Transports {
                 options.durable = Some(trigger.group.clone());
                 options.ack_wait = jetstream.ack_wait;
                 options.prefetch = jetstream.prefetch;
+                options.deliver_policy = jetstream.deliver_policy;
                 // The server-side bound follows the maximum, not the slots of the moment.
                 options.max_ack_pending = Some(options.max_ack_pending_for(max_in_flight));
                 let subscription = self

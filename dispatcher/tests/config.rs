@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use weir_broker_bridge::nats::DeliverFrom;
 use weir_broker_bridge::{BrokerKind, Ordering};
 use weir_dispatcher::config::{self, ConfigErrors, Isolation};
 use weir_schemas::Format;
@@ -755,6 +756,7 @@ fn jetstream_and_wildcard_rules() {
         stream = "ORDERS"
         ack_wait = "10s"
         prefetch = 4
+        deliver_policy = "new"
         [functions.dead_letter]
         topic = "dlq.>"
         "#,
@@ -766,6 +768,7 @@ fn jetstream_and_wildcard_rules() {
             "functions[0].trigger.stream",
             "functions[0].trigger.ack_wait",
             "functions[0].trigger.prefetch",
+            "functions[0].trigger.deliver_policy",
             "functions[0].outputs[0]",
             "functions[0].dead_letter.topic",
             "functions[0].trigger.broker",
@@ -776,6 +779,8 @@ fn jetstream_and_wildcard_rules() {
     );
     assert!(message_at(&errors, "functions[0].trigger.stream")
         .contains("only jetstream triggers have a stream"));
+    assert!(message_at(&errors, "functions[0].trigger.deliver_policy")
+        .contains("only jetstream triggers have a deliver_policy"));
     assert!(message_at(&errors, "functions[0].outputs[0]").contains("only a trailing `>` wildcard"));
 }
 
@@ -871,6 +876,14 @@ fn broker_sections_are_validated_by_their_own_rules() {
         topic = "orders.*"
         stream = "ORDERS"
         ack_wait = "5s"
+        deliver_policy = "new"
+        [[functions]]
+        name = "b"
+        module = "a.wasm"
+        [functions.trigger]
+        broker = "jetstream"
+        topic = "orders.b"
+        stream = "ORDERS"
         "#,
         fixture.path(),
     )
@@ -878,8 +891,14 @@ fn broker_sections_are_validated_by_their_own_rules() {
     let f = &config.functions[0];
     let js = f.trigger.jetstream.as_ref().unwrap();
     assert_eq!(
-        (js.stream.as_str(), js.ack_wait),
-        ("ORDERS", Duration::from_secs(5))
+        (js.stream.as_str(), js.ack_wait, js.deliver_policy),
+        ("ORDERS", Duration::from_secs(5), DeliverFrom::New)
+    );
+    let b = config.functions[1].trigger.jetstream.as_ref().unwrap();
+    assert_eq!(
+        b.deliver_policy,
+        DeliverFrom::All,
+        "the stream's first message, by default"
     );
     assert_eq!(f.output_broker, BrokerKind::JetStream);
     assert_eq!(f.dead_letter.topic, "weir.dlq.a");
@@ -905,12 +924,14 @@ fn broker_sections_are_validated_by_their_own_rules() {
         ack_wait = "5s"
         prefetch = 5000
         ordering = "key"
+        deliver_policy = "last"
         "#,
         fixture.path(),
     );
     assert_eq!(
         paths(&errors),
         [
+            "functions[0].trigger.deliver_policy",
             "brokers.nats.servers",
             "brokers.kafka.bootstrap",
             "brokers.nats_streams[0].subjects",
@@ -923,6 +944,11 @@ fn broker_sections_are_validated_by_their_own_rules() {
     assert!(message_at(&errors, "functions[0].trigger.ack_wait")
         .contains("must exceed the function timeout"));
     assert!(message_at(&errors, "functions[0].trigger.prefetch").contains("at most 1024"));
+    assert!(
+        message_at(&errors, "functions[0].trigger.deliver_policy")
+            .contains("unknown variant `last`, expected `all` or `new`"),
+        "{errors}"
+    );
     assert!(message_at(&errors, "functions[0].trigger.ordering")
         .contains("jetstream triggers run events in parallel"));
 }

@@ -305,6 +305,16 @@ impl Nats {
             .collect())
     }
 
+    /// The `weircausation` (the input's id) of each event on `subject` of `stream`, in order.
+    async fn causes(&self, stream: &str, subject: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .events(stream, subject)
+            .await?
+            .iter()
+            .map(|e| e["weircausation"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    }
+
     /// The first event on `subject` of `stream` for which `matches` holds; fails after
     /// `timeout` with what the subject held.
     async fn wait_event(
@@ -1977,6 +1987,149 @@ async fn two_processes_share_one_durable_consumer() -> anyhow::Result<()> {
     check_shared_once(&nats, [&a, &b], &ids, "one durable consumer").await
 }
 
+/// `trigger.deliver_policy = "new"`: the durable consumer weir creates starts after what the
+/// stream holds, so a stored event does not run and one published after does. Once created it
+/// keeps its place: an event published while weir is down runs after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_policy_new_starts_a_new_consumer_after_the_stored_events() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let dir = tempfile::tempdir()?;
+    let streams: [(&str, &[&str]); 2] = [("NEWIN", &["fresh.in"]), ("NEWOUT", &["fresh.out"])];
+    nats.ensure_streams(&streams).await?;
+    let trigger = "broker = \"jetstream\"\nstream = \"NEWIN\"\ndeliver_policy = \"new\"";
+    let config = echo_config(
+        &nats,
+        dir.path(),
+        &streams,
+        "fresh.in",
+        "fresh.out",
+        trigger,
+    )?;
+
+    nats.publish_event("fresh.in", "stored", "com.example.x", "{}", &[])
+        .await?;
+    let mut first = WeirProcess::start(&config, &[]).await?;
+    nats.publish_event("fresh.in", "new-1", "com.example.x", "{}", &[])
+        .await?;
+    nats.wait_event("NEWOUT", "fresh.out", WAIT, |e| {
+        e["weircausation"] == "new-1"
+    })
+    .await
+    .with_context(|| first.log_text())?;
+    nats.wait_drained("NEWIN", "weir-echo", WAIT).await?;
+    assert_eq!(
+        nats.causes("NEWOUT", "fresh.out").await?,
+        ["new-1"],
+        "the stored event did not run"
+    );
+    first.terminate(Duration::from_secs(30)).await?;
+
+    nats.publish_event("fresh.in", "while-down", "com.example.x", "{}", &[])
+        .await?;
+    let mut second = WeirProcess::start(&config, &[]).await?;
+    nats.wait_event("NEWOUT", "fresh.out", WAIT, |e| {
+        e["weircausation"] == "while-down"
+    })
+    .await
+    .with_context(|| second.log_text())?;
+    nats.wait_drained("NEWIN", "weir-echo", WAIT).await?;
+    assert_eq!(
+        nats.causes("NEWOUT", "fresh.out").await?,
+        ["new-1", "while-down"]
+    );
+    let status = second.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "weir exited with {status}");
+    Ok(())
+}
+
+/// A function whose trigger moves to another subject of its stream keeps its group, so `weir
+/// run` binds the same durable consumer with other subjects: the server moves it there, but
+/// not in the stream. That is warned of and counted, and is what the warning says: an event of
+/// the new subject stored before the consumer's place does not run, one published after does.
+/// Another client moving the consumer while weir runs (a second weir process with another
+/// configuration, say) is warned of and counted as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumer_moved_to_other_subjects_is_reported() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let dir = tempfile::tempdir()?;
+    let streams: [(&str, &[&str]); 2] = [("MOVE", &["move.>"]), ("MOVED", &["moved.out"])];
+    nats.ensure_streams(&streams).await?;
+    let config_on = |topic: &str| {
+        let trigger = "broker = \"jetstream\"\nstream = \"MOVE\"\ngroup = \"mover\"";
+        echo_config(&nats, dir.path(), &streams, topic, "moved.out", trigger)
+    };
+    let moved = |by: &str| format!("weir_nats_consumer_subject_changes_total{{by=\"{by}\"}}");
+    let caused = |id: &'static str| move |e: &Value| e["weircausation"] == id;
+
+    nats.publish_event("move.b", "early-b", "com.example.x", "{}", &[])
+        .await?;
+    nats.publish_event("move.a", "a-1", "com.example.x", "{}", &[])
+        .await?;
+    let mut first = WeirProcess::start(&config_on("move.a")?, &[]).await?;
+    nats.wait_event("MOVED", "moved.out", WAIT, caused("a-1"))
+        .await
+        .with_context(|| first.log_text())?;
+    nats.wait_drained("MOVE", "mover", WAIT).await?;
+    assert_eq!(first.metric(&moved("binding")).await?, None);
+    first.terminate(Duration::from_secs(30)).await?;
+
+    let mut second = WeirProcess::start(&config_on("move.b")?, &[]).await?;
+    assert_eq!(second.metric(&moved("binding")).await?, Some(1.0));
+    let log = second.log_text();
+    ensure!(
+        log.contains("binding it moved it to the trigger's") && log.contains("move.a"),
+        "the move is warned of, naming the subjects it left; log:\n{log}"
+    );
+    assert_eq!(
+        nats.consumer("MOVE", "mover").await?.config.filter_subject,
+        "move.b"
+    );
+    nats.publish_event("move.b", "b-1", "com.example.x", "{}", &[])
+        .await?;
+    nats.wait_event("MOVED", "moved.out", WAIT, caused("b-1"))
+        .await
+        .with_context(|| second.log_text())?;
+    nats.wait_drained("MOVE", "mover", WAIT).await?;
+    assert_eq!(
+        nats.causes("MOVED", "moved.out").await?,
+        ["a-1", "b-1"],
+        "early-b was stored before the consumer's place, so it did not run"
+    );
+
+    let stream = nats.js.get_stream("MOVE").await?;
+    let info = nats.consumer("MOVE", "mover").await?;
+    stream
+        .update_consumer(consumer::Config {
+            filter_subject: "move.c".into(),
+            ..info.config
+        })
+        .await
+        .context("moving the consumer as another client")?;
+    let deadline = Instant::now() + WAIT;
+    while second.metric(&moved("another_client")).await? != Some(1.0) {
+        ensure!(
+            Instant::now() < deadline,
+            "the move by another client was not reported; log:\n{}",
+            second.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = second.log_text();
+    ensure!(
+        log.contains("another client moved this function's durable consumer")
+            && log.contains("move.c"),
+        "the move by another client is warned of, naming its subjects; log:\n{log}"
+    );
+    // Reported once, not at every lag reading.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(second.metric(&moved("another_client")).await?, Some(1.0));
+    let status = second.terminate(Duration::from_secs(30)).await?;
+    assert!(status.success(), "weir exited with {status}");
+    Ok(())
+}
+
 /// Two `weir run` processes whose core NATS trigger names one queue group (`trigger.group`)
 /// share the subject: the server gives each event to one of them, so every event has exactly
 /// one output and both processes took work.
@@ -2024,21 +2177,31 @@ fn shared_echo_config(
     trigger: &str,
     streams: &[(&str, &[&str])],
 ) -> anyhow::Result<std::path::PathBuf> {
+    let trigger = format!("{trigger}\ngroup = \"shared\"\n[functions.scaling]\nmin = 1\nmax = 4");
+    echo_config(nats, dir, streams, "share.in", "share.out", &trigger)
+}
+
+/// `weir.toml` in `dir`: `echo` from `topic` to `output`; `trigger` adds its trigger's other
+/// keys (its broker first of all) and may go on with the function's further sections.
+fn echo_config(
+    nats: &Nats,
+    dir: &Path,
+    streams: &[(&str, &[&str])],
+    topic: &str,
+    output: &str,
+    trigger: &str,
+) -> anyhow::Result<std::path::PathBuf> {
     let config = format!(
         r#"
 {brokers}
 [[functions]]
 name = "echo"
 module = "{module}"
-outputs = ["share.out"]
-config = {{ output_topic = "share.out" }}
+outputs = ["{output}"]
+config = {{ output_topic = "{output}" }}
 [functions.trigger]
+topic = "{topic}"
 {trigger}
-topic = "share.in"
-group = "shared"
-[functions.scaling]
-min = 1
-max = 4
 "#,
         brokers = brokers(&nats.server.url(), streams),
         module = component_path("echo.wasm")?

@@ -107,6 +107,55 @@ pub(super) fn record_consumer_recreated(stream: &str, consumer: &str, start_sequ
     counter!("weir_nats_consumer_rebinds_total", "outcome" => "recreated").increment(1);
 }
 
+/// Binding an existing durable consumer moved it from the subjects `from` to the trigger's
+/// `to`. It kept its place in the stream, after sequence `delivered`.
+pub(super) fn record_consumer_subjects_moved(
+    stream: &str,
+    consumer: &str,
+    from: &str,
+    to: &str,
+    delivered: u64,
+) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        consumer,
+        from,
+        to,
+        delivered,
+        "the durable consumer read other subjects; binding it moved it to the trigger's. It keeps \
+         its place in the stream: events on the new subjects stored up to the stream sequence it \
+         had delivered never run, and those it had delivered on the old ones and not \
+         acknowledged run again. To start it from the trigger's deliver_policy instead, delete \
+         it before weir starts. If another weir process binds this consumer with other \
+         subjects, the two move it back and forth: give each function its own group"
+    );
+    counter!("weir_nats_consumer_subject_changes_total", "by" => "binding").increment(1);
+}
+
+/// Another client moved a durable consumer this process reads from its trigger's subjects
+/// (`ours`) to `theirs`, while it runs.
+pub(super) fn record_consumer_moved_by_another(
+    stream: &str,
+    consumer: &str,
+    ours: &str,
+    theirs: &str,
+) {
+    warn!(
+        messaging.system = "jetstream",
+        stream,
+        consumer,
+        ours,
+        theirs,
+        "another client moved this function's durable consumer to other subjects: the function \
+         now runs their events, and nothing of this process reads its trigger's. Most likely \
+         another weir process with another configuration binds the same durable (give each \
+         function its own group); weir moves it back when it binds it again (at a restart, or \
+         a re-bind after a failed pull)"
+    );
+    counter!("weir_nats_consumer_subject_changes_total", "by" => "another_client").increment(1);
+}
+
 /// A pull consumer was re-bound after an error (server restart, leader change, deleted consumer).
 pub(super) fn record_consumer_rebound(stream: &str, consumer: &str) {
     info!(

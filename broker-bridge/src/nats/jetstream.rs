@@ -15,6 +15,12 @@
 //! was acknowledged after that reading runs again. When the stream itself is gone and it was
 //! declared, the task creates it again from its declaration first.
 //!
+//! Binding an existing durable with other subjects than it has moves it (the server updates its
+//! filter) but not in the stream. That is reported, and so is a move by another client seen in
+//! a lag reading, which is not undone until the consumer is bound again (a restart, a re-bind
+//! after a failed pull): two configurations on one durable would otherwise move it back and
+//! forth at every reading.
+//!
 //! Settles (ack, NAK-with-delay, TERM, in-progress) are sent, not confirmed: each one would
 //! otherwise cost a server round trip and a temporary inbox subscription, and an ack the
 //! server never sees only means a redelivery (a duplicate under at-least-once, never a loss).
@@ -158,12 +164,17 @@ impl NatsTransport {
         // A durable keeps its place: its deliver policy only says where a new consumer starts,
         // and the server refuses to change it (an operator may have created it with another).
         let mut binding = consumer_config.clone();
+        let subjects = consumer_subjects(
+            &consumer_config.filter_subject,
+            &consumer_config.filter_subjects,
+        );
         if options.durable.is_some() {
-            let existing = existing_start(&stream, &name)
+            let existing = existing_consumer(&stream, &name)
                 .await
                 .map_err(|err| subscribe_error(format!("reading consumer {name}: {err}")))?;
-            if let Some(start) = existing {
-                binding.deliver_policy = start;
+            if let Some(existing) = existing {
+                binding.deliver_policy = existing.config.deliver_policy;
+                report_moved_subjects(&options.stream, &existing, &subjects);
             }
         }
         let consumer: PullConsumer = match stream.create_consumer(binding).await {
@@ -179,6 +190,7 @@ impl NatsTransport {
         let position = Arc::new(ConsumerPosition::new(
             stream.cached_info().created,
             consumer.cached_info(),
+            subjects,
         ));
 
         let bound = max_in_flight.saturating_mul(per_slot);
@@ -252,20 +264,12 @@ async fn work_queue_rivals(
     {
         return None;
     }
-    // A consumer's subjects: its list, else its one filter, else the whole stream.
-    let filters = |one: &str, many: &[String]| -> Vec<String> {
-        match (one, many) {
-            (_, [_, ..]) => many.to_vec(),
-            ("", []) => vec![">".to_owned()],
-            (one, []) => vec![one.to_owned()],
-        }
-    };
-    let wanted = filters(&config.filter_subject, &config.filter_subjects);
+    let wanted = consumer_subjects(&config.filter_subject, &config.filter_subjects);
     let mut rivals = Vec::new();
     let mut consumers = stream.consumers();
     // The listing is the server's, a page at a time; a failed page ends the hint, not the error.
     while let Some(Ok(info)) = consumers.next().await {
-        let theirs = filters(&info.config.filter_subject, &info.config.filter_subjects);
+        let theirs = consumer_subjects(&info.config.filter_subject, &info.config.filter_subjects);
         let overlaps = theirs
             .iter()
             .any(|t| wanted.iter().any(|w| super::subjects_overlap(t, w)));
@@ -296,16 +300,48 @@ pub(super) fn no_such_stream(err: &GetStreamError) -> bool {
     )
 }
 
-/// Where an existing consumer stands (its deliver policy, which the server refuses to change
-/// and which only says where a new consumer starts); `None` when there is no such consumer.
-async fn existing_start(
+/// A consumer's subjects, sorted: its list, else its one filter, else the whole stream.
+fn consumer_subjects(one: &str, many: &[String]) -> Vec<String> {
+    let mut subjects = match (one, many) {
+        (_, [_, ..]) => many.to_vec(),
+        ("", []) => vec![">".to_owned()],
+        (one, []) => vec![one.to_owned()],
+    };
+    subjects.sort_unstable();
+    subjects
+}
+
+/// The consumer of that name as the server has it; `None` when there is no such consumer. Its
+/// deliver policy is kept when binding it: the server refuses to change it, and it only says
+/// where a new consumer starts.
+async fn existing_consumer(
     stream: &stream::Stream,
     name: &str,
-) -> Result<Option<DeliverPolicy>, ConsumerInfoError> {
+) -> Result<Option<consumer::Info>, ConsumerInfoError> {
     match stream.consumer_info(name).await {
-        Ok(existing) => Ok(Some(existing.config.deliver_policy)),
+        Ok(existing) => Ok(Some(existing)),
         Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => Ok(None),
         Err(err) => Err(err),
+    }
+}
+
+/// Binding an existing durable consumer with other subjects than it has moves it to them (the
+/// server updates its filter) but not in the stream: said, because the events of the new
+/// subjects stored before its place never run. Either the function's trigger changed, or
+/// another process binds the same durable with other subjects.
+fn report_moved_subjects(stream: &str, existing: &consumer::Info, subjects: &[String]) {
+    let theirs = consumer_subjects(
+        &existing.config.filter_subject,
+        &existing.config.filter_subjects,
+    );
+    if theirs != subjects {
+        events::record_consumer_subjects_moved(
+            stream,
+            &existing.name,
+            &theirs.join(", "),
+            &subjects.join(", "),
+            existing.delivered.stream_sequence,
+        );
     }
 }
 
@@ -330,11 +366,14 @@ struct RebindError {
     stream_gone: bool,
 }
 
-/// Where a consumer deleted under a subscription is created again from: its ack floor as last
-/// read from the server (when it was bound, and at every lag reading), kept with the creation
-/// times of that consumer and of its stream, so that a floor is only used on the stream it
-/// counts in and only ever read from the consumer bound last.
+/// What a subscription knows of its consumer as last read from the server (when it was bound,
+/// and at every lag reading). First, where the consumer is created again from if it is deleted
+/// under the subscription: its ack floor, kept with the creation times of that consumer and of
+/// its stream, so that a floor is only used on the stream it counts in and only ever read from
+/// the consumer bound last. Second, whether another client moved it to other subjects.
 struct ConsumerPosition {
+    /// The subjects the subscription binds its consumer to, sorted.
+    subjects: Vec<String>,
     last: std::sync::Mutex<LastBound>,
 }
 
@@ -343,15 +382,20 @@ struct LastBound {
     consumer_created: DateTime,
     /// The stream sequence up to which everything was acknowledged.
     ack_floor: u64,
+    /// Other subjects the consumer was found moved to, once reported; `None` while it reads
+    /// the subscription's own.
+    moved_to: Option<Vec<String>>,
 }
 
 impl ConsumerPosition {
-    fn new(stream_created: DateTime, consumer: &consumer::Info) -> Self {
+    fn new(stream_created: DateTime, consumer: &consumer::Info, subjects: Vec<String>) -> Self {
         Self {
+            subjects,
             last: std::sync::Mutex::new(LastBound {
                 stream_created,
                 consumer_created: consumer.created,
                 ack_floor: consumer.ack_floor.stream_sequence,
+                moved_to: None,
             }),
         }
     }
@@ -368,15 +412,31 @@ impl ConsumerPosition {
             stream_created,
             consumer_created: consumer.created,
             ack_floor: consumer.ack_floor.stream_sequence,
+            moved_to: None,
         };
     }
 
-    /// A lag reading of the consumer; one of a consumer since replaced is ignored.
-    fn observe(&self, consumer: &consumer::Info) {
+    /// A lag reading of the consumer: its ack floor (a reading of a consumer since replaced is
+    /// ignored), and whether another client moved it to other subjects, which this returns
+    /// the first time it is seen.
+    fn observe(&self, consumer: &consumer::Info) -> Option<Vec<String>> {
         let mut last = self.lock();
         if consumer.created == last.consumer_created {
             last.ack_floor = last.ack_floor.max(consumer.ack_floor.stream_sequence);
         }
+        let theirs = consumer_subjects(
+            &consumer.config.filter_subject,
+            &consumer.config.filter_subjects,
+        );
+        if theirs == self.subjects {
+            last.moved_to = None;
+            return None;
+        }
+        if last.moved_to.as_ref() == Some(&theirs) {
+            return None;
+        }
+        last.moved_to = Some(theirs.clone());
+        Some(theirs)
     }
 
     /// The stream sequence to create the consumer again from, on a stream created at
@@ -507,8 +567,11 @@ impl Fetcher {
         };
         let mut config = self.consumer_config.clone();
         let mut resumed_at = None;
-        match existing_start(&self.stream, &self.consumer_name).await {
-            Ok(Some(start)) => config.deliver_policy = start,
+        match existing_consumer(&self.stream, &self.consumer_name).await {
+            Ok(Some(existing)) => {
+                config.deliver_policy = existing.config.deliver_policy;
+                report_moved_subjects(&self.stream_name, &existing, &self.position.subjects);
+            }
             Ok(None) => {
                 resumed_at = self.position.resume_from(stream_created);
                 if let Some(start_sequence) = resumed_at {
@@ -1293,7 +1356,14 @@ impl LagProbe for JetStreamLag {
                 topic: self.topic.clone(),
                 reason: err.to_string(),
             })?;
-        self.position.observe(&info);
+        if let Some(moved_to) = self.position.observe(&info) {
+            events::record_consumer_moved_by_another(
+                &info.stream_name,
+                &info.name,
+                &self.position.subjects.join(", "),
+                &moved_to.join(", "),
+            );
+        }
         Ok(info
             .num_pending
             .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX)))
