@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::stream;
 use weir_broker_bridge::nats::{
-    JetStreamConsumerOptions, NatsConfig, NatsTransport, RetentionKind, StorageKind, StreamConfig,
+    JetStreamConsumerOptions, JetStreamSubscription, NatsConfig, NatsTransport, RetentionKind,
+    StorageKind, StreamConfig,
 };
 use weir_broker_bridge::{
     BrokerKind, Delivery, Origin, OutboundMessage, Published, Publisher, RetryStyle, Subscription,
@@ -848,20 +850,70 @@ async fn a_publish_recreates_a_deleted_declared_stream_only() -> anyhow::Result<
     Ok(())
 }
 
+/// A trigger on a stream that does not exist, or on a subject its stream does not capture (a
+/// stream made elsewhere, which `weir check` cannot see), is refused saying so: the stream's
+/// name, and its subjects.
 #[tokio::test]
-async fn subscribing_to_a_missing_stream_names_it() -> anyhow::Result<()> {
+async fn subscribing_to_a_missing_stream_or_outside_one_says_why() -> anyhow::Result<()> {
     let server = NatsServer::start()?;
     let transport = NatsTransport::connect(&config_for(&server)).await?;
-    match transport
-        .subscribe_jetstream("x.y", &JetStreamConsumerOptions::new("MISSING"), 1)
-        .await
-    {
-        Err(TransportError::Subscribe { reason, .. }) => {
-            assert!(reason.contains("stream MISSING does not exist"), "{reason}");
-            Ok(())
-        }
+    let refusal = |subscribed: Result<JetStreamSubscription, TransportError>| match subscribed {
+        Err(TransportError::Subscribe { reason, .. }) => Ok(reason),
         other => bail!("expected a subscribe error, got {other:?}"),
+    };
+    let missing = refusal(
+        transport
+            .subscribe_jetstream("x.y", &JetStreamConsumerOptions::new("MISSING"), 1)
+            .await,
+    )?;
+    assert!(
+        missing.contains("stream MISSING does not exist"),
+        "{missing}"
+    );
+
+    transport
+        .ensure_stream(&StreamConfig::new(
+            "NARROW",
+            vec!["narrow.in".into(), "narrow.more.>".into()],
+        ))
+        .await?;
+    let mut options = JetStreamConsumerOptions::new("NARROW");
+    options.durable = Some("weir-wide".into());
+    let outside = refusal(transport.subscribe_jetstream("wide.in", &options, 1).await)?;
+    assert!(
+        outside.contains("stream NARROW captures narrow.in, narrow.more.>; `wide.in` is none"),
+        "{outside}"
+    );
+    let stream = transport.jetstream().get_stream("NARROW").await?;
+    ensure!(
+        stream.consumer_info("weir-wide").await.is_err(),
+        "no consumer is left behind"
+    );
+    // A stream sourcing another holds the other's subjects, none of its own.
+    transport
+        .jetstream()
+        .create_stream(stream::Config {
+            name: "COPY".into(),
+            sources: Some(vec![stream::Source {
+                name: "NARROW".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        })
+        .await?;
+    for (stream, inside) in [
+        ("NARROW", "narrow.in"),
+        ("NARROW", "narrow.more.x"),
+        ("NARROW", "narrow.more.*"),
+        ("COPY", "narrow.in"),
+    ] {
+        let mut subscription = transport
+            .subscribe_jetstream(inside, &JetStreamConsumerOptions::new(stream), 1)
+            .await
+            .with_context(|| format!("stream {stream} holds {inside}"))?;
+        subscription.close().await;
     }
+    Ok(())
 }
 
 /// A server started without JetStream answers no JetStream request. Every JetStream use says

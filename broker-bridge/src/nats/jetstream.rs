@@ -136,6 +136,29 @@ impl NatsTransport {
                 })
             })?;
 
+        // Recent servers (2.15 here; 2.9 refused it) accept a filter outside the stream's
+        // subjects, and the consumer then never receives a message: a function that silently
+        // runs nothing. Only a stream that stores exactly what it captures can be judged by its
+        // subjects: one that transforms them, mirrors or sources another may hold any.
+        let held = &stream.cached_info().config;
+        let captured = &held.subjects;
+        let stores_what_it_captures = held.subject_transform.is_none()
+            && held.mirror.is_none()
+            && held.sources.as_ref().is_none_or(Vec::is_empty);
+        if stores_what_it_captures
+            && !filter.is_empty()
+            && !captured
+                .iter()
+                .any(|subject| super::subject_covers(subject, &filter))
+        {
+            return Err(subscribe_error(format!(
+                "stream {} captures {}; `{filter}` is none of those subjects nor within one, so \
+                 its consumer would never receive a message",
+                options.stream,
+                captured.join(", ")
+            )));
+        }
+
         let name = match &options.durable {
             Some(durable) => durable.clone(),
             None => ephemeral_name(&self.client),
