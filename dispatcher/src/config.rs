@@ -1715,8 +1715,8 @@ fn check_stream_captures(
     errors.push(
         format!("{path}.trigger.topic"),
         format!(
-            "`{topic}` is not among the subjects of stream {stream} ({}); JetStream refuses a \
-             consumer for a subject its stream does not capture",
+            "`{topic}` is not among the subjects of stream {stream} ({}), nor within one: a \
+             consumer of a subject its stream does not capture never receives a message",
             declared.subjects.join(", ")
         ),
     );
