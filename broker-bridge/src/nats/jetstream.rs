@@ -417,7 +417,7 @@ impl ConsumerPosition {
             last: std::sync::Mutex::new(LastBound {
                 stream_created,
                 consumer_created: consumer.created,
-                ack_floor: consumer.ack_floor.stream_sequence,
+                ack_floor: floor_at_binding(consumer),
                 moved_to: None,
             }),
         }
@@ -434,7 +434,7 @@ impl ConsumerPosition {
         *self.lock() = LastBound {
             stream_created,
             consumer_created: consumer.created,
-            ack_floor: consumer.ack_floor.stream_sequence,
+            ack_floor: floor_at_binding(consumer),
             moved_to: None,
         };
     }
@@ -468,6 +468,20 @@ impl ConsumerPosition {
         let last = self.lock();
         (last.stream_created == stream_created && last.ack_floor > 0)
             .then(|| last.ack_floor.saturating_add(1))
+    }
+}
+
+/// A consumer's ack floor when it is bound. One that has delivered nothing yet starts after
+/// the stream sequence it reports as delivered, which is therefore its floor too: nats-server
+/// 2.15 reports that as the ack floor as well, but 2.9 reports 0, and a consumer made with
+/// `deliver_policy = "new"` and deleted before its first ack would then be made again from
+/// its configured start, after the events published meanwhile.
+fn floor_at_binding(consumer: &consumer::Info) -> u64 {
+    let floor = consumer.ack_floor.stream_sequence;
+    if consumer.delivered.consumer_sequence == 0 {
+        floor.max(consumer.delivered.stream_sequence)
+    } else {
+        floor
     }
 }
 
@@ -1335,6 +1349,45 @@ fn differences(wanted: &stream::Config, actual: &stream::Config) -> Vec<StreamDi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Consumer info as nats-server 2.9 gives it for a consumer made with deliver policy
+    /// `new` on a stream holding `last` messages, after `delivered` deliveries and `acked`
+    /// acknowledgements of the first ones.
+    fn info_of_new_consumer(last: u64, delivered: u64, acked: u64) -> consumer::Info {
+        let info = serde_json::json!({
+            "type": "consumer_info_response",
+            "stream_name": "S",
+            "name": "d",
+            "created": "2026-12-07T17:00:00Z",
+            "config": {"durable_name": "d", "deliver_policy": "new", "ack_policy": "explicit"},
+            "delivered": {"consumer_seq": delivered, "stream_seq": last + delivered},
+            "ack_floor": {
+                "consumer_seq": acked,
+                "stream_seq": if acked == 0 { 0 } else { last + acked }
+            },
+            "num_ack_pending": delivered - acked,
+            "num_redelivered": 0,
+            "num_waiting": 0,
+            "num_pending": 0,
+            "cluster": null,
+            "push_bound": false,
+            "paused": false,
+            "pause_remaining": null,
+            "ts": "2026-12-07T17:00:00Z"
+        });
+        match serde_json::from_value(info) {
+            Ok(info) => info,
+            Err(err) => panic!("consumer info: {err}"),
+        }
+    }
+
+    #[test]
+    fn a_consumer_that_delivered_nothing_is_floored_where_it_starts() {
+        assert_eq!(floor_at_binding(&info_of_new_consumer(3, 0, 0)), 3);
+        // Once it delivers, the ack floor alone says what was done: 4 and 5 are not.
+        assert_eq!(floor_at_binding(&info_of_new_consumer(3, 2, 0)), 0);
+        assert_eq!(floor_at_binding(&info_of_new_consumer(3, 2, 1)), 4);
+    }
 
     #[test]
     fn retry_delay_is_bounded() {
