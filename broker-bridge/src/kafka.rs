@@ -1063,6 +1063,14 @@ impl KafkaPublisher {
             Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
                 Err(timeout_error())
             }
+            // librdkafka's own check against `message.max.bytes`, or the broker's answer.
+            Ok(Err((
+                error @ KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                _,
+            ))) => Err(TransportError::TooLarge {
+                topic: topic.to_owned(),
+                reason: error.to_string(),
+            }),
             Ok(Err((error, _))) => Err(TransportError::Publish {
                 topic: topic.to_owned(),
                 reason: error.to_string(),

@@ -253,6 +253,11 @@ pub enum TransportError {
     Publish { topic: String, reason: String },
     #[error("publish to {topic} not confirmed within {timeout:?}")]
     PublishTimeout { topic: String, timeout: Duration },
+    /// The message (payload and headers) is larger than the broker takes, NATS's
+    /// `max_payload` or Kafka's `message.max.bytes`. Sending it again fails again: what sends
+    /// it must send something smaller or give up.
+    #[error("publishing to {topic}: the message is too large for the broker: {reason}")]
+    TooLarge { topic: String, reason: String },
     #[error("settling {origin}: {reason}")]
     Settle { origin: String, reason: String },
     #[error("subscribing to {topic}: {reason}")]

@@ -117,6 +117,46 @@ impl DeadLetter {
     }
 }
 
+/// Cut `record` down for a dead-letter broker that refused it as too large, and say what
+/// went: first the data (its size is kept in `weirdlqdroppeddatabytes`), then the original
+/// event's own extensions. The `weirdlq*` extensions always stay: what failed, and
+/// `weirdlqorigin`, where the original can still be read for as long as its broker keeps it.
+/// `None` when nothing more can go.
+pub fn shrink(record: &mut Event) -> Option<&'static str> {
+    let dropped_before = record.extensions.get(ext::DLQ_DROPPED).cloned();
+    let mut dropped: Vec<&str> = dropped_before
+        .as_deref()
+        .map(|list| list.split(',').collect())
+        .unwrap_or_default();
+    let went = if record.data.as_ref().is_some_and(|data| !data.is_empty()) {
+        let bytes = record.data.take().map_or(0, |data| data.len());
+        record
+            .extensions
+            .insert(ext::DLQ_DROPPED_DATA_BYTES.to_owned(), bytes.to_string());
+        "data"
+    } else if record
+        .extensions
+        .keys()
+        .any(|name| !is_dead_letter_extension(name))
+    {
+        record
+            .extensions
+            .retain(|name, _| is_dead_letter_extension(name));
+        "extensions"
+    } else {
+        return None;
+    };
+    dropped.push(went);
+    record
+        .extensions
+        .insert(ext::DLQ_DROPPED.to_owned(), dropped.join(","));
+    Some(went)
+}
+
+fn is_dead_letter_extension(name: &str) -> bool {
+    name.starts_with("weirdlq")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +215,53 @@ mod tests {
         assert_eq!(a.id, b.id);
         assert_eq!(a.data.as_deref(), Some(&b"\xff\x00not json"[..]));
         assert_eq!(a.ty, UNDECODABLE_TYPE);
+    }
+
+    #[test]
+    fn shrinking_drops_the_data_then_the_originals_extensions_never_the_failure() {
+        let mut original = Event::new("e1", "s", "t");
+        original.data = Some(vec![7; 5000]);
+        original.datacontenttype = Some("application/octet-stream".into());
+        original
+            .extensions
+            .insert(ext::TRACEPARENT.into(), "00-abc-def-01".into());
+        let mut record = letter(DeadLetterReason::Rejected, "no".into()).record(&original);
+
+        assert_eq!(shrink(&mut record), Some("data"));
+        assert_eq!(record.data, None);
+        assert_eq!(record.extension(ext::DLQ_DROPPED), Some("data"));
+        assert_eq!(record.extension(ext::DLQ_DROPPED_DATA_BYTES), Some("5000"));
+        assert_eq!(record.extension(ext::TRACEPARENT), Some("00-abc-def-01"));
+        assert_eq!(
+            record.datacontenttype.as_deref(),
+            Some("application/octet-stream")
+        );
+
+        assert_eq!(shrink(&mut record), Some("extensions"));
+        assert_eq!(record.extension(ext::TRACEPARENT), None);
+        assert_eq!(record.extension(ext::DLQ_DROPPED), Some("data,extensions"));
+        assert_eq!(record.extension(ext::DLQ_DROPPED_DATA_BYTES), Some("5000"));
+        for kept in [
+            ext::DLQ_REASON,
+            ext::DLQ_ERROR,
+            ext::DLQ_ORIGIN,
+            ext::DLQ_FUNCTION,
+        ] {
+            assert!(record.extension(kept).is_some(), "{kept}");
+        }
+        assert_eq!((record.id.as_str(), record.ty.as_str()), ("e1", "t"));
+
+        assert_eq!(shrink(&mut record), None);
+    }
+
+    #[test]
+    fn a_record_without_data_shrinks_by_its_extensions_first() {
+        let mut original = Event::new("e1", "s", "t");
+        original.extensions.insert("tenant".into(), "x".repeat(900));
+        let mut record = letter(DeadLetterReason::Trap, "trap".into()).record(&original);
+        assert_eq!(shrink(&mut record), Some("extensions"));
+        assert_eq!(record.extension(ext::DLQ_DROPPED), Some("extensions"));
+        assert_eq!(record.extension(ext::DLQ_DROPPED_DATA_BYTES), None);
+        assert_eq!(shrink(&mut record), None);
     }
 }

@@ -21,7 +21,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use weir_broker_bridge::BrokerKind;
+use weir_broker_bridge::{BrokerKind, TransportError};
 use weir_schemas::{Event, Format, WireMessage};
 
 use crate::ingress;
@@ -133,10 +133,18 @@ async fn publish(
     })?;
     let accepted = ingress::publish(publisher.as_ref(), broker, &topic, events, None)
         .await
-        .map_err(|e| Problem {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "publish",
-            message: e.to_string(),
+        .map_err(|e| match e {
+            // The request's fault, not the broker's: sending it again fails again.
+            TransportError::TooLarge { .. } => Problem {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                kind: "too-large",
+                message: e.to_string(),
+            },
+            e => Problem {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "publish",
+                message: e.to_string(),
+            },
         })?;
     telemetry::http_ingress(StatusCode::ACCEPTED.as_u16());
     Ok((StatusCode::ACCEPTED, Json(accepted)))

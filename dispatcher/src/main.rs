@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use weir_broker_bridge::kafka::{KafkaConfig, KafkaTransport};
 use weir_broker_bridge::nats::{NatsConfig, NatsTransport};
-use weir_broker_bridge::BrokerKind;
+use weir_broker_bridge::{BrokerKind, TransportError};
 use weir_dispatcher::config::{self, Config};
 use weir_dispatcher::runtime::{self, Runtime};
 use weir_dispatcher::{demo, engine, http, ingress, telemetry};
@@ -669,7 +669,12 @@ impl Sink {
                     .map_err(|e| BadInput(format!("the event is not valid ({}): {e}", e.kind())))?;
                 let accepted =
                     ingress::publish(publisher.as_ref(), *broker, topic, events, key.as_deref())
-                        .await?;
+                        .await
+                        .map_err(|e| match e {
+                            // The event to fix, as the weir's 413 above.
+                            TransportError::TooLarge { .. } => BadInput(e.to_string()).into(),
+                            e => anyhow::Error::from(e),
+                        })?;
                 Ok(Sent {
                     answer: serde_json::to_string(&accepted)?,
                     duplicates: accepted.duplicates.len(),

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use weir_broker_bridge::{
-    BrokerKind, Delivery, OutboundMessage, Publisher, RetryStyle, Subscription,
+    BrokerKind, Delivery, OutboundMessage, Publisher, RetryStyle, Subscription, TransportError,
 };
 use weir_schemas::{ext, Event, Format, HeaderStyle, WireMessage};
 
@@ -520,9 +520,13 @@ impl FunctionRunner {
                     Ok(EventOutcome::Done)
                 }
                 Err(e) => {
-                    self.note_failure(event, "publish", &e);
+                    let outcome = match &e {
+                        InvocationError::OutputRule(_) => e.outcome(),
+                        _ => "publish",
+                    };
+                    self.note_failure(event, outcome, &e.to_string());
                     self.remember_first_failure(ctx.origin);
-                    Ok(EventOutcome::Failed(InvocationError::Retry(e)))
+                    Ok(EventOutcome::Failed(e))
                 }
             },
             Err(InvocationError::Reject(reason)) => {
@@ -597,8 +601,13 @@ impl FunctionRunner {
 
     /// Publish every output, each confirmed by its broker. The ids are deterministic, so a
     /// retry after a partial failure republishes the same events (de-duplicated where the broker
-    /// can).
-    async fn publish_outputs(&self, outputs: Vec<chain::ChainedOutput>) -> Result<(), String> {
+    /// can). An output larger than its broker takes is refused like one over
+    /// `max_output_bytes` (an [`InvocationError::OutputRule`]); any other failure is the
+    /// broker's, and retried.
+    async fn publish_outputs(
+        &self,
+        outputs: Vec<chain::ChainedOutput>,
+    ) -> Result<(), InvocationError> {
         let count = outputs.len() as u64;
         let style = header_style(self.outputs.broker());
         for output in outputs {
@@ -613,7 +622,18 @@ impl FunctionRunner {
             // A duplicate is success: this output was stored by an earlier run of the input.
             if let Err(e) = self.outputs.publish(message).await {
                 telemetry::output_publish_failed(&self.spec.name);
-                return Err(format!("publishing output to {}: {e}", output.topic));
+                return Err(match e {
+                    TransportError::TooLarge { reason, .. } => {
+                        InvocationError::OutputRule(format!(
+                            "the output to {} is too large for its broker: {reason}",
+                            output.topic
+                        ))
+                    }
+                    e => InvocationError::Retry(format!(
+                        "publishing output to {}: {e}",
+                        output.topic
+                    )),
+                });
             }
         }
         if count > 0 {
@@ -641,19 +661,11 @@ impl FunctionRunner {
 
     async fn write_dead_letter(
         &self,
-        record: Event,
+        mut record: Event,
         reason: DeadLetterReason,
         shutdown: &CancellationToken,
     ) -> Result<(), HandBack> {
-        let style = header_style(self.dead_letters.broker());
-        let (headers, payload) = weir_schemas::encode_binary(&record, style);
-        let message = OutboundMessage {
-            topic: self.spec.dead_letter_topic.clone(),
-            key: Some(Bytes::from(record.id.clone().into_bytes())),
-            headers,
-            payload: Bytes::from(payload),
-            dedup_id: Some(deadletter::dedup_id(&self.spec.name, &record)),
-        };
+        let mut message = self.dead_letter_message(&record);
         let mut wait = Duration::from_millis(50);
         let mut paused = false;
         loop {
@@ -662,6 +674,17 @@ impl FunctionRunner {
                 Ok(_) => break,
                 Err(e) => {
                     telemetry::dead_letter_publish_failed(&self.spec.name);
+                    // Holding the lane for a record that can never fit would stop the function
+                    // for good on one event; a record without the data still says what failed
+                    // and where the original is.
+                    if let TransportError::TooLarge { reason, .. } = &e {
+                        if let Some(dropped) = deadletter::shrink(&mut record) {
+                            telemetry::dead_letter_shrunk(&self.spec.name, dropped);
+                            tracing::warn!(function = %self.spec.name, event = %record.id, topic = %self.spec.dead_letter_topic, dropped, error = %reason, "dead-letter record too large for its broker; writing it without the original's {dropped}");
+                            message = self.dead_letter_message(&record);
+                            continue;
+                        }
+                    }
                     if !paused {
                         paused = true;
                         self.counters
@@ -691,6 +714,20 @@ impl FunctionRunner {
             .fetch_add(1, AtomicOrdering::Relaxed);
         tracing::warn!(function = %self.spec.name, event = %record.id, reason = reason.as_str(), "event dead-lettered");
         Ok(())
+    }
+
+    /// A dead-letter record as its broker takes it. Its de-duplication id depends on the
+    /// original's source and id only, so a record cut down by [`deadletter::shrink`] keeps it.
+    fn dead_letter_message(&self, record: &Event) -> OutboundMessage {
+        let style = header_style(self.dead_letters.broker());
+        let (headers, payload) = weir_schemas::encode_binary(record, style);
+        OutboundMessage {
+            topic: self.spec.dead_letter_topic.clone(),
+            key: Some(Bytes::from(record.id.clone().into_bytes())),
+            headers,
+            payload: Bytes::from(payload),
+            dedup_id: Some(deadletter::dedup_id(&self.spec.name, record)),
+        }
     }
 
     fn letter(

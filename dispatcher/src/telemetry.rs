@@ -27,6 +27,7 @@ pub const INVOCATION_DURATION: &str = "weir_invocation_duration_seconds";
 pub const RETRIES: &str = "weir_retries_total";
 pub const DEAD_LETTERS: &str = "weir_dead_letters_total";
 pub const DLQ_PUBLISH_FAILURES: &str = "weir_dlq_publish_failures_total";
+pub const DEAD_LETTERS_SHRUNK: &str = "weir_dead_letters_shrunk_total";
 pub const LANE_PAUSED: &str = "weir_lane_paused";
 pub const OUTPUTS_PUBLISHED: &str = "weir_outputs_published_total";
 pub const OUTPUT_PUBLISH_FAILURES: &str = "weir_output_publish_failures_total";
@@ -49,6 +50,7 @@ pub const METRIC_NAMES: &[&str] = &[
     RETRIES,
     DEAD_LETTERS,
     DLQ_PUBLISH_FAILURES,
+    DEAD_LETTERS_SHRUNK,
     LANE_PAUSED,
     OUTPUTS_PUBLISHED,
     OUTPUT_PUBLISH_FAILURES,
@@ -153,6 +155,11 @@ pub fn describe_metrics() {
         DLQ_PUBLISH_FAILURES,
         Unit::Count,
         "Failed attempts to write a dead-letter record (the source event stays unacknowledged)."
+    );
+    describe_counter!(
+        DEAD_LETTERS_SHRUNK,
+        Unit::Count,
+        "Dead-letter records their broker refused as too large, written again without the original's data or extensions (by what was dropped)."
     );
     describe_gauge!(
         LANE_PAUSED,
@@ -287,6 +294,13 @@ pub fn dead_lettered(function: &str, reason: &'static str) {
 /// Writing a dead-letter record failed (it will be tried again; nothing is acknowledged).
 pub fn dead_letter_publish_failed(function: &str) {
     counter!(DLQ_PUBLISH_FAILURES, "function" => function.to_owned()).increment(1);
+}
+
+/// A dead-letter record was too large for its broker and is written again without the
+/// original's `dropped` (`data` or `extensions`).
+pub fn dead_letter_shrunk(function: &str, dropped: &'static str) {
+    counter!(DEAD_LETTERS_SHRUNK, "function" => function.to_owned(), "dropped" => dropped)
+        .increment(1);
 }
 
 /// A lane paused (`true`) or resumed (`false`). The gauge counts paused lanes, so each pause
@@ -538,6 +552,7 @@ mod tests {
             retry_scheduled("d", "memory");
             dead_lettered("d", "expired");
             dead_letter_publish_failed("d");
+            dead_letter_shrunk("d", "data");
             lane_paused("d", true);
             hot.outputs_published(1);
             output_publish_failed("d");

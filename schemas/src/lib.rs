@@ -60,4 +60,9 @@ pub mod ext {
     pub const DLQ_ORIGIN: &str = "weirdlqorigin";
     pub const DLQ_FIRST_FAILURE: &str = "weirdlqfirstfailure";
     pub const DLQ_LAST_FAILURE: &str = "weirdlqlastfailure";
+    /// What a record left out because its dead-letter broker refused it whole as too large:
+    /// `data`, `extensions` (the original event's own), or both, comma-separated.
+    pub const DLQ_DROPPED: &str = "weirdlqdropped";
+    /// How many bytes of data a record left out (with `data` in [`DLQ_DROPPED`]).
+    pub const DLQ_DROPPED_DATA_BYTES: &str = "weirdlqdroppeddatabytes";
 }

@@ -1,4 +1,5 @@
-//! The Kafka transport against a real Kafka-protocol broker (Tansu): round trips, commits at
+//! The Kafka transport against a real Kafka-protocol broker (Tansu): round trips, a record too
+//! large refused as such, commits at
 //! the watermark, ordering lanes, redelivery of dropped deliveries, lag, and resuming after a
 //! consumer restart; and the topic reader of `weir tail --kafka` ending when its topic is
 //! deleted (on librdkafka's mock cluster: see that test). Each test starts its own broker;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use weir_broker_bridge::kafka::{KafkaPublisher, KafkaSubscription, KafkaTransport};
 use weir_broker_bridge::{
     BrokerKind, Delivery, Ordering, Origin, OutboundMessage, Publisher, RetryStyle, Subscription,
+    TransportError,
 };
 use weir_tests::kafka_broker::KafkaBroker;
 
@@ -194,6 +196,39 @@ async fn headers_key_and_null_payload_survive_the_round_trip() {
         sub.next().await.is_none(),
         "a closed subscription yields nothing"
     );
+}
+
+/// A record over librdkafka's `message.max.bytes` (1,000,000 by default) is refused as
+/// [`TransportError::TooLarge`], which the dispatcher treats as the sender's fault rather than
+/// a broker to wait for; the producer goes on with records that fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_message_max_bytes_is_too_large() {
+    let setup = setup("too-large", 1).await;
+    let refused = setup
+        .publisher
+        .publish(OutboundMessage {
+            topic: setup.topic.clone(),
+            key: None,
+            headers: Vec::new(),
+            payload: vec![b'x'; 1_100_000].into(),
+            dedup_id: None,
+        })
+        .await;
+    match refused {
+        Err(TransportError::TooLarge { topic, reason }) => {
+            assert_eq!(topic, setup.topic);
+            assert!(reason.contains("too large"), "{reason}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    setup.produce(None, "fits").await;
+    let mut sub = setup.subscribe("too-large-group", Ordering::Partition, 4);
+    let delivery = next_within(&mut sub, FIRST_DELIVERY)
+        .await
+        .expect("the record that fits");
+    assert_eq!(payload_of(&delivery), "fits");
+    delivery.ack().await.expect("ack");
+    sub.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ use weir_tests::scenario::{
     check_undecodable_record, ext, failure_functions, flaky_policy, write_config, SPIN_TIMEOUT,
     TRACEPARENT,
 };
-use weir_tests::weir::{component_path, functions_dir, InProcess};
+use weir_tests::weir::{component_path, functions_dir, run_weir, InProcess};
 
 /// Tests of this file run one at a time (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -72,7 +72,15 @@ struct Nats {
 
 impl Nats {
     async fn start() -> anyhow::Result<Nats> {
-        let server = NatsServer::start()?;
+        Self::connect(NatsServer::start()?).await
+    }
+
+    /// A server whose configuration file holds `conf` (say a `max_payload`).
+    async fn start_with_config(conf: &str) -> anyhow::Result<Nats> {
+        Self::connect(NatsServer::start_with_config(conf)?).await
+    }
+
+    async fn connect(server: NatsServer) -> anyhow::Result<Nats> {
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect(server.url())
@@ -915,6 +923,145 @@ stream = "SHARE"
     let ids: HashSet<&str> = outputs.iter().map(|e| ext(e, "id")).collect();
     assert_eq!(outputs.len(), 4, "{outputs:?}");
     assert_eq!(ids.len(), 4, "every output has its own id: {outputs:?}");
+    shutdown_within(weir).await
+}
+
+/// NATS takes messages up to its `max_payload`, headers included. An input that fits, whose
+/// output with Weir's headers does not, fails like an output over `max_output_bytes` (retried,
+/// then dead-lettered); its dead-letter record, the input and the failure's extensions, does
+/// not fit either, so it is written without the data rather than holding the lane for good,
+/// and says so. The function goes on with the next event. An event too large for the topic's
+/// broker is refused as the client's fault: 413 from the ingress, exit 2 from `weir publish`
+/// (JetStream and core).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_nats_is_refused_and_its_dead_letter_cut_down() -> anyhow::Result<()>
+{
+    const MAX_PAYLOAD: usize = 8192;
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start_with_config(&format!("max_payload: {MAX_PAYLOAD}\n")).await?;
+    let streams: [(&str, &[&str]); 2] = [("BIG", &["big.>"]), ("DLQ", &["weir.dlq.>"])];
+    let config = format!(
+        r#"
+[defaults.trigger]
+broker = "jetstream"
+[defaults.retry]
+max_attempts = 2
+initial_delay = "20ms"
+
+{brokers}
+[[functions]]
+name = "echo-big"
+module = "{echo}"
+outputs = ["big.out"]
+config = {{ output_topic = "big.out" }}
+[functions.trigger]
+topic = "big.in"
+stream = "BIG"
+"#,
+        brokers = brokers(&nats.server.url(), &streams),
+        echo = component_path("echo.wasm")?,
+    );
+    let weir = InProcess::start(&config).await?;
+
+    // ~130 bytes of headers: the input fits; echo's output adds Weir's (id, time, hops,
+    // causation, Nats-Msg-Id, ...) and does not.
+    let data = format!("\"{}\"", "x".repeat(MAX_PAYLOAD - 252));
+    let sequence = nats
+        .publish_event("big.in", "big-1", "com.example.big", &data, &[])
+        .await
+        .context("the input itself must fit")?;
+    nats.publish_event("big.in", "small-1", "com.example.big", "{}", &[])
+        .await?;
+
+    let record = nats
+        .wait_event("DLQ", "weir.dlq.echo-big", WAIT, |e| e["id"] == "big-1")
+        .await?;
+    assert_eq!(
+        ext(&record, "weirdlqreason"),
+        "retries-exhausted",
+        "{record}"
+    );
+    assert_eq!(ext(&record, "weirdlqattempts"), "2", "{record}");
+    assert!(
+        ext(&record, "weirdlqerror").contains("too large for its broker"),
+        "{record}"
+    );
+    assert_eq!(ext(&record, "weirdlqdropped"), "data", "{record}");
+    assert_eq!(
+        ext(&record, "weirdlqdroppeddatabytes"),
+        data.len().to_string(),
+        "{record}"
+    );
+    assert_eq!(
+        ext(&record, "weirdlqorigin"),
+        format!("jetstream://BIG/{sequence}")
+    );
+    assert_eq!(ext(&record, "type"), "com.example.big", "{record}");
+    assert!(record.get("data").is_none(), "{record}");
+
+    // The lane went on: the next event's output is there and nothing is left unacknowledged.
+    let output = nats
+        .wait_event("BIG", "big.out", WAIT, |e| e["weircausation"] == "small-1")
+        .await?;
+    assert_eq!(ext(&output, "weirhops"), "1", "{output}");
+    nats.wait_drained("BIG", "weir-echo-big", WAIT).await?;
+    assert_eq!(nats.causes("BIG", "big.out").await?, ["small-1"]);
+    assert_eq!(nats.events("DLQ", "weir.dlq.echo-big").await?.len(), 1);
+
+    let (_, metrics) = weir.get("/metrics").await?;
+    // Never paused: the gauge is 0 or was never set.
+    let paused = metric_value(&metrics, r#"weir_lane_paused{function="echo-big"}"#);
+    assert!(paused.unwrap_or(0.0) == 0.0, "{paused:?}");
+    for (series, value) in [
+        (
+            r#"weir_dead_letters_shrunk_total{function="echo-big",dropped="data"}"#,
+            1.0,
+        ),
+        (
+            r#"weir_dead_letters_total{function="echo-big",reason="retries-exhausted"}"#,
+            1.0,
+        ),
+        (
+            r#"weir_output_publish_failures_total{function="echo-big"}"#,
+            2.0,
+        ),
+    ] {
+        assert_eq!(
+            metric_value(&metrics, series),
+            Some(value),
+            "{series} in:\n{metrics}"
+        );
+    }
+
+    // Too large at the door: the ingress answers 413, `weir publish` exits 2 (a message to
+    // fix, not a broker to wait for), on JetStream and on core NATS; nothing was stored.
+    let body = "y".repeat(MAX_PAYLOAD + 100);
+    let (status, answer) = weir
+        .post(
+            "big.in",
+            &[("content-type", "application/octet-stream")],
+            body.clone(),
+        )
+        .await?;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["kind"], "too-large", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("too large")),
+        "{answer}"
+    );
+    let url = nats.server.url();
+    for core in [false, true] {
+        let mut args = vec!["publish", "--nats", &url, "big.in", "--data", &body];
+        if core {
+            args.push("--core");
+        }
+        let out = run_weir(&args, WAIT).await?;
+        assert_eq!(out.code, Some(2), "core {core}: {out:?}");
+        assert!(out.stderr.contains("too large"), "core {core}: {out:?}");
+    }
+    assert_eq!(nats.events("BIG", "big.in").await?.len(), 2);
     shutdown_within(weir).await
 }
 

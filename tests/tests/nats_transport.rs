@@ -645,6 +645,78 @@ async fn publish_to_a_subject_without_stream_is_a_clear_error() -> anyhow::Resul
     }
 }
 
+/// A message larger than NATS takes is refused as [`TransportError::TooLarge`], so that what
+/// sends it can tell it from a broker that is down: over the server's `max_payload` (counted
+/// with its headers, on core NATS and JetStream) and over a stream's `max_msg_size` (refused by
+/// the server). The connection goes on serving the messages that fit.
+#[tokio::test]
+async fn a_message_larger_than_the_server_or_its_stream_takes_is_too_large() -> anyhow::Result<()> {
+    let server = NatsServer::start_with_config("max_payload: 4096\n")?;
+    let transport = NatsTransport::connect(&config_for(&server)).await?;
+    transport
+        .ensure_stream(&StreamConfig::new(STREAM, vec!["events.>".into()]))
+        .await?;
+    transport
+        .jetstream()
+        .create_stream(stream::Config {
+            name: "CAPPED".into(),
+            subjects: vec!["capped.>".into()],
+            max_message_size: 1024,
+            ..Default::default()
+        })
+        .await?;
+    let sized = |topic: &str, payload_bytes: usize| OutboundMessage {
+        topic: topic.into(),
+        key: None,
+        headers: vec![("ce-id".into(), format!("sized-{payload_bytes}"))],
+        payload: vec![b'x'; payload_bytes].into(),
+        dedup_id: Some(format!("{topic}-{payload_bytes}")),
+    };
+    let too_large =
+        |result: Result<Published, TransportError>, topic: &str, says: &str| match result {
+            Err(TransportError::TooLarge {
+                topic: refused,
+                reason,
+            }) => {
+                ensure!(refused == topic, "{refused}");
+                ensure!(reason.contains(says), "{topic}: {reason}");
+                Ok(())
+            }
+            other => bail!("{topic}: expected TooLarge, got {other:?}"),
+        };
+    let jetstream = transport.jetstream_publisher();
+    let core = transport.core_publisher();
+    // The payload alone fits; with its headers it does not.
+    too_large(
+        jetstream.publish(sized(SUBJECT, 4090)).await,
+        SUBJECT,
+        "limit of 4096",
+    )?;
+    too_large(
+        core.publish(sized("plain.subject", 4090)).await,
+        "plain.subject",
+        "limit of 4096",
+    )?;
+    too_large(
+        jetstream.publish(sized("capped.in", 2000)).await,
+        "capped.in",
+        "maximum",
+    )?;
+
+    assert_eq!(
+        jetstream.publish(sized(SUBJECT, 3000)).await?,
+        Published::Stored
+    );
+    assert_eq!(
+        jetstream.publish(sized("capped.in", 500)).await?,
+        Published::Stored
+    );
+    core.publish(sized("plain.subject", 3000)).await?;
+    assert_eq!(transport.stream_messages(STREAM).await?, 1);
+    assert_eq!(transport.stream_messages("CAPPED").await?, 1);
+    Ok(())
+}
+
 /// Polls until the server has `stream` again (bounded).
 async fn wait_for_stream(transport: &NatsTransport, stream: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -201,10 +201,15 @@ impl Publisher for NatsPublisher {
             }
             Ok(Err(err)) => {
                 self.counters.error();
-                Err(TransportError::Publish {
-                    topic: subject.to_string(),
-                    reason: err.to_string(),
-                })
+                let topic = subject.to_string();
+                let reason = err.to_string();
+                Err(
+                    if err.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded {
+                        TransportError::TooLarge { topic, reason }
+                    } else {
+                        TransportError::Publish { topic, reason }
+                    },
+                )
             }
             Err(_) => {
                 self.counters.timeout();

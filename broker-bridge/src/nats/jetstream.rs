@@ -1105,6 +1105,10 @@ impl JetStreamPublisher {
                 topic: topic.clone(),
                 timeout: self.ack_timeout,
             },
+            _ if too_large(&err) => TransportError::TooLarge {
+                topic: topic.clone(),
+                reason: err.to_string(),
+            },
             _ => TransportError::Publish {
                 topic: topic.clone(),
                 reason: err.to_string(),
@@ -1135,6 +1139,25 @@ impl JetStreamPublisher {
             self.counters.ok();
             Ok(Published::Stored)
         }
+    }
+}
+
+/// Whether a publish was refused for its size: by async-nats, which measures payload and
+/// headers against the server's `max_payload` before sending, or by the stream, whose
+/// `max_msg_size` (or header limit) the server checks. Either way the same message fails again.
+fn too_large(err: &js::context::PublishError) -> bool {
+    match err.kind() {
+        PublishErrorKind::MaxPayloadExceeded => true,
+        PublishErrorKind::Other => std::error::Error::source(err)
+            .and_then(|source| source.downcast_ref::<js::Error>())
+            .is_some_and(|refusal| {
+                matches!(
+                    refusal.error_code(),
+                    js::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        | js::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                )
+            }),
+        _ => false,
     }
 }
 
