@@ -458,7 +458,8 @@ pub struct TriggerDefaults {
     #[serde(default)]
     pub prefetch: Option<usize>,
     /// Applies to JetStream triggers only.
-    #[serde(default, deserialize_with = "de::opt_enum")]
+    /// A name or a table: see [`DeliverFrom`].
+    #[serde(default)]
     pub deliver_policy: Option<DeliverFrom>,
 }
 
@@ -560,7 +561,7 @@ struct RawTrigger {
     ack_wait: Option<Duration>,
     #[serde(default)]
     prefetch: Option<usize>,
-    #[serde(default, deserialize_with = "de::opt_enum")]
+    #[serde(default)]
     deliver_policy: Option<DeliverFrom>,
 }
 

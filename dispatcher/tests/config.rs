@@ -924,7 +924,7 @@ fn broker_sections_are_validated_by_their_own_rules() {
         ack_wait = "5s"
         prefetch = 5000
         ordering = "key"
-        deliver_policy = "last"
+        deliver_policy = "first"
         "#,
         fixture.path(),
     );
@@ -946,11 +946,102 @@ fn broker_sections_are_validated_by_their_own_rules() {
     assert!(message_at(&errors, "functions[0].trigger.prefetch").contains("at most 1024"));
     assert!(
         message_at(&errors, "functions[0].trigger.deliver_policy")
-            .contains("unknown variant `last`, expected `all` or `new`"),
+            .contains(r#"unknown deliver policy "first"; expected "all", "new", "last", "last_per_subject", { start_sequence = N } or { start_time = "<RFC 3339 time>" }"#),
         "{errors}"
     );
     assert!(message_at(&errors, "functions[0].trigger.ordering")
         .contains("jetstream triggers run events in parallel"));
+}
+
+/// Every JetStream deliver policy, by name or as a one-key table, from a function or from
+/// `[defaults.trigger]`; what is not one is refused at its key path, saying what would be.
+#[test]
+fn jetstream_deliver_policies_are_names_or_a_start_position() {
+    let fixture = Fixture::new(&["a.wasm"]);
+    let with = |policy: &str| {
+        format!(
+            r#"
+            [brokers.nats]
+            servers = ["nats://127.0.0.1:4333"]
+            [defaults.trigger]
+            deliver_policy = "last"
+            [[functions]]
+            name = "a"
+            module = "a.wasm"
+            [functions.trigger]
+            broker = "jetstream"
+            topic = "orders.a"
+            stream = "ORDERS"
+            {policy}
+            "#
+        )
+    };
+    let policy_of = |policy: &str| {
+        let config = config::from_toml_str(&with(policy), fixture.path())
+            .unwrap_or_else(|e| panic!("{policy}: {e}"));
+        config.functions[0]
+            .trigger
+            .jetstream
+            .as_ref()
+            .unwrap()
+            .deliver_policy
+    };
+    for (policy, expected) in [
+        ("", DeliverFrom::Last),
+        ("deliver_policy = \"all\"", DeliverFrom::All),
+        ("deliver_policy = \"new\"", DeliverFrom::New),
+        (
+            "deliver_policy = \"last_per_subject\"",
+            DeliverFrom::LastPerSubject,
+        ),
+        (
+            "deliver_policy = { start_sequence = 42 }",
+            DeliverFrom::StartSequence(42),
+        ),
+    ] {
+        assert_eq!(policy_of(policy), expected, "{policy}");
+    }
+    match policy_of("deliver_policy = { start_time = \"2026-12-01T09:30:00+01:00\" }") {
+        // 2026-12-01T08:30:00Z
+        DeliverFrom::StartTime(at) => assert_eq!(at.unix_timestamp(), 1_796_113_800),
+        other => panic!("{other:?}"),
+    }
+    for (policy, says) in [
+        (
+            "deliver_policy = { start_sequence = 0 }",
+            "start_sequence is a stream sequence, counted from 1 (the stream's first message); got 0",
+        ),
+        ("deliver_policy = { start_sequence = -3 }", "got -3"),
+        ("deliver_policy = { start_sequence = \"42\" }", "got \"42\""),
+        (
+            "deliver_policy = { start_time = 1 }",
+            "start_time is an RFC 3339 time in quotes",
+        ),
+        (
+            "deliver_policy = { start_time = \"yesterday\" }",
+            r#"start_time "yesterday" is not an RFC 3339 time"#,
+        ),
+        (
+            "deliver_policy = { start_sequence = 1, start_time = \"2026-12-01T00:00:00Z\" }",
+            "a deliver policy table holds one key",
+        ),
+        (
+            "deliver_policy = { from = 1 }",
+            "a deliver policy table holds one key",
+        ),
+        ("deliver_policy = 7", "expected \"all\", \"new\""),
+    ] {
+        let errors = expect_errors(&with(policy), fixture.path());
+        assert_eq!(
+            paths(&errors),
+            ["functions[0].trigger.deliver_policy"],
+            "{policy}: {errors}"
+        );
+        assert!(
+            message_at(&errors, "functions[0].trigger.deliver_policy").contains(says),
+            "{policy}: {errors}"
+        );
+    }
 }
 
 #[test]

@@ -12,8 +12,8 @@ use anyhow::{bail, ensure, Context};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::stream;
 use weir_broker_bridge::nats::{
-    JetStreamConsumerOptions, JetStreamSubscription, NatsConfig, NatsTransport, RetentionKind,
-    StorageKind, StreamConfig,
+    DeliverFrom, JetStreamConsumerOptions, JetStreamSubscription, NatsConfig, NatsTransport,
+    RetentionKind, StorageKind, StreamConfig,
 };
 use weir_broker_bridge::{
     BrokerKind, Delivery, Origin, OutboundMessage, Published, Publisher, RetryStyle, Subscription,
@@ -821,6 +821,72 @@ async fn a_deleted_consumer_is_created_again_after_its_ack_floor() -> anyhow::Re
     );
     delivery.ack().await?;
     again.close().await;
+    Ok(())
+}
+
+/// A consumer weir creates starts where its deliver policy says, by name or by position; one
+/// that exists keeps its place whatever the policy (see the ack-floor test above).
+#[tokio::test]
+async fn a_new_consumer_starts_where_its_deliver_policy_says() -> anyhow::Result<()> {
+    let (_server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    let publish = |subject: &'static str, payload: &'static str| OutboundMessage {
+        topic: subject.into(),
+        key: None,
+        headers: Vec::new(),
+        payload: payload.into(),
+        dedup_id: None,
+    };
+    // Stream sequences 1 to 3, then a moment later 4.
+    for (subject, payload) in [("events.a", "a1"), ("events.b", "b1"), ("events.a", "a2")] {
+        publisher.publish(publish(subject, payload)).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let between = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher.publish(publish("events.b", "b2")).await?;
+
+    for (index, (policy, expected)) in [
+        (DeliverFrom::All, &["a1", "b1", "a2", "b2"][..]),
+        (DeliverFrom::New, &[][..]),
+        (DeliverFrom::Last, &["b2"][..]),
+        (DeliverFrom::LastPerSubject, &["a2", "b2"][..]),
+        (DeliverFrom::StartSequence(2), &["b1", "a2", "b2"][..]),
+        (DeliverFrom::StartTime(between), &["b2"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut options = options(Duration::from_secs(5));
+        options.durable = Some(format!("from-{index}"));
+        options.deliver_policy = policy;
+        let mut subscription = transport
+            .subscribe_jetstream("events.>", &options, 4)
+            .await?;
+        let mut received = Vec::new();
+        while let Some(delivery) = next_within(
+            &mut subscription,
+            Duration::from_millis(if received.len() < expected.len() {
+                5000
+            } else {
+                500
+            }),
+        )
+        .await
+        {
+            received.push(
+                String::from_utf8_lossy(delivery.message.payload.as_deref().unwrap_or_default())
+                    .into_owned(),
+            );
+            delivery.ack().await?;
+            ensure!(
+                received.len() <= 4,
+                "{policy:?}: more than the stream holds: {received:?}"
+            );
+        }
+        assert_eq!(received, expected, "{policy:?}");
+        subscription.close().await;
+    }
     Ok(())
 }
 

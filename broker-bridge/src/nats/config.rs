@@ -261,15 +261,125 @@ fn check_env(problems: &mut Vec<String>, key: &str, var: &str) {
     }
 }
 
-/// Where a new consumer starts in its stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Where a new consumer starts in its stream: JetStream's deliver policies. In configuration
+/// a name (`"all"`, `"new"`, `"last"`, `"last_per_subject"`) or a table of one key
+/// (`{ start_sequence = 42 }`, `{ start_time = "2026-12-01T00:00:00Z" }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeliverFrom {
     /// Every message still in the stream.
     #[default]
     All,
     /// Only messages stored after the consumer was created.
     New,
+    /// The last message the consumer's subjects hold, then what comes after it.
+    Last,
+    /// The last message of each of the consumer's subjects, then what comes after.
+    LastPerSubject,
+    /// From this stream sequence (1 is the stream's first message ever).
+    StartSequence(u64),
+    /// From the first message stored at or after this time.
+    StartTime(time::OffsetDateTime),
+}
+
+const DELIVER_FROM_EXPECTED: &str = "\"all\", \"new\", \"last\", \"last_per_subject\", \
+     { start_sequence = N } or { start_time = \"<RFC 3339 time>\" }";
+
+impl<'de> Deserialize<'de> for DeliverFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DeliverFromVisitor)
+    }
+}
+
+struct DeliverFromVisitor;
+
+/// A deliver-policy table's value, whatever it is: it never fails to deserialize.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AnyScalar {
+    Integer(i64),
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+impl fmt::Display for AnyScalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnyScalar::Integer(n) => write!(f, "{n}"),
+            AnyScalar::Text(text) => write!(f, "{text:?}"),
+            AnyScalar::Other(_) => f.write_str("a value of another kind"),
+        }
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DeliverFromVisitor {
+    type Value = DeliverFrom;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(DELIVER_FROM_EXPECTED)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<DeliverFrom, E> {
+        match name {
+            "all" => Ok(DeliverFrom::All),
+            "new" => Ok(DeliverFrom::New),
+            "last" => Ok(DeliverFrom::Last),
+            "last_per_subject" => Ok(DeliverFrom::LastPerSubject),
+            _ => Err(E::custom(format!(
+                "unknown deliver policy {name:?}; expected {DELIVER_FROM_EXPECTED}"
+            ))),
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<DeliverFrom, A::Error> {
+        use serde::de::Error as _;
+        let one_key = || {
+            A::Error::custom(format!(
+                "a deliver policy table holds one key, start_sequence or start_time; expected \
+                 {DELIVER_FROM_EXPECTED}"
+            ))
+        };
+        let Some(key) = map.next_key::<String>()? else {
+            return Err(one_key());
+        };
+        // Read whatever the key holds and judged here, so that every problem is reported as
+        // the policy's (one message, at `deliver_policy`), not some at a key below it.
+        let value = map.next_value::<AnyScalar>()?;
+        let from = match (key.as_str(), value) {
+            ("start_sequence", AnyScalar::Integer(sequence)) if sequence >= 1 => {
+                DeliverFrom::StartSequence(sequence.unsigned_abs())
+            }
+            ("start_sequence", value) => {
+                return Err(A::Error::custom(format!(
+                    "start_sequence is a stream sequence, counted from 1 (the stream's first \
+                     message); got {value}"
+                )))
+            }
+            ("start_time", AnyScalar::Text(text)) => {
+                let at = time::OffsetDateTime::parse(
+                    &text,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|e| {
+                    A::Error::custom(format!(
+                        "start_time {text:?} is not an RFC 3339 time such as \
+                         \"2026-12-01T00:00:00Z\": {e}"
+                    ))
+                })?;
+                DeliverFrom::StartTime(at)
+            }
+            ("start_time", value) => {
+                return Err(A::Error::custom(format!(
+                    "start_time is an RFC 3339 time in quotes, such as \
+                     \"2026-12-01T00:00:00Z\"; got {value}"
+                )))
+            }
+            _ => return Err(one_key()),
+        };
+        if map.next_key::<String>()?.is_some() {
+            return Err(one_key());
+        }
+        Ok(from)
+    }
 }
 
 /// How a JetStream trigger's pull consumer is set up.

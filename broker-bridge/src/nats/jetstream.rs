@@ -171,6 +171,12 @@ impl NatsTransport {
             deliver_policy: match options.deliver_policy {
                 DeliverFrom::All => DeliverPolicy::All,
                 DeliverFrom::New => DeliverPolicy::New,
+                DeliverFrom::Last => DeliverPolicy::Last,
+                DeliverFrom::LastPerSubject => DeliverPolicy::LastPerSubject,
+                DeliverFrom::StartSequence(start_sequence) => {
+                    DeliverPolicy::ByStartSequence { start_sequence }
+                }
+                DeliverFrom::StartTime(start_time) => DeliverPolicy::ByStartTime { start_time },
             },
             ack_policy: AckPolicy::Explicit,
             ack_wait: options.ack_wait,
