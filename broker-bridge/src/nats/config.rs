@@ -341,8 +341,8 @@ impl<'de> serde::de::Visitor<'de> for DeliverFromVisitor {
         let Some(key) = map.next_key::<String>()? else {
             return Err(one_key());
         };
-        // Read whatever the key holds and judged here, so that every problem is reported as
-        // the policy's (one message, at `deliver_policy`), not some at a key below it.
+        // Whatever the key holds is read, then judged here, so that every problem is reported
+        // as the policy's (one message, at `deliver_policy`), not some at a key below it.
         let value = map.next_value::<AnyScalar>()?;
         let from = match (key.as_str(), value) {
             ("start_sequence", AnyScalar::Integer(sequence)) if sequence >= 1 => {
