@@ -100,6 +100,10 @@ impl DeadLetter {
 
     fn stamp(&self, record: &mut Event) {
         let ext = &mut record.extensions;
+        // An event that was itself a cut-down record (published again by hand) is whole as
+        // far as this record goes: only [`shrink`] says what this one left out.
+        ext.remove(ext::DLQ_DROPPED);
+        ext.remove(ext::DLQ_DROPPED_DATA_BYTES);
         ext.insert(ext::DLQ_REASON.to_owned(), self.reason.as_str().to_owned());
         ext.insert(
             ext::DLQ_ERROR.to_owned(),
@@ -252,6 +256,18 @@ mod tests {
         assert_eq!((record.id.as_str(), record.ty.as_str()), ("e1", "t"));
 
         assert_eq!(shrink(&mut record), None);
+    }
+
+    #[test]
+    fn a_cut_down_record_sent_again_makes_a_record_that_claims_nothing_dropped() {
+        let mut original = Event::new("e1", "s", "t");
+        original.data = Some(vec![7; 10]);
+        let mut first = letter(DeadLetterReason::Rejected, "no".into()).record(&original);
+        assert_eq!(shrink(&mut first), Some("data"));
+        let second = letter(DeadLetterReason::Rejected, "again".into()).record(&first);
+        assert_eq!(second.extension(ext::DLQ_DROPPED), None);
+        assert_eq!(second.extension(ext::DLQ_DROPPED_DATA_BYTES), None);
+        assert_eq!(second.extension(ext::DLQ_ERROR), Some("again"));
     }
 
     #[test]
