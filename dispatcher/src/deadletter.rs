@@ -103,7 +103,7 @@ impl DeadLetter {
         // An event that was itself a cut-down record (published again by hand) is whole as
         // far as this record goes: only [`shrink`] says what this one left out.
         ext.remove(ext::DLQ_DROPPED);
-        ext.remove(ext::DLQ_DROPPED_DATA_BYTES);
+        ext.remove(ext::DLQ_DROPPED_BYTES);
         ext.insert(ext::DLQ_REASON.to_owned(), self.reason.as_str().to_owned());
         ext.insert(
             ext::DLQ_ERROR.to_owned(),
@@ -122,7 +122,7 @@ impl DeadLetter {
 }
 
 /// Cut `record` down for a dead-letter broker that refused it as too large, and say what
-/// went: first the data (its size is kept in `weirdlqdroppeddatabytes`), then the original
+/// went: first the data (its size is kept in `weirdlqdroppedbytes`), then the original
 /// event's own extensions. The `weirdlq*` extensions always stay: what failed, and
 /// `weirdlqorigin`, where the original can still be read for as long as its broker keeps it.
 /// `None` when nothing more can go.
@@ -136,7 +136,7 @@ pub fn shrink(record: &mut Event) -> Option<&'static str> {
         let bytes = record.data.take().map_or(0, |data| data.len());
         record
             .extensions
-            .insert(ext::DLQ_DROPPED_DATA_BYTES.to_owned(), bytes.to_string());
+            .insert(ext::DLQ_DROPPED_BYTES.to_owned(), bytes.to_string());
         "data"
     } else if record
         .extensions
@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(shrink(&mut record), Some("data"));
         assert_eq!(record.data, None);
         assert_eq!(record.extension(ext::DLQ_DROPPED), Some("data"));
-        assert_eq!(record.extension(ext::DLQ_DROPPED_DATA_BYTES), Some("5000"));
+        assert_eq!(record.extension(ext::DLQ_DROPPED_BYTES), Some("5000"));
         assert_eq!(record.extension(ext::TRACEPARENT), Some("00-abc-def-01"));
         assert_eq!(
             record.datacontenttype.as_deref(),
@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(shrink(&mut record), Some("extensions"));
         assert_eq!(record.extension(ext::TRACEPARENT), None);
         assert_eq!(record.extension(ext::DLQ_DROPPED), Some("data,extensions"));
-        assert_eq!(record.extension(ext::DLQ_DROPPED_DATA_BYTES), Some("5000"));
+        assert_eq!(record.extension(ext::DLQ_DROPPED_BYTES), Some("5000"));
         for kept in [
             ext::DLQ_REASON,
             ext::DLQ_ERROR,
@@ -266,7 +266,7 @@ mod tests {
         assert_eq!(shrink(&mut first), Some("data"));
         let second = letter(DeadLetterReason::Rejected, "again".into()).record(&first);
         assert_eq!(second.extension(ext::DLQ_DROPPED), None);
-        assert_eq!(second.extension(ext::DLQ_DROPPED_DATA_BYTES), None);
+        assert_eq!(second.extension(ext::DLQ_DROPPED_BYTES), None);
         assert_eq!(second.extension(ext::DLQ_ERROR), Some("again"));
     }
 
@@ -277,7 +277,7 @@ mod tests {
         let mut record = letter(DeadLetterReason::Trap, "trap".into()).record(&original);
         assert_eq!(shrink(&mut record), Some("extensions"));
         assert_eq!(record.extension(ext::DLQ_DROPPED), Some("extensions"));
-        assert_eq!(record.extension(ext::DLQ_DROPPED_DATA_BYTES), None);
+        assert_eq!(record.extension(ext::DLQ_DROPPED_BYTES), None);
         assert_eq!(shrink(&mut record), None);
     }
 }

@@ -64,5 +64,36 @@ pub mod ext {
     /// `data`, `extensions` (the original event's own), or both, comma-separated.
     pub const DLQ_DROPPED: &str = "weirdlqdropped";
     /// How many bytes of data a record left out (with `data` in [`DLQ_DROPPED`]).
-    pub const DLQ_DROPPED_DATA_BYTES: &str = "weirdlqdroppeddatabytes";
+    pub const DLQ_DROPPED_BYTES: &str = "weirdlqdroppedbytes";
+
+    /// Every name above: what a receiver of Weir's events may find that Weir set.
+    pub const ALL: &[&str] = &[
+        HOPS,
+        CAUSATION,
+        TRACEPARENT,
+        PARTITION_KEY,
+        DLQ_REASON,
+        DLQ_ERROR,
+        DLQ_ATTEMPTS,
+        DLQ_FUNCTION,
+        DLQ_MODULE,
+        DLQ_ORIGIN,
+        DLQ_FIRST_FAILURE,
+        DLQ_LAST_FAILURE,
+        DLQ_DROPPED,
+        DLQ_DROPPED_BYTES,
+    ];
+
+    #[cfg(test)]
+    mod tests {
+        /// CloudEvents: names of lowercase letters and digits that SHOULD NOT exceed 20
+        /// characters. Weir accepts longer ones from others but keeps to it itself.
+        #[test]
+        fn weirs_own_extension_names_are_valid_and_at_most_twenty_characters() {
+            for name in super::ALL {
+                assert!(crate::event::check_extension_name(name).is_ok(), "{name}");
+                assert!(name.len() <= 20, "{name} is {} characters", name.len());
+            }
+        }
+    }
 }

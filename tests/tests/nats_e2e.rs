@@ -988,7 +988,7 @@ stream = "BIG"
     );
     assert_eq!(ext(&record, "weirdlqdropped"), "data", "{record}");
     assert_eq!(
-        ext(&record, "weirdlqdroppeddatabytes"),
+        ext(&record, "weirdlqdroppedbytes"),
         data.len().to_string(),
         "{record}"
     );
