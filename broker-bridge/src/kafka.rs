@@ -8,6 +8,8 @@
 //!   redelivers but never skips (see `consumer.rs`).
 //! - [`TopicHistory`] reads a topic's retained records outside any group, then follows it
 //!   (for `weir tail --kafka`; see `history.rs`).
+//! - [`TopicBacklog`] reads a topic from a group's committed offsets to its end, once, and
+//!   commits how far it got (for `weir dlq redrive`; see `backlog.rs`).
 //! - [`KafkaPublisher`] is an idempotent producer (`acks=all`) whose `publish` returns once the
 //!   delivery report confirmed the write.
 //!
@@ -34,6 +36,7 @@
 //! mutual TLS and SCRAM-SHA-256/512; PLAIN only as a mechanism Tansu refuses (it does not
 //! offer PLAIN).
 
+mod backlog;
 mod consumer;
 mod history;
 mod lanes;
@@ -60,6 +63,7 @@ use rdkafka::util::Timeout;
 use rdkafka::Offset;
 use serde::Deserialize;
 
+pub use self::backlog::TopicBacklog;
 pub use self::consumer::{KafkaLagProbe, KafkaSubscription, PartitionLag};
 pub use self::history::TopicHistory;
 pub use self::lanes::{LaneId, LaneScheduler, Popped};

@@ -9,7 +9,9 @@
 //!   being settled is handed back for redelivery, never lost;
 //! - a [`Publisher`] returns only once the broker confirmed the message, and says whether the
 //!   broker stored it or already held it ([`Published`]);
-//! - [`Subscription::lag`] says how much work is waiting.
+//! - [`Subscription::lag`] says how much work is waiting;
+//! - a [`Backlog`] reads what a topic held when the read began, once, to its end, and removes
+//!   or moves past what its reader is done with (what `weir dlq redrive` needs).
 //!
 //! This crate is the only one that imports async-nats or rdkafka. It does not decode events
 //! (that is `weir-schemas`) and does not decide retries (that is the dispatcher's policy).
@@ -395,6 +397,27 @@ pub trait Subscription: Send {
 
     /// Stop fetching; deliveries already handed out may still be settled.
     async fn close(&mut self);
+}
+
+/// What a topic held when reading it began, read once, oldest first, to its end: a dead-letter
+/// queue as `weir dlq redrive` reads it. Unlike a [`Subscription`] it ends, and it is not a
+/// trigger: nothing is redelivered. What the reader is done with is removed from the broker
+/// (JetStream deletes the message, unless the backlog keeps what it reads) or moved past (a
+/// Kafka consumer group's committed offsets), so that the next read starts where this one
+/// left off.
+#[async_trait]
+pub trait Backlog: Send {
+    /// The next message stored before the read began; `None` once there is none.
+    async fn next(&mut self) -> Result<Option<InboundMessage>, TransportError>;
+
+    /// The reader is done with the message at `origin`. `sent`: it was sent on, so the
+    /// broker may forget it (JetStream: deleted). Not sent: it stays (JetStream); a Kafka
+    /// cursor moves past it all the same, as a partition is one sequence.
+    async fn done(&mut self, origin: &Origin, sent: bool) -> Result<(), TransportError>;
+
+    /// Release the reader, saving how far it got where the broker keeps that (Kafka: the
+    /// group's offsets). Without it a Kafka read starts again where the last close left it.
+    async fn close(&mut self) -> Result<(), TransportError>;
 }
 
 /// Resizes a subscription's bound on unsettled deliveries.

@@ -16,6 +16,8 @@
 //! - [`NatsTransport::read_subject_history`] reads what a stream holds for a subject, all of it
 //!   or the last N messages (for `weir tail`), with an ordered consumer that leaves no state
 //!   behind.
+//! - [`NatsTransport::read_backlog`] reads what a stream holds for a subject up to its last
+//!   message now, deleting what its reader sent on (`weir dlq redrive`).
 //! - [`NatsTransport::ensure_stream`] creates missing streams and reports (never changes)
 //!   existing ones whose settings differ; a declared stream deleted while Weir runs is created
 //!   again when a subscription or a confirmed publish finds it gone (`declared`).
@@ -31,6 +33,7 @@
 //! not decode events, and does not use JetStream's MaxDeliver/BackOff (see
 //! [`JetStreamConsumerOptions`]). Metrics are emitted only from the `events` module.
 
+mod backlog;
 mod config;
 mod core_nats;
 mod declared;
@@ -48,6 +51,7 @@ use async_nats::jetstream::Context;
 use async_nats::{Client, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 use futures::StreamExt as _;
 
+pub use self::backlog::SubjectBacklog;
 pub use self::config::{
     DeliverFrom, DiscardKind, JetStreamConsumerOptions, NatsConfig, RetentionKind, StorageKind,
     StreamConfig, DEFAULT_PREFETCH, MAX_PREFETCH,

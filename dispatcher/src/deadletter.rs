@@ -20,6 +20,22 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    /// Every reason, in the order DESIGN.md lists them.
+    pub const ALL: [DeadLetterReason; 7] = [
+        DeadLetterReason::RetriesExhausted,
+        DeadLetterReason::Rejected,
+        DeadLetterReason::Undecodable,
+        DeadLetterReason::Timeout,
+        DeadLetterReason::Trap,
+        DeadLetterReason::HopLimit,
+        DeadLetterReason::Expired,
+    ];
+
+    /// The reason a record's `weirdlqreason` names.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::RetriesExhausted => "retries-exhausted",
@@ -37,12 +53,15 @@ impl DeadLetterReason {
 /// a redelivered event is dead-lettered again (a crash between the record's confirmation and
 /// the source's TERM), different for every other function failing the same event and for
 /// another source's event with the same id. Several functions' dead-letter topics commonly
-/// share one stream (`weir.dlq.>`), where JetStream de-duplicates across subjects.
-pub fn dedup_id(function: &str, event: &Event) -> String {
-    format!(
-        "dlq-{}",
-        derived_id(&["dlq", function, &event.source, &event.id])
-    )
+/// share one stream (`weir.dlq.>`), where JetStream de-duplicates across subjects. A record of
+/// a redriven event also depends on where it was redriven from, so that failing again after a
+/// redrive is recorded again (the record redriven may have been removed).
+pub fn dedup_id(function: &str, record: &Event) -> String {
+    let id = match record.extension(ext::DLQ_REDRIVEN) {
+        None => derived_id(&["dlq", function, &record.source, &record.id]),
+        Some(from) => derived_id(&["dlq", function, &record.source, &record.id, from]),
+    };
+    format!("dlq-{id}")
 }
 
 /// The most of an error message a record keeps.
@@ -59,6 +78,10 @@ pub struct DeadLetter {
     pub module: String,
     /// Where the source message sits, e.g. `kafka://topic/partition/offset`.
     pub origin: String,
+    /// The topic or subject the source message came in on.
+    pub topic: String,
+    /// The dead-letter position a redriven event was sent back from (`weir-redrive-from`).
+    pub redriven_from: Option<String>,
     /// RFC 3339.
     pub first_failure: String,
     /// RFC 3339.
@@ -113,6 +136,12 @@ impl DeadLetter {
         ext.insert(ext::DLQ_FUNCTION.to_owned(), self.function.clone());
         ext.insert(ext::DLQ_MODULE.to_owned(), self.module.clone());
         ext.insert(ext::DLQ_ORIGIN.to_owned(), self.origin.clone());
+        ext.insert(ext::DLQ_TOPIC.to_owned(), self.topic.clone());
+        match &self.redriven_from {
+            Some(from) => ext.insert(ext::DLQ_REDRIVEN.to_owned(), from.clone()),
+            // Said by the message it came in, not by an earlier record's extensions.
+            None => ext.remove(ext::DLQ_REDRIVEN),
+        };
         ext.insert(
             ext::DLQ_FIRST_FAILURE.to_owned(),
             self.first_failure.clone(),
@@ -141,11 +170,11 @@ pub fn shrink(record: &mut Event) -> Option<&'static str> {
     } else if record
         .extensions
         .keys()
-        .any(|name| !is_dead_letter_extension(name))
+        .any(|name| !ext::is_dead_letter(name))
     {
         record
             .extensions
-            .retain(|name, _| is_dead_letter_extension(name));
+            .retain(|name, _| ext::is_dead_letter(name));
         "extensions"
     } else {
         return None;
@@ -155,10 +184,6 @@ pub fn shrink(record: &mut Event) -> Option<&'static str> {
         .extensions
         .insert(ext::DLQ_DROPPED.to_owned(), dropped.join(","));
     Some(went)
-}
-
-fn is_dead_letter_extension(name: &str) -> bool {
-    name.starts_with("weirdlq")
 }
 
 #[cfg(test)]
@@ -173,6 +198,8 @@ mod tests {
             function: "f".into(),
             module: "abc".into(),
             origin: "memory://orders/7".into(),
+            topic: "orders".into(),
+            redriven_from: None,
             first_failure: "2024-01-01T00:00:00Z".into(),
             last_failure: "2024-01-01T00:00:02Z".into(),
         }
@@ -192,11 +219,42 @@ mod tests {
             (ext::DLQ_FUNCTION, "f"),
             (ext::DLQ_MODULE, "abc"),
             (ext::DLQ_ORIGIN, "memory://orders/7"),
+            (ext::DLQ_TOPIC, "orders"),
             (ext::DLQ_FIRST_FAILURE, "2024-01-01T00:00:00Z"),
             (ext::DLQ_LAST_FAILURE, "2024-01-01T00:00:02Z"),
         ] {
             assert_eq!(record.extension(k), Some(v), "{k}");
         }
+        assert_eq!(record.extension(ext::DLQ_REDRIVEN), None);
+    }
+
+    #[test]
+    fn a_redriven_event_that_fails_again_gets_a_record_of_its_own() {
+        let original = Event::new("e1", "s", "t");
+        let first = letter(DeadLetterReason::Rejected, "no".into()).record(&original);
+        let again = letter(DeadLetterReason::Rejected, "no".into()).record(&original);
+        assert_eq!(dedup_id("f", &first), dedup_id("f", &again));
+        let redriven = DeadLetter {
+            redriven_from: Some("jetstream://DLQ/4".into()),
+            ..letter(DeadLetterReason::Rejected, "no".into())
+        };
+        let after_redrive = redriven.record(&original);
+        assert_eq!(
+            after_redrive.extension(ext::DLQ_REDRIVEN),
+            Some("jetstream://DLQ/4")
+        );
+        assert_ne!(dedup_id("f", &first), dedup_id("f", &after_redrive));
+        let redriven_elsewhere = DeadLetter {
+            redriven_from: Some("jetstream://DLQ/9".into()),
+            ..letter(DeadLetterReason::Rejected, "no".into())
+        };
+        assert_ne!(
+            dedup_id("f", &after_redrive),
+            dedup_id("f", &redriven_elsewhere.record(&original))
+        );
+        // A record of a record says only how this failure came in.
+        let plain_again = letter(DeadLetterReason::Rejected, "no".into()).record(&after_redrive);
+        assert_eq!(plain_again.extension(ext::DLQ_REDRIVEN), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod http;
 pub mod ingress;
 pub mod pool;
+pub mod redrive;
 pub mod retry;
 pub mod runner;
 pub mod runtime;

@@ -12,6 +12,8 @@ use weir_broker_bridge::kafka::{KafkaConfig, KafkaTransport};
 use weir_broker_bridge::nats::{NatsConfig, NatsTransport};
 use weir_broker_bridge::{BrokerKind, TransportError};
 use weir_dispatcher::config::{self, Config};
+use weir_dispatcher::deadletter::DeadLetterReason;
+use weir_dispatcher::redrive;
 use weir_dispatcher::runtime::{self, Runtime};
 use weir_dispatcher::{demo, engine, http, ingress, telemetry};
 
@@ -68,6 +70,50 @@ enum Command {
     Publish(PublishArgs),
     /// Print a topic's events as JSON lines, from its retained history on, and follow.
     Tail(TailArgs),
+    /// Dead-letter queues.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Send a function's dead-lettered events back to it, each to the topic it came in on.
+    /// A record is removed (JetStream) or moved past (Kafka) once its event is confirmed;
+    /// other functions on that topic do not run it again. Prints a JSON line per record,
+    /// then a summary.
+    Redrive(RedriveArgs),
+}
+
+#[derive(Debug, Args)]
+struct RedriveArgs {
+    /// The function whose dead letters to send back.
+    function: String,
+    /// The configuration that runs the function: its trigger, dead-letter topic and broker
+    /// settings. Its modules need not be on this machine.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: PathBuf,
+    /// Only records with this reason (repeat for several): retries-exhausted, rejected,
+    /// undecodable, timeout, trap, hop-limit, expired.
+    #[arg(long, value_name = "REASON", value_parser = parse_reason)]
+    reason: Vec<DeadLetterReason>,
+    /// Send at most this many events; the rest stays for the next redrive.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Say what would be sent, and send, remove and move past nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Leave the records in the dead-letter queue after sending them (JetStream: not deleted;
+    /// Kafka: the redrive group's offsets not moved), so the next redrive sends them again.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// `--reason`: one of the reasons a dead-letter record gives.
+fn parse_reason(text: &str) -> Result<DeadLetterReason, String> {
+    DeadLetterReason::parse(text).ok_or_else(|| {
+        let known: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
+        format!("not a dead-letter reason; give one of {}", known.join(", "))
+    })
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +323,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check { config } => check(&config),
         Command::Publish(args) => publish(args).await,
         Command::Tail(args) => tail(args).await,
+        Command::Dlq(DlqCommand::Redrive(args)) => redrive(args).await,
     }
 }
 
@@ -801,6 +848,151 @@ async fn tail_nats(args: &TailArgs, settings: &NatsConfig, core: bool) -> anyhow
     // Once subscribed (the server has registered it), nothing published from now on is missed.
     say!("following core subject {} (new messages only)", args.topic);
     tail_broker(Box::new(subscription), "nats", args.limit, stop).await
+}
+
+/// `weir dlq redrive`: the function's dead-letter topic read to its end as of now, each of
+/// its records sent back to the function's trigger broker.
+async fn redrive(args: RedriveArgs) -> anyhow::Result<ExitCode> {
+    let path = args.config.as_path();
+    let config =
+        config::load_for(path, config::LoadFor::Connecting).map_err(|e| invalid_config(path, e))?;
+    let Some(function) = config.functions.iter().find(|f| f.name == args.function) else {
+        let names: Vec<&str> = config.functions.iter().map(|f| f.name.as_str()).collect();
+        return Err(BadInput(format!(
+            "{} has no function {:?} (it has: {})",
+            path.display(),
+            args.function,
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        ))
+        .into());
+    };
+    let dlq = &function.dead_letter;
+    let trigger = &function.trigger;
+    // Both ends are checked before anything is read.
+    let name = &function.name;
+    let refusal = match (dlq.broker, trigger.broker) {
+        (BrokerKind::Memory, _) | (_, BrokerKind::Memory) => Some(format!(
+            "{name}'s dead letters or trigger are on the embedded memory bus, which lives \
+             inside the weir that runs it; weir dlq redrive works with NATS and Kafka"
+        )),
+        (BrokerKind::Nats, _) => Some(format!(
+            "{name}'s dead letters go to the core NATS subject {}, which keeps nothing to \
+             redrive; give the function a JetStream dead-letter topic \
+             ([functions.dead_letter] broker = \"jetstream\")",
+            dlq.topic
+        )),
+        (_, BrokerKind::Nats) if !args.keep => Some(format!(
+            "{name}'s trigger is the core NATS subject {}: nobody confirms a core publish, so \
+             an event sent there while no weir listens is lost, and its record must not be \
+             deleted for it; give --keep to send the events and keep the records",
+            trigger.topic
+        )),
+        _ => None,
+    };
+    if let Some(refusal) = refusal {
+        return Err(BadInput(refusal).into());
+    }
+    let uses = |kind: BrokerKind| {
+        [dlq.broker, trigger.broker].iter().any(|b| match kind {
+            BrokerKind::Kafka => *b == BrokerKind::Kafka,
+            _ => matches!(b, BrokerKind::Nats | BrokerKind::JetStream),
+        })
+    };
+    let nats = match uses(BrokerKind::Nats) {
+        true => Some(
+            connect_nats(&broker_settings(Some(&config), Some(path), "nats", |b| {
+                &b.nats
+            })?)
+            .await?,
+        ),
+        false => None,
+    };
+    let kafka = match uses(BrokerKind::Kafka) {
+        true => Some(
+            connect_kafka(&broker_settings(Some(&config), Some(path), "kafka", |b| {
+                &b.kafka
+            })?)
+            .await?,
+        ),
+        false => None,
+    };
+    let mut backlog: Box<dyn weir_broker_bridge::Backlog> = match (dlq.broker, &nats, &kafka) {
+        (BrokerKind::JetStream, Some(nats), _) => {
+            match nats.read_backlog(&dlq.topic, args.keep).await? {
+                Some(backlog) => Box::new(backlog),
+                None => bail!(
+                    "no JetStream stream captures {}, so nothing was kept to redrive",
+                    dlq.topic
+                ),
+            }
+        }
+        (BrokerKind::Kafka, _, Some(kafka)) => Box::new(
+            kafka
+                .read_backlog(
+                    &dlq.topic,
+                    &format!("weir-redrive-{}", function.name),
+                    args.keep,
+                )
+                .await?,
+        ),
+        (broker, _, _) => bail!("no connection to {broker} for the dead letters"),
+    };
+    let publisher: Box<dyn weir_broker_bridge::Publisher> = match (trigger.broker, &nats, &kafka) {
+        (BrokerKind::JetStream, Some(nats), _) => Box::new(nats.jetstream_publisher()),
+        (BrokerKind::Nats, Some(nats), _) => Box::new(nats.core_publisher()),
+        (BrokerKind::Kafka, _, Some(kafka)) => Box::new(kafka.publisher()?),
+        (broker, _, _) => bail!("no connection to {broker} for the trigger"),
+    };
+    let plan = redrive::Plan {
+        function,
+        reasons: args.reason.clone(),
+        limit: args.limit,
+        dry_run: args.dry_run,
+    };
+    let mut reader_gone = false;
+    let outcome = redrive::redrive(backlog.as_mut(), publisher.as_ref(), &plan, |line| {
+        if !reader_gone {
+            // A reader that went away misses the report, not the redrive.
+            reader_gone = serde_json::to_string(line)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| print_line(&text))
+                .map_or(true, |printed| printed == Printed::ReaderGone);
+        }
+    })
+    .await;
+    if let Some(nats) = nats {
+        // Core publishes are only queued until the connection is flushed.
+        nats.close()
+            .await
+            .context("sending the queued publishes to NATS")?;
+    }
+    let summary = outcome?;
+    if !reader_gone {
+        print_line(&serde_json::json!({ "function": function.name, "summary": summary }))?;
+    }
+    let verb = if args.dry_run { "would send" } else { "sent" };
+    let sent = summary.sent + summary.already_sent + summary.would_send;
+    let mut said = format!(
+        "weir dlq redrive: {verb} {} of {} back to {}",
+        count_of(sent, "event"),
+        function.name,
+        trigger.topic
+    );
+    if summary.kept > 0 {
+        said.push_str(&format!(
+            "; kept {} (see each line's note)",
+            count_of(summary.kept, "record")
+        ));
+    }
+    if summary.stopped_at_limit {
+        said.push_str("; stopped at --limit with more to send");
+    }
+    say!("{said}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// "1 event", "2 events": a count with its noun, for what weir prints to people.

@@ -31,6 +31,7 @@ use crate::chain::{self, OutputRules};
 use crate::deadletter::{self, DeadLetter, DeadLetterReason, RawInput};
 use crate::engine::{self, InvocationError, WitDelivery};
 use crate::pool::{InstancePool, Slot};
+use crate::redrive::Redrive;
 use crate::retry::RetryPolicy;
 use crate::telemetry;
 
@@ -113,6 +114,8 @@ struct DeliveryContext<'a> {
     broker: BrokerKind,
     topic: &'a str,
     key: Option<String>,
+    /// The dead-letter position a redriven message was sent back from.
+    redriven_from: Option<&'a str>,
 }
 
 impl FunctionRunner {
@@ -330,6 +333,13 @@ impl FunctionRunner {
                 ))
             };
         let headers = message.headers.view();
+        let redrive = Redrive::of(&headers);
+        if let Some(other) = redrive.for_function.filter(|f| *f != &*self.spec.name) {
+            // Sent back to the function that failed it; the others on this topic had it.
+            telemetry::redrive_passed_over(&self.spec.name);
+            tracing::debug!(function = %self.spec.name, %origin, redriven_for = other, "a redriven message for another function; acknowledged without running");
+            return Settlement::Ack;
+        }
         let wire = WireMessage {
             headers: &headers,
             payload: message.payload.as_deref(),
@@ -338,6 +348,7 @@ impl FunctionRunner {
             default_source: &default_source,
         };
         let ctx = DeliveryContext {
+            redriven_from: redrive.from,
             origin: &origin,
             broker,
             topic: &message.topic,
@@ -746,6 +757,8 @@ impl FunctionRunner {
             function: self.spec.name.to_string(),
             module: self.pool.module().sha256().to_owned(),
             origin: ctx.origin.to_owned(),
+            topic: ctx.topic.to_owned(),
+            redriven_from: ctx.redriven_from.map(str::to_owned),
             first_failure,
             last_failure,
         }

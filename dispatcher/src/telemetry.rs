@@ -29,6 +29,7 @@ pub const DEAD_LETTERS: &str = "weir_dead_letters_total";
 pub const DLQ_PUBLISH_FAILURES: &str = "weir_dlq_publish_failures_total";
 pub const DEAD_LETTERS_SHRUNK: &str = "weir_dead_letters_shrunk_total";
 pub const LANE_PAUSED: &str = "weir_lane_paused";
+pub const REDRIVES_PASSED_OVER: &str = "weir_redrives_passed_over_total";
 pub const OUTPUTS_PUBLISHED: &str = "weir_outputs_published_total";
 pub const OUTPUT_PUBLISH_FAILURES: &str = "weir_output_publish_failures_total";
 pub const INSTANCE_STARTS: &str = "weir_instance_starts_total";
@@ -52,6 +53,7 @@ pub const METRIC_NAMES: &[&str] = &[
     DLQ_PUBLISH_FAILURES,
     DEAD_LETTERS_SHRUNK,
     LANE_PAUSED,
+    REDRIVES_PASSED_OVER,
     OUTPUTS_PUBLISHED,
     OUTPUT_PUBLISH_FAILURES,
     INSTANCE_STARTS,
@@ -160,6 +162,11 @@ pub fn describe_metrics() {
         DEAD_LETTERS_SHRUNK,
         Unit::Count,
         "Dead-letter records their broker refused as too large, written again without the original's data or extensions (by what was dropped)."
+    );
+    describe_counter!(
+        REDRIVES_PASSED_OVER,
+        Unit::Count,
+        "Redriven messages sent back to another function on the same topic, acknowledged without running this one."
     );
     describe_gauge!(
         LANE_PAUSED,
@@ -301,6 +308,12 @@ pub fn dead_letter_publish_failed(function: &str) {
 pub fn dead_letter_shrunk(function: &str, dropped: &'static str) {
     counter!(DEAD_LETTERS_SHRUNK, "function" => function.to_owned(), "dropped" => dropped)
         .increment(1);
+}
+
+/// A message `weir dlq redrive` sent back to another function on this function's trigger
+/// topic: acknowledged here without running, as this function had handled it already.
+pub fn redrive_passed_over(function: &str) {
+    counter!(REDRIVES_PASSED_OVER, "function" => function.to_owned()).increment(1);
 }
 
 /// A lane paused (`true`) or resumed (`false`). The gauge counts paused lanes, so each pause
@@ -553,6 +566,7 @@ mod tests {
             dead_lettered("d", "expired");
             dead_letter_publish_failed("d");
             dead_letter_shrunk("d", "data");
+            redrive_passed_over("d");
             lane_paused("d", true);
             hot.outputs_published(1);
             output_publish_failed("d");

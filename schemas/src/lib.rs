@@ -65,6 +65,13 @@ pub mod ext {
     pub const DLQ_DROPPED: &str = "weirdlqdropped";
     /// How many bytes of data a record left out (with `data` in [`DLQ_DROPPED`]).
     pub const DLQ_DROPPED_BYTES: &str = "weirdlqdroppedbytes";
+    /// The topic (or subject) the failed message came in on: where `weir dlq redrive` sends
+    /// the event back, which the origin does not say for a JetStream message.
+    pub const DLQ_TOPIC: &str = "weirdlqtopic";
+    /// On the record of an event that was itself redriven: the dead-letter position it was
+    /// redriven from. Part of the record's de-duplication id, so that failing again after a
+    /// redrive makes a new record rather than a duplicate of the one redriven.
+    pub const DLQ_REDRIVEN: &str = "weirdlqredriven";
 
     /// Every name above: what a receiver of Weir's events may find that Weir set.
     pub const ALL: &[&str] = &[
@@ -82,7 +89,15 @@ pub mod ext {
         DLQ_LAST_FAILURE,
         DLQ_DROPPED,
         DLQ_DROPPED_BYTES,
+        DLQ_TOPIC,
+        DLQ_REDRIVEN,
     ];
+
+    /// Whether `name` is one of the `weirdlq*` extensions a dead-letter record adds to the
+    /// original event (what a redrive takes off again).
+    pub fn is_dead_letter(name: &str) -> bool {
+        name.starts_with("weirdlq")
+    }
 
     #[cfg(test)]
     mod tests {

@@ -244,7 +244,22 @@ async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> 
     let kafka_only = kafka_only.to_str().context("a UTF-8 temp path")?;
     let missing = dir.path().join("missing.toml");
     let missing = missing.to_str().context("a UTF-8 temp path")?;
-    let cases: [(&[&str], &str); 16] = [
+    // Functions whose dead letters cannot be redriven from outside: on the memory bus (inside
+    // the weir that runs it), and on a core NATS subject (which keeps nothing).
+    let unredrivable = write(
+        dir.path(),
+        "unredrivable.toml",
+        "[brokers.nats]\nservers = [\"nats://127.0.0.1:9\"]\n\
+         [[functions]]\nname = \"m\"\nmodule = \"absent.wasm\"\n\
+         [functions.trigger]\nbroker = \"memory\"\ntopic = \"t\"\n\
+         [[functions]]\nname = \"c\"\nmodule = \"absent.wasm\"\n\
+         [functions.trigger]\nbroker = \"nats\"\ntopic = \"c.in\"\n\
+         [[functions]]\nname = \"k\"\nmodule = \"absent.wasm\"\n\
+         [functions.trigger]\nbroker = \"nats\"\ntopic = \"k.in\"\n\
+         [functions.dead_letter]\nbroker = \"jetstream\"\n",
+    )?;
+    let unredrivable = unredrivable.to_str().context("a UTF-8 temp path")?;
+    let cases: [(&[&str], &str); 22] = [
         (
             &["publish", "t", "--rate", "0"],
             "positive number of events",
@@ -285,6 +300,35 @@ async fn misuse_exits_2_before_anything_is_read_or_sent() -> anyhow::Result<()> 
         ),
         (&["publish", "t", "-c", missing], "is not valid"),
         (&["publish", "t", "--file", missing], "reading --file"),
+        (&["dlq", "redrive", "m"], "--config"),
+        (
+            &[
+                "dlq",
+                "redrive",
+                "m",
+                "-c",
+                unredrivable,
+                "--reason",
+                "bored",
+            ],
+            "not a dead-letter reason",
+        ),
+        (
+            &["dlq", "redrive", "x", "-c", unredrivable],
+            "has no function \"x\" (it has: m, c, k)",
+        ),
+        (
+            &["dlq", "redrive", "m", "-c", unredrivable],
+            "embedded memory bus",
+        ),
+        (
+            &["dlq", "redrive", "c", "-c", unredrivable],
+            "keeps nothing to redrive",
+        ),
+        (
+            &["dlq", "redrive", "k", "-c", unredrivable],
+            "nobody confirms a core publish",
+        ),
     ];
     for (args, says) in cases {
         // Standard input stays open and empty: a command that read it before checking its

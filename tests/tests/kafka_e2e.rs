@@ -50,7 +50,7 @@ use weir_tests::scenario::{
     check_undecodable_record, ext, failure_functions, flaky_policy, write_config, SPIN_TIMEOUT,
     TRACEPARENT,
 };
-use weir_tests::weir::{component_path, InProcess};
+use weir_tests::weir::{component_path, run_weir, InProcess};
 
 /// Tests of this file run one at a time (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -1796,4 +1796,153 @@ async fn two_dispatchers_share_partitions_and_a_leaving_one_loses_nothing() -> a
         "graceful leave and cooperative rebalance: nothing runs twice"
     );
     Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// weir dlq redrive
+// -------------------------------------------------------------------------------------------
+
+/// `kredo-work` (the module given) and `kredo-audit` (echo), both on `kredo.in`.
+fn redrive_config(bootstrap: &str, work: &str) -> anyhow::Result<String> {
+    Ok(format!(
+        r#"
+{brokers}
+[defaults.trigger]
+broker = "kafka"
+
+[[functions]]
+name = "kredo-work"
+module = "{work}"
+outputs = ["kredo.work"]
+config = {{ output_topic = "kredo.work" }}
+[functions.trigger]
+topic = "kredo.in"
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "kredo-audit"
+module = "{echo}"
+outputs = ["kredo.audit"]
+config = {{ output_topic = "kredo.audit" }}
+[functions.trigger]
+topic = "kredo.in"
+"#,
+        brokers = brokers(bootstrap, true),
+        work = component_path(work)?,
+        echo = component_path("echo.wasm")?,
+    ))
+}
+
+/// `weir dlq redrive` on Kafka: what was sent back is remembered as the
+/// `weir-redrive-<function>` group's offsets, so a second redrive sends only what came after
+/// (the record of an event that failed again after the first, which says where it was
+/// redriven from), and a third nothing. The other function on the topic runs none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_dead_letters_are_redriven_once_each() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let kafka = Kafka::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (broken_dir, fixed_dir) = (dir.path().join("broken"), dir.path().join("fixed"));
+    std::fs::create_dir_all(&broken_dir)?;
+    std::fs::create_dir_all(&fixed_dir)?;
+    let broken = redrive_config(&kafka.bootstrap(), "reject_all.wasm")?;
+    let broken_path = write_config(&broken_dir, &broken)?;
+    let fixed = redrive_config(&kafka.bootstrap(), "echo.wasm")?;
+    let fixed_path = write_config(&fixed_dir, &fixed)?;
+    let redrive = |path: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = ["dlq", "redrive", "kredo-work", "-c"]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        args.push(path.to_string_lossy().into_owned());
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        async move {
+            let out = run_weir(&args, WAIT).await?;
+            ensure!(out.code == Some(0), "{out:?}");
+            let summary: Value = out
+                .stdout
+                .lines()
+                .last()
+                .map(serde_json::from_str)
+                .transpose()?
+                .context("a summary line")?;
+            Ok::<_, anyhow::Error>((out, summary["summary"].clone()))
+        }
+    };
+
+    let weir = InProcess::start(&broken).await?;
+    for id in ["k-1", "k-2"] {
+        kafka
+            .publish_event("kredo.in", Some(id), id, "com.example.x", "{}", &[])
+            .await?;
+    }
+    kafka.wait_count("weir.dlq.kredo-work", 2, WAIT).await?;
+    kafka.wait_count("kredo.audit", 2, WAIT).await?;
+
+    // Still broken: one goes back and fails again.
+    let (out, summary) = redrive(&broken_path, &["--limit", "1"]).await?;
+    assert_eq!(summary["sent"], 1, "{out:?}");
+    let line: Value = serde_json::from_str(out.stdout.lines().next().unwrap_or_default())?;
+    let (first_id, first_origin) = (line["id"].clone(), line["origin"].clone());
+    let again = kafka
+        .wait_event("weir.dlq.kredo-work", WAIT, |r| {
+            r["weirdlqredriven"] == first_origin
+        })
+        .await?;
+    assert_eq!(again["id"], first_id, "{again}");
+    assert_eq!(ext(&again, "weirdlqtopic"), "kredo.in");
+    kafka
+        .wait_committed("kredo.in", "weir-kredo-audit", WAIT)
+        .await?;
+    weir.shutdown().await?;
+
+    // Fixed: the other original and the new record go back; the one sent before does not.
+    let weir = InProcess::start(&fixed).await?;
+    let (out, summary) = redrive(&fixed_path, &[]).await?;
+    assert_eq!(summary["read"], 2, "{out:?}");
+    assert_eq!(summary["sent"], 2, "{out:?}");
+    kafka.wait_count("kredo.work", 2, WAIT).await?;
+    kafka
+        .wait_committed("kredo.in", "weir-kredo-work", WAIT)
+        .await?;
+    kafka
+        .wait_committed("kredo.in", "weir-kredo-audit", WAIT)
+        .await?;
+    let mut causes: Vec<String> = kafka
+        .read("kredo.work")?
+        .iter()
+        .map(|r| r.causation().unwrap_or_default().to_owned())
+        .collect();
+    causes.sort_unstable();
+    assert_eq!(causes, ["k-1", "k-2"]);
+    assert_eq!(
+        kafka.count("kredo.audit")?,
+        2,
+        "the audit ran nothing again"
+    );
+    let (_, metrics) = weir.get("/metrics").await?;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"weir_redrives_passed_over_total{function="kredo-audit"}"#
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+
+    let (out, summary) = redrive(&fixed_path, &[]).await?;
+    assert_eq!(summary["read"], 0, "{out:?}");
+    let committed = kafka
+        .committed("weir.dlq.kredo-work", "weir-redrive-kredo-work")
+        .await?;
+    let high = kafka.high_watermarks("weir.dlq.kredo-work")?;
+    for (partition, end) in &high {
+        let at = committed.get(partition).copied().flatten();
+        assert!(
+            *end == 0 || at == Some(*end),
+            "partition {partition}: committed {at:?}, high {end}"
+        );
+    }
+    weir.shutdown().await
 }

@@ -2455,3 +2455,256 @@ max = 4
     runtime.shutdown().await;
     result
 }
+
+// -------------------------------------------------------------------------------------------
+// weir dlq redrive
+// -------------------------------------------------------------------------------------------
+
+/// The redrive test's configuration: `redo-work` (the module given, reading `format`) and
+/// `redo-audit` (echo) both triggered by `redo.>`.
+fn redrive_config(url: &str, work: &str, format: &str) -> anyhow::Result<String> {
+    let streams: [(&str, &[&str]); 3] = [
+        ("REDO", &["redo.>"]),
+        ("REDONE", &["redone.>"]),
+        ("DLQ", &["weir.dlq.>"]),
+    ];
+    Ok(format!(
+        r#"
+[defaults.trigger]
+broker = "jetstream"
+
+{brokers}
+[[functions]]
+name = "redo-work"
+module = "{work}"
+outputs = ["redone.work"]
+config = {{ output_topic = "redone.work" }}
+[functions.trigger]
+topic = "redo.>"
+stream = "REDO"
+format = "{format}"
+[functions.retry]
+max_attempts = 1
+
+[[functions]]
+name = "redo-audit"
+module = "{echo}"
+outputs = ["redone.audit"]
+config = {{ output_topic = "redone.audit" }}
+[functions.trigger]
+topic = "redo.>"
+stream = "REDO"
+"#,
+        brokers = brokers(url, &streams),
+        work = component_path(work)?,
+        echo = component_path("echo.wasm")?,
+    ))
+}
+
+/// `weir dlq redrive` with its JSON lines parsed: (exit code, record lines, summary, stderr).
+async fn redrive(args: &[&str]) -> anyhow::Result<(Option<i32>, Vec<Value>, Value, String)> {
+    let mut all = vec!["dlq", "redrive"];
+    all.extend_from_slice(args);
+    let out = run_weir(&all, WAIT).await?;
+    let mut lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("stdout is JSON lines: {out:?}"))?;
+    let summary = match lines.pop() {
+        Some(last) if last.get("summary").is_some() => last["summary"].clone(),
+        _ => Value::Null,
+    };
+    Ok((out.code, lines, summary, out.stderr))
+}
+
+/// Dead letters go back to the function that failed them, to the subject each came in on,
+/// and nowhere else: the other function on that subject acknowledges them without running.
+/// A record is deleted once its event is confirmed; a dry run and a `--limit` leave the rest.
+/// An event that fails again makes a new record (not a duplicate of the one redriven, which is
+/// gone), saying where it was redriven from; an undecodable input goes back as its bytes and
+/// runs once the function reads it differently; a second redrive finds nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_redriven_to_the_function_that_failed_them() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let nats = Nats::start().await?;
+    let url = nats.server.url();
+    let dir = tempfile::tempdir()?;
+    let (broken_dir, fixed_dir) = (dir.path().join("broken"), dir.path().join("fixed"));
+    std::fs::create_dir_all(&broken_dir)?;
+    std::fs::create_dir_all(&fixed_dir)?;
+    let broken = redrive_config(&url, "reject_all.wasm", "cloudevents")?;
+    let broken_path = write_config(&broken_dir, &broken)?;
+    let fixed = redrive_config(&url, "echo.wasm", "auto")?;
+    let fixed_path = write_config(&fixed_dir, &fixed)?;
+    let (broken_path, fixed_path) = (
+        broken_path.to_string_lossy().into_owned(),
+        fixed_path.to_string_lossy().into_owned(),
+    );
+
+    let weir = InProcess::start(&broken).await?;
+    nats.publish_event("redo.eu", "o-1", "com.example.order", r#"{"n":1}"#, &[])
+        .await?;
+    nats.publish_event("redo.us", "o-2", "com.example.order", r#"{"n":2}"#, &[])
+        .await?;
+    nats.publish_raw(
+        "redo.eu",
+        HeaderMap::new(),
+        Bytes::from_static(b"not an event"),
+    )
+    .await?;
+    let deadline = Instant::now() + WAIT;
+    let records = loop {
+        let records = nats.events("DLQ", "weir.dlq.redo-work").await?;
+        if records.len() == 3 || Instant::now() >= deadline {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(records.len() == 3, "three dead letters: {records:#?}");
+    let reasons: Vec<&str> = records.iter().map(|r| ext(r, "weirdlqreason")).collect();
+    assert_eq!(reasons, ["rejected", "rejected", "undecodable"]);
+    let topics: Vec<&str> = records.iter().map(|r| ext(r, "weirdlqtopic")).collect();
+    assert_eq!(topics, ["redo.eu", "redo.us", "redo.eu"]);
+    nats.wait_drained("REDO", "weir-redo-audit", WAIT).await?;
+    assert_eq!(nats.causes("REDONE", "redone.audit").await?.len(), 3);
+
+    // A dry run says what it would send and changes nothing.
+    let (code, lines, summary, stderr) =
+        redrive(&["redo-work", "-c", &broken_path, "--dry-run"]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let actions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["action"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(actions, ["would-send"; 3], "{lines:#?}");
+    let to: Vec<&str> = lines
+        .iter()
+        .map(|l| l["to"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(to, ["redo.eu", "redo.us", "redo.eu"]);
+    assert_eq!(summary["would_send"], 3, "{summary}");
+    assert!(stderr.contains("would send 3 events"), "{stderr}");
+    assert_eq!(nats.events("DLQ", "weir.dlq.redo-work").await?.len(), 3);
+    assert_eq!(nats.stream_count("REDO").await?, 3);
+
+    // The function still rejects: the first rejected record goes back, fails again, and its
+    // new record (a new position, not a duplicate of the one deleted) says where it came from.
+    let (code, lines, summary, stderr) = redrive(&[
+        "redo-work",
+        "-c",
+        &broken_path,
+        "--reason",
+        "rejected",
+        "--limit",
+        "1",
+    ])
+    .await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["action"], "sent", "{lines:#?}");
+    assert_eq!(lines[0]["id"], "o-1");
+    assert_eq!(summary["stopped_at_limit"], true, "{summary}");
+    let redriven_from = lines[0]["origin"].as_str().unwrap_or_default().to_owned();
+    let again = nats
+        .wait_event("DLQ", "weir.dlq.redo-work", WAIT, |r| {
+            r["weirdlqredriven"] == redriven_from.as_str()
+        })
+        .await?;
+    assert_eq!(again["id"], "o-1", "{again}");
+    assert_eq!(ext(&again, "weirdlqreason"), "rejected");
+    let left: Vec<String> = nats
+        .events("DLQ", "weir.dlq.redo-work")
+        .await?
+        .iter()
+        .map(|r| r["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        left.len(),
+        3,
+        "the redriven record is gone, its successor there: {left:?}"
+    );
+    assert_eq!(left[0], "o-2");
+    assert_eq!(left[2], "o-1");
+    // What went back: the event as it came, without the record's extensions, to redo.eu, for
+    // redo-work alone.
+    let resent = nats.read_stream("REDO", Some("redo.eu")).await?;
+    let resent = resent.last().context("the redriven event on redo.eu")?;
+    assert_eq!(resent.header("weir-redrive-for"), Some("redo-work"));
+    assert_eq!(
+        resent.header("weir-redrive-from"),
+        Some(redriven_from.as_str())
+    );
+    let event = resent.event("REDO");
+    assert_eq!(event["id"], "o-1", "{event}");
+    assert!(
+        event
+            .as_object()
+            .is_some_and(|e| !e.keys().any(|k| k.starts_with("weirdlq"))),
+        "{event}"
+    );
+    nats.wait_drained("REDO", "weir-redo-audit", WAIT).await?;
+    let (_, metrics) = weir.get("/metrics").await?;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"weir_redrives_passed_over_total{function="redo-audit"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(nats.causes("REDONE", "redone.audit").await?.len(), 3);
+    shutdown_within(weir).await?;
+
+    // Fixed (echo, reading any format): everything left goes back and runs.
+    let weir = InProcess::start(&fixed).await?;
+    let (code, lines, summary, stderr) = redrive(&["redo-work", "-c", &fixed_path]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(summary["sent"], 3, "{summary} {lines:#?}");
+    assert_eq!(summary["kept"], 0, "{summary}");
+    let outputs = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let outputs = nats.events("REDONE", "redone.work").await?;
+            if outputs.len() >= 3 || Instant::now() >= deadline {
+                break outputs;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut causes: Vec<&str> = outputs
+        .iter()
+        .map(|o| o["weircausation"].as_str().unwrap_or("?"))
+        .collect();
+    causes.retain(|cause| cause.starts_with("o-"));
+    causes.sort_unstable();
+    assert_eq!(outputs.len(), 3, "{outputs:#?}");
+    assert_eq!(causes, ["o-1", "o-2"], "{outputs:#?}");
+    assert!(
+        // base64 of `not an event`: echo's output of a custom event of those bytes.
+        outputs
+            .iter()
+            .any(|o| o["data_base64"] == "bm90IGFuIGV2ZW50" && o["type"] == "weir.custom"),
+        "the undecodable input went back as its bytes: {}",
+        serde_json::to_string_pretty(&outputs)?
+    );
+    assert!(nats.events("DLQ", "weir.dlq.redo-work").await?.is_empty());
+    nats.wait_drained("REDO", "weir-redo-work", WAIT).await?;
+    nats.wait_drained("REDO", "weir-redo-audit", WAIT).await?;
+    assert_eq!(nats.causes("REDONE", "redone.audit").await?.len(), 3);
+
+    // Nothing left, nothing sent; a function the file does not have is the caller's mistake.
+    let (code, lines, summary, stderr) = redrive(&["redo-work", "-c", &fixed_path]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(lines.is_empty(), "{lines:#?}");
+    assert_eq!(summary["read"], 0, "{summary}");
+    assert_eq!(nats.stream_count("REDO").await?, 3 + 1 + 3);
+    let (code, _, _, stderr) = redrive(&["nope", "-c", &fixed_path]).await?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no function \"nope\"") && stderr.contains("redo-work"),
+        "{stderr}"
+    );
+    shutdown_within(weir).await
+}

@@ -16,8 +16,8 @@ use weir_broker_bridge::nats::{
     RetentionKind, StorageKind, StreamConfig,
 };
 use weir_broker_bridge::{
-    BrokerKind, Delivery, Origin, OutboundMessage, Published, Publisher, RetryStyle, Subscription,
-    TransportError,
+    Backlog, BrokerKind, Delivery, Origin, OutboundMessage, Published, Publisher, RetryStyle,
+    Subscription, TransportError,
 };
 use weir_tests::nats_server::NatsServer;
 
@@ -1188,5 +1188,134 @@ async fn try_next_takes_what_is_ready_without_waiting() -> anyhow::Result<()> {
     assert_eq!(ids, expected, "in publish order");
     core.close().await;
     assert!(core.try_next().is_none(), "nothing after close");
+    Ok(())
+}
+
+/// The payload of a backlog message, as text.
+fn text_of(message: &weir_broker_bridge::InboundMessage) -> String {
+    String::from_utf8_lossy(message.payload.as_deref().unwrap_or_default()).into_owned()
+}
+
+/// A backlog (what `weir dlq redrive` reads) ends at the subject's last message when it began,
+/// deletes exactly what its reader sent on (with `keep`, nothing), and is refused where it
+/// could not delete (a stream that denies deletes) or read without taking (a workqueue).
+#[tokio::test]
+async fn a_backlog_reads_to_where_the_subject_ended_and_deletes_only_what_was_sent(
+) -> anyhow::Result<()> {
+    let (server, transport) = setup(StorageKind::Memory).await?;
+    let publisher = transport.jetstream_publisher();
+    let publish = |subject: &'static str, payload: &'static str| OutboundMessage {
+        topic: subject.into(),
+        key: None,
+        headers: Vec::new(),
+        payload: payload.into(),
+        dedup_id: None,
+    };
+    for (subject, payload) in [
+        ("events.dlq", "d1"),
+        ("events.other", "o1"),
+        ("events.dlq", "d2"),
+        ("events.dlq", "d3"),
+    ] {
+        publisher.publish(publish(subject, payload)).await?;
+    }
+    let mut backlog = transport
+        .read_backlog("events.dlq", false)
+        .await?
+        .context("a stream captures events.dlq")?;
+    let mut read = Vec::new();
+    let mut sent = true;
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(15), backlog.next())
+        .await
+        .context("a backlog read ends by itself")??
+    {
+        if read.is_empty() {
+            // Stored after the read began: left for the next one.
+            publisher.publish(publish("events.dlq", "d4")).await?;
+        }
+        read.push(text_of(&message));
+        backlog.done(&message.origin, sent).await?;
+        sent = !sent;
+    }
+    backlog.close().await?;
+    assert_eq!(read, ["d1", "d2", "d3"]);
+    let client = async_nats::connect(server.url()).await?;
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(STREAM)
+        .await?;
+    let mut kept = Vec::new();
+    for sequence in 1..=5 {
+        if let Ok(message) = stream.get_raw_message(sequence).await {
+            kept.push(String::from_utf8_lossy(&message.payload).into_owned());
+        }
+    }
+    // d1 and d3 were sent, so deleted; d2 (not sent), o1 (another subject) and d4 stay.
+    assert_eq!(kept, ["o1", "d2", "d4"]);
+    let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names()).await?;
+    assert!(
+        names.is_empty(),
+        "the reading consumer is deleted: {names:?}"
+    );
+
+    // Kept: read to the end, nothing deleted; a deletion of what is gone already is no error.
+    let mut backlog = transport
+        .read_backlog("events.dlq", true)
+        .await?
+        .context("a stream captures events.dlq")?;
+    let mut again = Vec::new();
+    while let Some(message) = backlog.next().await? {
+        again.push(text_of(&message));
+        backlog.done(&message.origin, true).await?;
+    }
+    assert_eq!(again, ["d2", "d4"]);
+    assert!(stream.get_raw_message(3).await.is_ok(), "d2 is kept");
+
+    // Nothing on the subject: an empty read; no stream: none.
+    let mut empty = transport
+        .read_backlog("events.none", false)
+        .await?
+        .context("a stream captures events.none")?;
+    assert!(empty.next().await?.is_none());
+    assert!(transport.read_backlog("elsewhere", false).await?.is_none());
+
+    // A stream that denies deletes, unless kept; a workqueue stream, always.
+    let mut no_deletes = StreamConfig::new("NODEL", vec!["nodel.>".into()]);
+    no_deletes.storage = StorageKind::Memory;
+    transport.ensure_stream(&no_deletes).await?;
+    let mut info = stream_config(&server, "NODEL").await?;
+    info.deny_delete = true;
+    update_stream(&server, info).await?;
+    let refused = transport.read_backlog("nodel.x", false).await;
+    match refused {
+        Err(TransportError::Subscribe { reason, .. }) => {
+            assert!(reason.contains("denies deletes"), "{reason}");
+        }
+        other => bail!("a deny_delete stream is refused: {other:?}"),
+    }
+    assert!(transport.read_backlog("nodel.x", true).await?.is_some());
+    let mut jobs = StreamConfig::new("REDRIVEJOBS", vec!["rjobs.>".into()]);
+    jobs.storage = StorageKind::Memory;
+    jobs.retention = RetentionKind::WorkQueue;
+    transport.ensure_stream(&jobs).await?;
+    match transport.read_backlog("rjobs.x", true).await {
+        Err(TransportError::Subscribe { reason, .. }) => {
+            assert!(reason.contains("workqueue"), "{reason}");
+        }
+        other => bail!("a workqueue stream is refused: {other:?}"),
+    }
+    Ok(())
+}
+
+async fn stream_config(server: &NatsServer, name: &str) -> anyhow::Result<stream::Config> {
+    let client = async_nats::connect(server.url()).await?;
+    let mut stream = async_nats::jetstream::new(client).get_stream(name).await?;
+    Ok(stream.info().await?.config.clone())
+}
+
+async fn update_stream(server: &NatsServer, config: stream::Config) -> anyhow::Result<()> {
+    let client = async_nats::connect(server.url()).await?;
+    async_nats::jetstream::new(client)
+        .update_stream(config)
+        .await?;
     Ok(())
 }

@@ -87,12 +87,12 @@ impl KafkaTransport {
     }
 }
 
-/// Assign every partition of `topic` to `consumer` at its start offset; returns how many.
-fn assign_from(
+/// The partition ids of `topic` (a blocking librdkafka call); an error saying so when the
+/// topic does not exist.
+pub(super) fn topic_partitions(
     consumer: &StreamConsumer<LogContext>,
     topic: &str,
-    last: Option<u64>,
-) -> Result<usize, String> {
+) -> Result<Vec<i32>, String> {
     let metadata = consumer
         .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
         .map_err(|e| format!("reading the topic's metadata: {e}"))?;
@@ -108,26 +108,36 @@ fn assign_from(
     if meta.partitions().is_empty() {
         return Err("no such topic (the broker lists no partitions for it)".to_owned());
     }
+    Ok(meta.partitions().iter().map(|p| p.id()).collect())
+}
+
+/// Assign every partition of `topic` to `consumer` at its start offset; returns how many.
+fn assign_from(
+    consumer: &StreamConsumer<LogContext>,
+    topic: &str,
+    last: Option<u64>,
+) -> Result<usize, String> {
+    let partitions = topic_partitions(consumer, topic)?;
     let mut assignment = TopicPartitionList::new();
-    for partition in meta.partitions() {
+    for &partition in &partitions {
         let offset = match last {
             None => Offset::Beginning,
             Some(last) => {
                 let (low, high) = consumer
-                    .fetch_watermarks(topic, partition.id(), ADMIN_TIMEOUT)
-                    .map_err(|e| format!("reading partition {}'s offsets: {e}", partition.id()))?;
+                    .fetch_watermarks(topic, partition, ADMIN_TIMEOUT)
+                    .map_err(|e| format!("reading partition {partition}'s offsets: {e}"))?;
                 let back = i64::try_from(last).unwrap_or(i64::MAX);
                 Offset::Offset(high.saturating_sub(back).max(low))
             }
         };
         assignment
-            .add_partition_offset(topic, partition.id(), offset)
-            .map_err(|e| format!("starting partition {} at {offset:?}: {e}", partition.id()))?;
+            .add_partition_offset(topic, partition, offset)
+            .map_err(|e| format!("starting partition {partition} at {offset:?}: {e}"))?;
     }
     consumer
         .assign(&assignment)
         .map_err(|e| format!("assigning the topic's partitions: {e}"))?;
-    Ok(meta.partitions().len())
+    Ok(partitions.len())
 }
 
 /// A topic's records, each partition oldest first, then new ones as they arrive.

@@ -48,14 +48,9 @@ impl NatsTransport {
             topic: subject.to_owned(),
             reason,
         };
-        let Some(stream_name) = self.stream_capturing(subject).await? else {
+        let Some((stream_name, stream)) = self.open_stream_capturing(subject).await? else {
             return Ok(None);
         };
-        let stream = self
-            .jetstream
-            .get_stream(&stream_name)
-            .await
-            .map_err(|err| subscribe_error(format!("opening stream {stream_name}: {err}")))?;
         // The server serves a work queue only to consumers that acknowledge, and an ack there
         // removes the message: reading would take events from the functions that consume it.
         if stream.cached_info().config.retention == RetentionPolicy::WorkQueue {
@@ -76,7 +71,7 @@ impl NatsTransport {
                     ))
                 })?,
         };
-        let consumer_name = reader_name();
+        let consumer_name = reader_name("tail");
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
                 // After a gap async-nats re-creates it as `{name}_{serial}`.
@@ -107,6 +102,46 @@ impl NatsTransport {
             messages: Some(std::sync::Mutex::new(messages)),
             ended_by: None,
         }))
+    }
+}
+
+impl NatsTransport {
+    /// The stream that captures `subject`, by name and opened; `None` when no stream captures
+    /// it or the server has no JetStream.
+    pub(super) async fn open_stream_capturing(
+        &self,
+        subject: &str,
+    ) -> Result<Option<(String, async_nats::jetstream::stream::Stream)>, TransportError> {
+        let Some(name) = self.stream_capturing(subject).await? else {
+            return Ok(None);
+        };
+        match self.jetstream.get_stream(&name).await {
+            Ok(stream) => Ok(Some((name, stream))),
+            Err(err) => Err(TransportError::Subscribe {
+                topic: subject.to_owned(),
+                reason: format!("opening stream {name}: {err}"),
+            }),
+        }
+    }
+}
+
+/// A message a stream stored, as the transport hands it on (read outside any trigger: a first
+/// delivery, no key).
+pub(super) fn stored_message(
+    message: async_nats::Message,
+    stream: &Arc<str>,
+    sequence: u64,
+) -> InboundMessage {
+    InboundMessage {
+        topic: message.subject.to_string(),
+        key: None,
+        headers: Headers::from_nats(message.headers),
+        payload: Some(message.payload),
+        origin: Origin::JetStream {
+            stream: Arc::clone(stream),
+            sequence,
+        },
+        delivery_count: 1,
     }
 }
 
@@ -180,15 +215,15 @@ async fn pending_from(
     Ok(pending)
 }
 
-/// A consumer name no other reader has: the process, the time and a count within the
-/// process.
-fn reader_name() -> String {
+/// A consumer name no other reader has (`weir-<purpose>-…`): the process, the time and a
+/// count within the process.
+pub(super) fn reader_name(purpose: &str) -> String {
     static READERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_nanos());
     let count = READERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("weir-tail-{}-{nanos:x}-{count}", std::process::id())
+    format!("weir-{purpose}-{}-{nanos:x}-{count}", std::process::id())
 }
 
 /// A stream's messages on one subject, oldest first, then new ones as they are stored.
@@ -254,17 +289,7 @@ impl Subscription for SubjectHistory {
             Some(Ok(message)) => {
                 let sequence = message.info().map_or(0, |info| info.stream_sequence);
                 let (message, _acker) = message.split();
-                let inbound = InboundMessage {
-                    topic: message.subject.to_string(),
-                    key: None,
-                    headers: Headers::from_nats(message.headers),
-                    payload: Some(message.payload),
-                    origin: Origin::JetStream {
-                        stream: Arc::clone(&self.stream),
-                        sequence,
-                    },
-                    delivery_count: 1,
-                };
+                let inbound = stored_message(message, &self.stream, sequence);
                 Some(Delivery::new(inbound, Box::new(StatelessSettle)))
             }
             Some(Err(reason)) => {
