@@ -319,6 +319,15 @@ impl FunctionRunner {
         shutdown: &CancellationToken,
     ) -> Settlement {
         let message = &delivery.message;
+        let headers = message.headers.view();
+        let redrive = Redrive::of(&headers);
+        if let Some(other) = redrive.for_function.filter(|f| *f != &*self.spec.name) {
+            // Sent back to the function that failed it; the others on this topic had it, so
+            // for them it is not an event received (the counters would not add up).
+            telemetry::redrive_passed_over(&self.spec.name);
+            tracing::debug!(function = %self.spec.name, origin = %message.origin, redriven_for = other, "a redriven message for another function; acknowledged without running");
+            return Settlement::Ack;
+        }
         let broker = message.origin_broker();
         self.metrics.event_received();
         self.counters.received.fetch_add(1, AtomicOrdering::Relaxed);
@@ -332,14 +341,6 @@ impl FunctionRunner {
                     &message.topic,
                 ))
             };
-        let headers = message.headers.view();
-        let redrive = Redrive::of(&headers);
-        if let Some(other) = redrive.for_function.filter(|f| *f != &*self.spec.name) {
-            // Sent back to the function that failed it; the others on this topic had it.
-            telemetry::redrive_passed_over(&self.spec.name);
-            tracing::debug!(function = %self.spec.name, %origin, redriven_for = other, "a redriven message for another function; acknowledged without running");
-            return Settlement::Ack;
-        }
         let wire = WireMessage {
             headers: &headers,
             payload: message.payload.as_deref(),

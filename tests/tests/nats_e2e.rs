@@ -2693,6 +2693,18 @@ async fn dead_letters_are_redriven_to_the_function_that_failed_them() -> anyhow:
     nats.wait_drained("REDO", "weir-redo-work", WAIT).await?;
     nats.wait_drained("REDO", "weir-redo-audit", WAIT).await?;
     assert_eq!(nats.causes("REDONE", "redone.audit").await?.len(), 3);
+    // Passed over is not received: this weir's audit had none of its own.
+    let audit = weir.function("redo-audit")?;
+    assert_eq!(audit.counters.received.load(Relaxed), 0);
+    let (_, metrics) = weir.get("/metrics").await?;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"weir_redrives_passed_over_total{function="redo-audit"}"#
+        ),
+        Some(4.0),
+        "{metrics}"
+    );
 
     // Nothing left, nothing sent; a function the file does not have is the caller's mistake.
     let (code, lines, summary, stderr) = redrive(&["redo-work", "-c", &fixed_path]).await?;
