@@ -902,23 +902,17 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<ExitCode> {
             _ => matches!(b, BrokerKind::Nats | BrokerKind::JetStream),
         })
     };
-    let nats = match uses(BrokerKind::Nats) {
-        true => Some(
-            connect_nats(&broker_settings(Some(&config), Some(path), "nats", |b| {
-                &b.nats
-            })?)
-            .await?,
-        ),
-        false => None,
+    let nats = if uses(BrokerKind::Nats) {
+        let settings = broker_settings(Some(&config), Some(path), "nats", |b| &b.nats)?;
+        Some(connect_nats(&settings).await?)
+    } else {
+        None
     };
-    let kafka = match uses(BrokerKind::Kafka) {
-        true => Some(
-            connect_kafka(&broker_settings(Some(&config), Some(path), "kafka", |b| {
-                &b.kafka
-            })?)
-            .await?,
-        ),
-        false => None,
+    let kafka = if uses(BrokerKind::Kafka) {
+        let settings = broker_settings(Some(&config), Some(path), "kafka", |b| &b.kafka)?;
+        Some(connect_kafka(&settings).await?)
+    } else {
+        None
     };
     let mut backlog: Box<dyn weir_broker_bridge::Backlog> = match (dlq.broker, &nats, &kafka) {
         (BrokerKind::JetStream, Some(nats), _) => {
