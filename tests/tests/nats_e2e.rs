@@ -2544,25 +2544,38 @@ async fn dead_letters_are_redriven_to_the_function_that_failed_them() -> anyhow:
     );
 
     let weir = InProcess::start(&broken).await?;
-    nats.publish_event("redo.eu", "o-1", "com.example.order", r#"{"n":1}"#, &[])
-        .await?;
-    nats.publish_event("redo.us", "o-2", "com.example.order", r#"{"n":2}"#, &[])
-        .await?;
-    nats.publish_raw(
-        "redo.eu",
-        HeaderMap::new(),
-        Bytes::from_static(b"not an event"),
-    )
-    .await?;
-    let deadline = Instant::now() + WAIT;
-    let records = loop {
-        let records = nats.events("DLQ", "weir.dlq.redo-work").await?;
-        if records.len() == 3 || Instant::now() >= deadline {
-            break records;
+    // One at a time, each dead-lettered before the next is published: the function runs
+    // events in parallel, and the steps below rely on the records' order.
+    let mut records = Vec::new();
+    for n in 1..=3 {
+        match n {
+            1 => nats
+                .publish_event("redo.eu", "o-1", "com.example.order", r#"{"n":1}"#, &[])
+                .await
+                .map(drop)?,
+            2 => nats
+                .publish_event("redo.us", "o-2", "com.example.order", r#"{"n":2}"#, &[])
+                .await
+                .map(drop)?,
+            _ => nats
+                .publish_raw(
+                    "redo.eu",
+                    HeaderMap::new(),
+                    Bytes::from_static(b"not an event"),
+                )
+                .await
+                .map(drop)?,
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    ensure!(records.len() == 3, "three dead letters: {records:#?}");
+        let deadline = Instant::now() + WAIT;
+        records = loop {
+            let records = nats.events("DLQ", "weir.dlq.redo-work").await?;
+            if records.len() >= n || Instant::now() >= deadline {
+                break records;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        ensure!(records.len() == n, "{n} dead letters: {records:#?}");
+    }
     let reasons: Vec<&str> = records.iter().map(|r| ext(r, "weirdlqreason")).collect();
     assert_eq!(reasons, ["rejected", "rejected", "undecodable"]);
     let topics: Vec<&str> = records.iter().map(|r| ext(r, "weirdlqtopic")).collect();
