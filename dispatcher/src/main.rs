@@ -896,19 +896,17 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<ExitCode> {
     if let Some(refusal) = refusal {
         return Err(BadInput(refusal).into());
     }
-    let uses = |kind: BrokerKind| {
-        [dlq.broker, trigger.broker].iter().any(|b| match kind {
-            BrokerKind::Kafka => *b == BrokerKind::Kafka,
-            _ => matches!(b, BrokerKind::Nats | BrokerKind::JetStream),
-        })
-    };
-    let nats = if uses(BrokerKind::Nats) {
+    let ends = [dlq.broker, trigger.broker];
+    let nats = if ends
+        .iter()
+        .any(|b| matches!(b, BrokerKind::Nats | BrokerKind::JetStream))
+    {
         let settings = broker_settings(Some(&config), Some(path), "nats", |b| &b.nats)?;
         Some(connect_nats(&settings).await?)
     } else {
         None
     };
-    let kafka = if uses(BrokerKind::Kafka) {
+    let kafka = if ends.contains(&BrokerKind::Kafka) {
         let settings = broker_settings(Some(&config), Some(path), "kafka", |b| &b.kafka)?;
         Some(connect_kafka(&settings).await?)
     } else {

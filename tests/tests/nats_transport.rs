@@ -49,6 +49,17 @@ async fn setup(storage: StorageKind) -> anyhow::Result<(NatsServer, NatsTranspor
     Ok((server, transport))
 }
 
+/// A message of `payload` alone to `subject`.
+fn bare(subject: &'static str, payload: &'static str) -> OutboundMessage {
+    OutboundMessage {
+        topic: subject.into(),
+        key: None,
+        headers: Vec::new(),
+        payload: payload.into(),
+        dedup_id: None,
+    }
+}
+
 fn options(ack_wait: Duration) -> JetStreamConsumerOptions {
     let mut options = JetStreamConsumerOptions::new(STREAM);
     options.durable = Some("worker".into());
@@ -830,21 +841,14 @@ async fn a_deleted_consumer_is_created_again_after_its_ack_floor() -> anyhow::Re
 async fn a_new_consumer_starts_where_its_deliver_policy_says() -> anyhow::Result<()> {
     let (_server, transport) = setup(StorageKind::Memory).await?;
     let publisher = transport.jetstream_publisher();
-    let publish = |subject: &'static str, payload: &'static str| OutboundMessage {
-        topic: subject.into(),
-        key: None,
-        headers: Vec::new(),
-        payload: payload.into(),
-        dedup_id: None,
-    };
     // Stream sequences 1 to 3, then a moment later 4.
     for (subject, payload) in [("events.a", "a1"), ("events.b", "b1"), ("events.a", "a2")] {
-        publisher.publish(publish(subject, payload)).await?;
+        publisher.publish(bare(subject, payload)).await?;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let between = time::OffsetDateTime::now_utc();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    publisher.publish(publish("events.b", "b2")).await?;
+    publisher.publish(bare("events.b", "b2")).await?;
 
     for (index, (policy, expected)) in [
         (DeliverFrom::All, &["a1", "b1", "a2", "b2"][..]),
@@ -1204,20 +1208,13 @@ async fn a_backlog_reads_to_where_the_subject_ended_and_deletes_only_what_was_se
 ) -> anyhow::Result<()> {
     let (server, transport) = setup(StorageKind::Memory).await?;
     let publisher = transport.jetstream_publisher();
-    let publish = |subject: &'static str, payload: &'static str| OutboundMessage {
-        topic: subject.into(),
-        key: None,
-        headers: Vec::new(),
-        payload: payload.into(),
-        dedup_id: None,
-    };
     for (subject, payload) in [
         ("events.dlq", "d1"),
         ("events.other", "o1"),
         ("events.dlq", "d2"),
         ("events.dlq", "d3"),
     ] {
-        publisher.publish(publish(subject, payload)).await?;
+        publisher.publish(bare(subject, payload)).await?;
     }
     let mut backlog = transport
         .read_backlog("events.dlq", false)
@@ -1231,7 +1228,7 @@ async fn a_backlog_reads_to_where_the_subject_ended_and_deletes_only_what_was_se
     {
         if read.is_empty() {
             // Stored after the read began: left for the next one.
-            publisher.publish(publish("events.dlq", "d4")).await?;
+            publisher.publish(bare("events.dlq", "d4")).await?;
         }
         read.push(text_of(&message));
         backlog.done(&message.origin, sent).await?;

@@ -49,14 +49,8 @@ impl KafkaTransport {
             topic: topic.to_owned(),
             reason,
         };
-        let mut client = self.client.clone();
-        client
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer<LogContext> = client
-            .create_with_context(LogContext)
+        let consumer = self
+            .reader_consumer(group)
             .map_err(|e| error(format!("creating the reader: {e}")))?;
         let consumer = Arc::new(consumer);
         let topic_name = topic.to_owned();

@@ -58,15 +58,8 @@ impl KafkaTransport {
             topic: topic.to_owned(),
             reason,
         };
-        let mut client = self.client.clone();
-        client
-            .set("group.id", READER_GROUP)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // An offset out of range reads on from the earliest record: see the module docs.
-            .set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer<LogContext> = client
-            .create_with_context(LogContext)
+        let consumer = self
+            .reader_consumer(READER_GROUP)
             .map_err(|e| subscribe_error(format!("creating the reader: {e}")))?;
         let topic_name = topic.to_owned();
         // Metadata and watermarks are blocking librdkafka calls.
@@ -84,6 +77,24 @@ impl KafkaTransport {
             next_check: tokio::time::Instant::now() + TOPIC_CHECK,
             ended_by: None,
         })
+    }
+}
+
+impl KafkaTransport {
+    /// A consumer that assigns itself partitions and never commits by itself; `group` is the
+    /// group it may commit to. An offset out of range reads on from the earliest record, as
+    /// the triggers do (see the module docs).
+    pub(super) fn reader_consumer(
+        &self,
+        group: &str,
+    ) -> rdkafka::error::KafkaResult<StreamConsumer<LogContext>> {
+        let mut client = self.client.clone();
+        client
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        client.create_with_context(LogContext)
     }
 }
 

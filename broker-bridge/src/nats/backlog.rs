@@ -22,16 +22,13 @@ use async_nats::jetstream::stream::{LastRawMessageErrorKind, RetentionPolicy};
 use async_trait::async_trait;
 use futures::StreamExt;
 
-use super::history::{reader_name, stored_message};
+use super::history::{reader_name, remove_reader, stored_message};
 use super::NatsTransport;
 use crate::{Backlog, InboundMessage, Origin, TransportError};
 
 /// How long a read waits for the next message it knows is there before it takes the rest as
 /// gone (deleted by someone else since the read began).
 const NEXT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long closing waits for the server to delete the reading consumer.
-const DELETE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl NatsTransport {
     /// What the stream capturing `subject` holds for it, up to its last message now; `None`
@@ -155,24 +152,13 @@ impl SubjectBacklog {
         &self.stream
     }
 
-    /// Stops reading and deletes the consumer, waiting at most [`DELETE_TIMEOUT`]; the server
-    /// removes it by itself after its inactivity threshold otherwise.
+    /// Stops reading and deletes the consumer (within a bound: see [`remove_reader`]).
     async fn stop_reading(&mut self) {
         let Some(reading) = self.reading.take() else {
             return;
         };
         drop(reading.messages);
-        let deleted = tokio::time::timeout(
-            DELETE_TIMEOUT,
-            self.stream_handle.delete_consumer(&reading.consumer),
-        )
-        .await;
-        let reason = match deleted {
-            Ok(Ok(_)) => return,
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => format!("no answer within {DELETE_TIMEOUT:?}"),
-        };
-        super::events::record_reading_consumer_left(&reading.consumer, &reason);
+        remove_reader(&self.stream_handle, &reading.consumer).await;
     }
 }
 

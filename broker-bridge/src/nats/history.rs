@@ -327,18 +327,20 @@ impl Subscription for SubjectHistory {
     /// consumer by itself after its inactivity threshold.
     async fn close(&mut self) {
         self.messages = None;
-        let deleted = tokio::time::timeout(
-            DELETE_TIMEOUT,
-            delete_reader(&self.stream_handle, &self.consumer_name),
-        )
-        .await;
-        let reason = match deleted {
-            Ok(Ok(())) => return,
-            Ok(Err(reason)) => reason,
-            Err(_) => format!("no answer within {DELETE_TIMEOUT:?}"),
-        };
-        super::events::record_reading_consumer_left(&self.consumer_name, &reason);
+        remove_reader(&self.stream_handle, &self.consumer_name).await;
     }
+}
+
+/// Deletes a reading consumer (see [`delete_reader`]), waiting at most [`DELETE_TIMEOUT`]: a
+/// reader that cannot reach the server must still be able to exit, and the server removes the
+/// consumer by itself after its inactivity threshold. A consumer left behind is logged.
+pub(super) async fn remove_reader(stream: &async_nats::jetstream::stream::Stream, name: &str) {
+    let reason = match tokio::time::timeout(DELETE_TIMEOUT, delete_reader(stream, name)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(reason)) => reason,
+        Err(_) => format!("no answer within {DELETE_TIMEOUT:?}"),
+    };
+    super::events::record_reading_consumer_left(name, &reason);
 }
 
 /// Why the stream a history read opened is no longer there to read, if it is not: deleted, or
