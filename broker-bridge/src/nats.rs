@@ -1,7 +1,9 @@
 //! The NATS transport: core subjects and JetStream, behind the crate's transport vocabulary.
 //!
 //! - [`NatsTransport::connect`] opens one connection (async-nats reconnects by itself, forever
-//!   unless `max_reconnects` says otherwise) and a JetStream context on it.
+//!   unless `max_reconnects` says otherwise) and a JetStream context on it;
+//!   [`NatsTransport::connect_at_startup`] first waits up to `startup_wait` for a server
+//!   that does not answer yet.
 //! - Core NATS ([`NatsTransport::subscribe_core`], [`NatsPublisher`]) is **at-most-once by
 //!   nature**: a message nobody is subscribed to, or that a slow subscriber cannot take, is
 //!   gone; there is no redelivery and no publish confirmation. Settling a core delivery is a
@@ -87,16 +89,64 @@ impl std::fmt::Debug for NatsTransport {
 impl NatsTransport {
     /// Validates `config`, reads its secrets (files or environment) and connects. Fails when no
     /// server answers within `connect_timeout`; once connected, reconnects are automatic.
+    /// The commands a person runs use this: they say at once that nothing answers.
     pub async fn connect(config: &NatsConfig) -> Result<Self, TransportError> {
+        Self::connect_within(config, Duration::ZERO).await
+    }
+
+    /// [`NatsTransport::connect`] for a process starting beside its server (a compose file, a
+    /// pod): while no server answers, it tries again, the delay doubling from 250 ms up to
+    /// `reconnect_delay_max`, each attempt logged and counted, for up to `startup_wait`. What
+    /// trying again cannot fix (refused credentials, TLS, a secret that cannot be read) fails
+    /// at once.
+    pub async fn connect_at_startup(config: &NatsConfig) -> Result<Self, TransportError> {
+        Self::connect_within(config, config.startup_wait).await
+    }
+
+    async fn connect_within(config: &NatsConfig, wait: Duration) -> Result<Self, TransportError> {
         let problems = config.validate("nats");
         if !problems.is_empty() {
             return Err(TransportError::Config(problems.join("; ")));
         }
-        let options = connect_options(config).await?;
-        let client = options
-            .connect(config.servers.as_slice())
-            .await
-            .map_err(classify_connect_error)?;
+        let started = tokio::time::Instant::now();
+        let mut attempts = 0u32;
+        let client = loop {
+            // Built again each time: `ConnectOptions` is consumed by `connect`.
+            let options = connect_options(config).await?;
+            let error = match options.connect(config.servers.as_slice()).await {
+                Ok(client) => break client,
+                Err(error) => error,
+            };
+            let left = wait.saturating_sub(started.elapsed());
+            if !unreachable(&error) {
+                return Err(classify_connect_error(error));
+            }
+            if left.is_zero() {
+                return Err(match classify_connect_error(error) {
+                    TransportError::Connect { broker, reason } if attempts > 0 => {
+                        TransportError::Connect {
+                            broker,
+                            reason: format!(
+                                "{reason} (no server answered in {} attempts over {:?}: \
+                                 brokers.nats.startup_wait)",
+                                attempts + 1,
+                                wait
+                            ),
+                        }
+                    }
+                    other => other,
+                });
+            }
+            attempts += 1;
+            let delay = startup_delay(attempts, config.reconnect_delay_max).min(left);
+            events::record_unreachable_at_startup(
+                &config.redacted_servers(),
+                &connect_error_reason(&error),
+                delay,
+                left,
+            );
+            tokio::time::sleep(delay).await;
+        };
         let mut jetstream = async_nats::jetstream::new(client.clone());
         jetstream.set_timeout(config.request_timeout);
         Ok(Self {
@@ -275,6 +325,23 @@ async fn connect_options(config: &NatsConfig) -> Result<ConnectOptions, Transpor
         .max_reconnects(config.max_reconnects)
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, delay_max))
         .event_callback(|event| async move { events::connection_event(&event) }))
+}
+
+/// Whether `err` says no server answered (refused, timed out, not resolving), which waiting
+/// can cure, rather than that one answered and refused us.
+fn unreachable(err: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind;
+    match err.kind() {
+        ConnectErrorKind::Dns | ConnectErrorKind::TimedOut => true,
+        ConnectErrorKind::Io => tls_error_in(err).is_none(),
+        _ => false,
+    }
+}
+
+/// The wait before start-up's next attempt: 250 ms, doubling up to `max`.
+fn startup_delay(attempts: u32, max: Duration) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(16);
+    Duration::from_millis(250u64 << exponent).min(max)
 }
 
 /// A refused certificate or handshake is [`TransportError::Tls`] and refused credentials are
@@ -491,6 +558,16 @@ fn pairs_to_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn startup_delay_doubles_from_a_quarter_second_to_the_cap() {
+        let max = Duration::from_secs(4);
+        let delays: Vec<u64> = (1..=7)
+            .map(|n| startup_delay(n, max).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(startup_delay(u32::MAX, max), max);
+    }
 
     #[test]
     fn reconnect_delay_grows_to_the_cap() {

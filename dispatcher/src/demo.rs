@@ -47,7 +47,7 @@ pub fn config(
     functions_dir: &Path,
     listen: std::net::SocketAddr,
 ) -> Result<Config, ConfigErrors> {
-    config::from_toml_str(&toml(broker, &listen.to_string()), functions_dir)
+    config::from_toml_str(&toml(broker, &listen.to_string(), None), functions_dir)
 }
 
 /// The demo's JetStream streams: every demo subject, outputs and dead letters included, is
@@ -78,8 +78,10 @@ fn broker_sections(broker: &DemoBroker) -> String {
     }
 }
 
-/// The demo configuration as TOML (also what `weir up --print-config` shows).
-pub fn toml(demo: &DemoBroker, listen: &str) -> String {
+/// The demo configuration as TOML (also what `weir up --print-config` shows). Module paths
+/// are `modules_dir` joined with each module's file name, or the bare file names (relative to
+/// the file's directory, as `weir run -c` reads them) without it.
+pub fn toml(demo: &DemoBroker, listen: &str, modules_dir: Option<&Path>) -> String {
     let broker = demo.kind();
     let broker_name = broker.as_str();
     let trigger_extra = match broker {
@@ -88,11 +90,17 @@ pub fn toml(demo: &DemoBroker, listen: &str) -> String {
     };
     let function =
         |name: &str, module: &str, topic: &str, stream: &str, output: &str, extra: &str| {
+            let module = match modules_dir {
+                Some(dir) => dir.join(module).display().to_string(),
+                None => module.to_owned(),
+            };
+            // A TOML string however the path is spelled (quotes, backslashes).
+            let module = ::toml::Value::String(module);
             format!(
                 r#"
 [[functions]]
 name = "{name}"
-module = "{module}"
+module = {module}
 outputs = ["{output}"]
 {extra}
 [functions.trigger]

@@ -329,7 +329,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.print_config {
-        let toml = demo::toml(&args.demo_broker(), &args.http.to_string());
+        // Module paths that run from wherever the file is saved: `weir run -c` reads a
+        // relative path against the file's directory, where the components seldom are.
+        let dir = match demo::find_functions_dir(args.functions.as_deref()) {
+            Ok(dir) => Some(std::path::absolute(&dir).unwrap_or(dir)),
+            Err(why) if args.functions.is_some() => return Err(anyhow::Error::msg(why)),
+            Err(why) => {
+                say!(
+                    "weir up --print-config: module paths are bare file names, relative to the \
+                     file's directory ({why})"
+                );
+                None
+            }
+        };
+        let toml = demo::toml(&args.demo_broker(), &args.http.to_string(), dir.as_deref());
         print_line(&toml.trim_end())?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -323,9 +323,11 @@ impl Transports {
         let nats = match &config.brokers.nats {
             None => None,
             Some(nats_config) => {
-                let transport = NatsTransport::connect(nats_config).await.with_context(|| {
-                    format!("connecting to NATS at {}", nats_config.servers.join(", "))
-                })?;
+                let transport = NatsTransport::connect_at_startup(nats_config)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to NATS at {}", nats_config.servers.join(", "))
+                    })?;
                 // The bridge logs (and counts) a created or differing stream; an existing
                 // stream is never changed behind its operator's back.
                 for stream in &config.brokers.nats_streams {

@@ -208,6 +208,56 @@ async fn check_accepts_a_valid_config_and_lists_every_problem_of_bad_ones() -> a
     Ok(())
 }
 
+/// `weir up --print-config` writes a file that runs where it is saved: `weir run -c` reads a
+/// relative module path against the file's directory, so the printed paths name where the
+/// components are (they were bare file names, and the file failed `weir check` anywhere but
+/// in the components' own directory). A `--functions` without them is an error, not a file
+/// that cannot run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_demo_configuration_runs_where_it_is_saved() -> anyhow::Result<()> {
+    let functions = functions_dir()?;
+    let dir = tempfile::tempdir()?;
+    let print = |extra: &[&str]| {
+        let mut args = vec!["up", "--nats", "nats://127.0.0.1:4222", "--print-config"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        run_weir(args, CLIENT_TIMEOUT)
+    };
+    let functions_arg = functions.display().to_string();
+    for extra in [&[][..], &["--functions", functions_arg.as_str()][..]] {
+        let output = print(extra).await?;
+        assert_eq!(output.code, Some(0), "{extra:?}: {output:?}");
+        let modules: Vec<&str> = output
+            .stdout
+            .lines()
+            .filter_map(|line| line.strip_prefix("module = "))
+            .collect();
+        assert_eq!(modules.len(), 4, "{output:?}");
+        for module in modules {
+            let path = module.trim_matches('"');
+            assert!(
+                Path::new(path).is_absolute() && Path::new(path).is_file(),
+                "{extra:?}: {module} names the component where it is"
+            );
+        }
+        let saved = write(dir.path(), "weir.toml", &output.stdout)?;
+        let check = weir_check(&saved).await?;
+        assert_eq!(check.code, Some(0), "{extra:?}: {check:?}");
+        assert!(check.stdout.contains("ok (4 functions)"), "{check:?}");
+    }
+
+    let output = print(&["--functions", &dir.path().display().to_string()]).await?;
+    assert_eq!(output.code, Some(1), "{output:?}");
+    assert!(
+        output
+            .stderr
+            .contains("does not contain the example components"),
+        "{output:?}"
+    );
+    assert!(output.stdout.is_empty(), "{output:?}");
+    Ok(())
+}
+
 /// `weir ARGS`, its standard error a pipe whose reader closed before it started (so every
 /// write fails), bounded: its exit code.
 async fn exit_code_with_stderr_gone(args: &[&std::ffi::OsStr]) -> anyhow::Result<Option<i32>> {
@@ -775,6 +825,54 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
 /// following the subject, though each publisher exits right after publishing (core publishes
 /// are only queued on the connection until it is flushed). On a JetStream server whose
 /// streams do not capture the subject, and on a server without JetStream.
+/// `weir up --nats` started before its server, as a compose file or a pod may start them:
+/// it waits (`brokers.nats.startup_wait`, 30 s by default), says so in its log and metrics,
+/// and runs the pipeline once the server is up. It used to exit at once ("connection
+/// refused"), leaving the restart to a supervisor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_up_waits_for_a_nats_server_that_starts_after_it() -> anyhow::Result<()> {
+    let mut server = NatsServer::start()?;
+    let url = server.url();
+    server.kill()?;
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        server.restart().map(|()| server)
+    });
+    // Waits for /healthz, which answers once the runtime (connected) is up.
+    let up = tokio::task::block_in_place(|| WeirUp::start_with(&["--nats", &url]));
+    let server = late
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread starting the server panicked"))??;
+    let up = up?;
+    let log = up.log_text();
+    ensure!(
+        log.contains("no NATS server answered at start-up; trying again"),
+        "the wait is logged:\n{log}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", up.addr()))
+        .await?
+        .text()
+        .await?;
+    let waits = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "weir_nats_connection_events_total{event=\"unreachable_at_startup\"} ",
+            )
+        })
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    ensure!(
+        waits.is_some_and(|n| n >= 1),
+        "the attempts are counted: {waits:?}"
+    );
+
+    publish_nats(&url, "orders", r#"{"id":"o-late","amount":5}"#, false).await?;
+    let (_, enriched) = tail_one(&up, &["orders.enriched", "--nats", &url]).await?;
+    assert_eq!(enriched["data"]["id"], "o-late", "{enriched}");
+    drop(server);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_nats_publish_and_tail_lose_nothing() -> anyhow::Result<()> {
     let with_jetstream = NatsServer::start()?;

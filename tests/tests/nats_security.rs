@@ -91,19 +91,38 @@ async fn round_trip(config: &NatsConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connecting with `config` fails, fast; the error.
+/// Connecting with `config` fails, fast; the error. A weir starting up (which waits up to
+/// `startup_wait`, 30 s by default, for a server that does not answer) fails as fast, with the
+/// same error: a server that answered and refused will refuse again.
 async fn refused(config: &NatsConfig) -> anyhow::Result<TransportError> {
-    let started = Instant::now();
-    let result = tokio::time::timeout(FAIL_FAST * 4, NatsTransport::connect(config))
-        .await
-        .context("connecting neither failed nor succeeded")?;
-    let Err(error) = result else {
-        bail!("connected, though it should have been refused");
-    };
+    let mut errors = Vec::new();
+    for at_startup in [false, true] {
+        let started = Instant::now();
+        let connect = async {
+            if at_startup {
+                NatsTransport::connect_at_startup(config).await
+            } else {
+                NatsTransport::connect(config).await
+            }
+        };
+        let result = tokio::time::timeout(FAIL_FAST * 4, connect)
+            .await
+            .context("connecting neither failed nor succeeded")?;
+        let Err(error) = result else {
+            bail!("connected, though it should have been refused");
+        };
+        ensure!(
+            started.elapsed() < FAIL_FAST,
+            "refused only after {:?} (at start-up: {at_startup}): {error}",
+            started.elapsed()
+        );
+        errors.push(error);
+    }
+    let at_startup = errors.pop().context("two attempts")?;
+    let error = errors.pop().context("two attempts")?;
     ensure!(
-        started.elapsed() < FAIL_FAST,
-        "refused only after {:?}: {error}",
-        started.elapsed()
+        at_startup.to_string() == error.to_string(),
+        "at start-up: {at_startup}; else: {error}"
     );
     Ok(error)
 }

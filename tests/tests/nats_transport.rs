@@ -1121,6 +1121,85 @@ async fn connecting_to_a_closed_port_fails() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A weir starting beside its server (compose, a pod) waits for it: `connect_at_startup`
+/// tries again while nothing answers, up to `startup_wait`, then fails saying how long it
+/// tried. `connect` (the CLI's) does not wait.
+#[tokio::test]
+async fn a_weir_starting_up_waits_for_a_late_server_up_to_startup_wait() -> anyhow::Result<()> {
+    let mut server = NatsServer::start()?;
+    server.kill()?;
+    let config = NatsConfig {
+        startup_wait: Duration::from_secs(1),
+        ..config_for(&server)
+    };
+    let started = Instant::now();
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(20),
+        NatsTransport::connect_at_startup(&config),
+    )
+    .await
+    .context("giving up took longer than 20 s")?;
+    let waited = started.elapsed();
+    match gave_up {
+        Err(TransportError::Connect { reason, .. }) => ensure!(
+            reason.contains("brokers.nats.startup_wait") && reason.contains("attempts"),
+            "the error says it waited and what sets it: {reason}"
+        ),
+        other => bail!("expected a connect error after the wait, got {other:?}"),
+    }
+    ensure!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "gave up after {waited:?}, not after startup_wait (1 s)"
+    );
+
+    // The server comes up 1.5 s after the weir starts: the weir connects and works.
+    let config = NatsConfig {
+        startup_wait: Duration::from_secs(30),
+        ..config
+    };
+    let started = Instant::now();
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        server.restart().map(|()| server)
+    });
+    let transport = tokio::time::timeout(
+        Duration::from_secs(30),
+        NatsTransport::connect_at_startup(&config),
+    )
+    .await
+    .context("still not connected after 30 s")??;
+    let waited = started.elapsed();
+    let server = late
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread starting the server panicked"))??;
+    ensure!(
+        waited >= Duration::from_millis(1400),
+        "connected after {waited:?}, before the server was started"
+    );
+    let stream = StreamConfig::new(STREAM, vec!["events.>".into()]);
+    transport.ensure_stream(&stream).await?;
+    transport
+        .jetstream_publisher()
+        .publish(bare(SUBJECT, "late"))
+        .await?;
+    assert_eq!(transport.stream_messages(STREAM).await?, 1);
+    transport.close().await?;
+
+    // A person's command says at once that nothing answers.
+    drop(server);
+    let started = Instant::now();
+    ensure!(
+        NatsTransport::connect(&config).await.is_err(),
+        "connected to a server that was stopped"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 /// What the dispatcher's batches rely on: `try_next` hands out what is ready without waiting,
 /// and nothing when nothing is.
 #[tokio::test]

@@ -42,6 +42,11 @@ pub struct NatsConfig {
     pub reconnect_delay_max: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long a weir starting up keeps trying to reach a server that does not answer (not
+    /// up yet, its name not resolving yet) before it gives up; zero gives up at once. Refused
+    /// credentials and TLS failures stop it at once: trying again would fail again.
+    #[serde(with = "humantime_serde")]
+    pub startup_wait: Duration,
     /// Timeout of JetStream API requests, acks that wait for confirmation and publish acks.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -66,6 +71,7 @@ impl Default for NatsConfig {
             max_reconnects: None,
             reconnect_delay_max: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(5),
+            startup_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(5),
         }
     }
@@ -92,6 +98,7 @@ impl fmt::Debug for NatsConfig {
             .field("max_reconnects", &self.max_reconnects)
             .field("reconnect_delay_max", &self.reconnect_delay_max)
             .field("connect_timeout", &self.connect_timeout)
+            .field("startup_wait", &self.startup_wait)
             .field("request_timeout", &self.request_timeout)
             .finish()
     }
@@ -115,6 +122,12 @@ fn redact_url(url: &str) -> String {
 }
 
 impl NatsConfig {
+    /// The server URLs for logs and errors, any user-info in them replaced by `***`.
+    pub(crate) fn redacted_servers(&self) -> String {
+        let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
+        servers.join(", ")
+    }
+
     /// Which authentication method is configured, for logs (never the secret).
     pub fn auth_method(&self) -> &'static str {
         if self.creds_file.is_some() {

@@ -61,6 +61,25 @@ pub(super) fn connection_event(event: &async_nats::Event) {
     counter!("weir_nats_connection_events_total", "event" => label).increment(1);
 }
 
+/// No server answered while the process was starting; it tries again after `retry_in`, and
+/// gives up when `left` has passed.
+pub(super) fn record_unreachable_at_startup(
+    servers: &str,
+    reason: &str,
+    retry_in: Duration,
+    left: Duration,
+) {
+    warn!(
+        messaging.system = "nats",
+        servers,
+        error = reason,
+        retry_in = ?retry_in,
+        gives_up_in = ?left,
+        "no NATS server answered at start-up; trying again (brokers.nats.startup_wait)"
+    );
+    counter!("weir_nats_connection_events_total", "event" => "unreachable_at_startup").increment(1);
+}
+
 /// A JetStream pull request failed; the consumer will be re-bound after `retry_in`.
 pub(super) fn record_fetch_error(stream: &str, consumer: &str, reason: &str, retry_in: Duration) {
     warn!(
