@@ -518,7 +518,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
             buf
         }
     };
-    let mut sink = match target {
+    let sink = match target {
         Target::Nats { settings, core } => Sink::nats(&settings, core).await?,
         Target::Kafka(settings) => Sink::kafka(&settings, args.key.clone()).await?,
         Target::Http(addr) => Sink::http(&addr, &args.topic)?,
@@ -529,16 +529,31 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let mut accepted = 0u64;
     let mut duplicates = 0usize;
     let mut last_answer = String::new();
-    for _ in 0..args.count {
-        if let Some(ticker) = ticker.as_mut() {
-            ticker.tick().await;
+    // Several sends wait for their confirmation at once: one at a time, a confirmed JetStream
+    // or Kafka publish is a round trip each, and `--count` could not build the backlog that
+    // shows a function scaling. Every copy is the same event (with its own id, unless the
+    // body fixes one), so the order they are confirmed in says nothing.
+    let window = sink.window();
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut started = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            Some(sent) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                let sent: Sent = sent?;
+                last_answer = sent.answer;
+                duplicates += sent.duplicates;
+                accepted += 1;
+            }
+            () = next_tick(ticker.as_mut()), if started < args.count && in_flight.len() < window => {
+                let headers = request_headers(&args, &body);
+                in_flight.push_back(sink.send(&args.topic, headers, &body));
+                started += 1;
+            }
+            else => break,
         }
-        let headers = request_headers(&args, &body);
-        let sent = sink.send(&args.topic, headers, &body).await?;
-        last_answer = sent.answer;
-        duplicates += sent.duplicates;
-        accepted += 1;
     }
+    drop(in_flight);
     // Only once it all reached the broker does it count as published.
     sink.finish().await?;
     // Published either way: a reader that went away misses only the answer.
@@ -562,6 +577,13 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The pace of `--rate`, or none.
+async fn next_tick(ticker: Option<&mut tokio::time::Interval>) {
+    if let Some(ticker) = ticker {
+        ticker.tick().await;
+    }
 }
 
 /// The headers `weir publish` sends: a binary-mode CloudEvent with `--type`, else only the
@@ -681,10 +703,20 @@ impl Sink {
         Ok(())
     }
 
+    /// How many sends may wait for their answers at once. Over HTTP each one waiting holds a
+    /// connection to the weir of its own, so fewer there than on a broker connection, which
+    /// carries them all.
+    fn window(&self) -> usize {
+        match self {
+            Sink::Http { .. } => 16,
+            Sink::Broker { .. } => 256,
+        }
+    }
+
     /// Send one event; returns the answer to print and how many of its events the topic
     /// already held.
     async fn send(
-        &mut self,
+        &self,
         topic: &str,
         headers: Vec<(String, String)>,
         body: &[u8],

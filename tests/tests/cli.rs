@@ -825,6 +825,58 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
 /// following the subject, though each publisher exits right after publishing (core publishes
 /// are only queued on the connection until it is flushed). On a JetStream server whose
 /// streams do not capture the subject, and on a server without JetStream.
+/// `weir publish --count N --nats` stores every copy, each with its own id (sends wait for
+/// their confirmations many at a time; one at a time, a count could not build a backlog), and
+/// a count to a subject no stream captures fails, saying so, without claiming any accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_count_to_jetstream_stores_every_copy() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let (js, _) = stream_capturing(&url, "COUNTED", "counted").await?;
+    let output = run_weir(
+        [
+            "publish",
+            "counted.orders",
+            "--type",
+            "com.example.order",
+            "--data",
+            r#"{"id":"o-c","amount":1}"#,
+            "--count",
+            "3000",
+            "--nats",
+            &url,
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "{output:?}");
+    assert_eq!(output.stdout.trim(), r#"{"accepted":3000,"duplicates":0}"#);
+    let mut stream = js.get_stream("COUNTED").await?;
+    assert_eq!(stream.info().await?.state.messages, 3000);
+
+    let output = run_weir(
+        [
+            "publish",
+            "nowhere.orders",
+            "--data",
+            r#"{"n":1}"#,
+            "--count",
+            "500",
+            "--nats",
+            &url,
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(
+        output.code == Some(1)
+            && output.stderr.contains("no JetStream stream captures")
+            && !output.stdout.contains("accepted"),
+        "{output:?}"
+    );
+    Ok(())
+}
+
 /// `weir up --nats` started before its server, as a compose file or a pod may start them:
 /// it waits (`brokers.nats.startup_wait`, 30 s by default), says so in its log and metrics,
 /// and runs the pipeline once the server is up. It used to exit at once ("connection
