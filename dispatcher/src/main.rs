@@ -540,7 +540,20 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             biased;
             Some(sent) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
-                let sent: Sent = sent?;
+                let sent: anyhow::Result<Sent> = sent;
+                let sent = match sent {
+                    Ok(sent) => sent,
+                    // What a retry of the whole count would store twice.
+                    Err(e) if args.count > 1 => {
+                        return Err(e.context(format!(
+                            "{accepted} of {} confirmed before this failure, and {} more sent \
+                             whose answers were not awaited (they may be stored)",
+                            args.count,
+                            in_flight.len()
+                        )))
+                    }
+                    Err(e) => return Err(e),
+                };
                 last_answer = sent.answer;
                 duplicates += sent.duplicates;
                 accepted += 1;

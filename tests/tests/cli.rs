@@ -827,7 +827,7 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
 /// streams do not capture the subject, and on a server without JetStream.
 /// `weir publish --count N --nats` stores every copy, each with its own id (sends wait for
 /// their confirmations many at a time; one at a time, a count could not build a backlog), and
-/// a count to a subject no stream captures fails, saying so, without claiming any accepted.
+/// a count to a subject no stream captures fails, saying so and how many were confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_count_to_jetstream_stores_every_copy() -> anyhow::Result<()> {
     let server = NatsServer::start()?;
@@ -871,6 +871,9 @@ async fn publish_count_to_jetstream_stores_every_copy() -> anyhow::Result<()> {
     ensure!(
         output.code == Some(1)
             && output.stderr.contains("no JetStream stream captures")
+            && output
+                .stderr
+                .contains("0 of 500 confirmed before this failure")
             && !output.stdout.contains("accepted"),
         "{output:?}"
     );
