@@ -212,6 +212,12 @@ impl NatsTransport {
         }
     }
 
+    /// The largest message (payload and headers) the connected server takes, its
+    /// `max_payload`.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
     /// Number of messages currently stored in `stream` (read from the server).
     pub async fn stream_messages(&self, stream: &str) -> Result<u64, TransportError> {
         let stream_handle =

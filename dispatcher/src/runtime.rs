@@ -311,6 +311,37 @@ async fn warn_of_uncaptured_subjects(transport: &NatsTransport, config: &Config)
     }
 }
 
+/// Warns at start-up of every function whose outputs go to NATS and may be larger than the
+/// server takes: `max_output_bytes` above the server's `max_payload`. Such an output passes
+/// Weir's own rule, is refused by the server, retried and dead-lettered; said once here
+/// rather than found on the first large output. Equal limits (1 MiB, both defaults) are not
+/// warned of, though the headers count against `max_payload` too: that would warn of every
+/// function of a default configuration.
+fn warn_of_outputs_over_max_payload(transport: &NatsTransport, config: &Config) {
+    let max_payload = transport.max_payload();
+    for function in &config.functions {
+        let to_nats = matches!(
+            function.output_broker,
+            BrokerKind::Nats | BrokerKind::JetStream
+        );
+        let max_output = function.max_output_bytes.as_u64();
+        if to_nats && !function.outputs.is_empty() && max_output > max_payload as u64 {
+            tracing::warn!(
+                function = %function.name,
+                max_output_bytes = max_output,
+                max_payload,
+                "function {} may publish an output of up to {} of data (max_output_bytes, per \
+                 invocation), but the NATS server takes messages of up to {} (max_payload, \
+                 headers included): a larger output will be refused by the server, retried \
+                 and dead-lettered; lower max_output_bytes or raise the server's max_payload",
+                function.name,
+                function.max_output_bytes,
+                bytesize::ByteSize::b(max_payload as u64)
+            );
+        }
+    }
+}
+
 /// The brokers this configuration uses.
 struct Transports {
     memory: MemoryBus,
@@ -337,6 +368,7 @@ impl Transports {
                         .with_context(|| format!("declaring JetStream stream {}", stream.name))?;
                 }
                 warn_of_uncaptured_subjects(&transport, config).await;
+                warn_of_outputs_over_max_payload(&transport, config);
                 Some(transport)
             }
         };

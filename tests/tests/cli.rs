@@ -880,6 +880,87 @@ async fn publish_count_to_jetstream_stores_every_copy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `weir run` warns at start-up of a function whose outputs go to NATS and may be larger than
+/// the server takes (`max_output_bytes` above `max_payload`), naming both limits; a function
+/// whose limit fits is not warned of. Such an output would otherwise be found only when the
+/// server refused it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_run_warns_of_outputs_larger_than_the_nats_server_takes() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let server = NatsServer::start_with_config("max_payload: 65536\n")?;
+    let url = server.url();
+    let echo = functions_dir()?.join("echo.wasm");
+    let dir = tempfile::tempdir()?;
+    let http = format!("127.0.0.1:{}", weir_tests::ports::free_port()?);
+    let config = format!(
+        r#"[http]
+listen = "{http}"
+
+[brokers.nats]
+servers = ["{url}"]
+
+[[brokers.nats_streams]]
+name = "SIZES"
+subjects = ["sizes.>"]
+
+[[functions]]
+name = "roomy"
+module = "{echo}"
+outputs = ["sizes.roomy.out"]
+[functions.trigger]
+broker = "jetstream"
+topic = "sizes.roomy"
+stream = "SIZES"
+
+[[functions]]
+name = "fitting"
+module = "{echo}"
+outputs = ["sizes.fitting.out"]
+max_output_bytes = "32KiB"
+[functions.trigger]
+broker = "jetstream"
+topic = "sizes.fitting"
+stream = "SIZES"
+"#,
+        echo = echo.display()
+    );
+    let config = write(dir.path(), "weir.toml", &config)?;
+    let config = config.display().to_string();
+    let mut child = spawn_weir(&["run", "-c", &config])?;
+    let stderr = child.stderr.take().context("the child's stderr")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let said = tokio::time::timeout(CHECK_TIMEOUT, async {
+        let mut said = Vec::new();
+        while let Some(line) = lines.next_line().await? {
+            let serving = line.contains("weir is serving");
+            said.push(line);
+            if serving {
+                return Ok(said);
+            }
+        }
+        anyhow::bail!("weir run ended before serving:\n{}", said.join("\n"))
+    })
+    .await
+    .context("weir run did not serve in time")??;
+    child.kill().await?;
+    let warnings: Vec<&String> = said
+        .iter()
+        .filter(|l| l.contains("may publish an output of up to"))
+        .collect();
+    ensure!(
+        warnings.len() == 1,
+        "one warning, for roomy only: {warnings:#?}"
+    );
+    let warning = warnings[0];
+    ensure!(
+        warning.contains("function roomy may publish an output of up to 1.0 MiB of data")
+            && warning.contains("takes messages of up to 64.0 KiB"),
+        "{warning}"
+    );
+    Ok(())
+}
+
 /// `weir up --nats` started before its server, as a compose file or a pod may start them:
 /// it waits (`brokers.nats.startup_wait`, 30 s by default), says so in its log and metrics,
 /// and runs the pipeline once the server is up. It used to exit at once ("connection
