@@ -73,6 +73,8 @@ pub struct NatsTransport {
     client: Client,
     jetstream: Context,
     request_timeout: Duration,
+    /// The cap of start-up's delays between attempts, as of reconnects.
+    reconnect_delay_max: Duration,
     /// Streams [`NatsTransport::ensure_stream`] declared: created again if they disappear.
     declared: declared::DeclaredStreams,
 }
@@ -153,6 +155,7 @@ impl NatsTransport {
             client,
             jetstream,
             request_timeout: config.request_timeout,
+            reconnect_delay_max: config.reconnect_delay_max,
             declared: declared::DeclaredStreams::default(),
         })
     }
@@ -197,6 +200,24 @@ impl NatsTransport {
         Ok(report)
     }
 
+    /// [`NatsTransport::ensure_stream`] at start-up: while JetStream does not answer, or the
+    /// cluster has no leader for the stream yet, it asks again for up to `wait`.
+    pub async fn ensure_stream_at_startup(
+        &self,
+        config: &StreamConfig,
+        wait: Duration,
+    ) -> Result<StreamReport, TransportError> {
+        let report = jetstream::ensure_stream_waiting(
+            &self.jetstream,
+            config,
+            wait,
+            self.reconnect_delay_max,
+        )
+        .await?;
+        self.declared.remember(config);
+        Ok(report)
+    }
+
     /// The JetStream stream that captures `subject`, or `None` when none does (a confirmed
     /// publish to it would find no stream to store it), which is always so on a server or an
     /// account without JetStream.
@@ -209,6 +230,55 @@ impl NatsTransport {
                 topic: subject.to_owned(),
                 reason: format!("looking up the JetStream stream that captures it: {err}"),
             }),
+        }
+    }
+
+    /// Waits up to `wait` for JetStream's API to answer on this connection, trying at least
+    /// once. A cluster starting up accepts clients before it has elected the meta leader
+    /// JetStream's API needs (seconds, or for as long as a majority of its servers is
+    /// down), and a stream declared meanwhile fails with a bare "timed out". Returns at
+    /// once when JetStream answers, and when the server or the account has no JetStream
+    /// (what needs it then fails, saying so); fails when it did not answer in `wait`.
+    pub async fn wait_for_jetstream(&self, wait: Duration) -> Result<(), TransportError> {
+        use async_nats::jetstream::context::AccountErrorKind;
+        use async_nats::jetstream::ErrorCode;
+
+        if jetstream_disabled(&self.client).is_some() {
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            let error = match self.jetstream.query_account().await {
+                Ok(_) => return Ok(()),
+                Err(error) => error,
+            };
+            let absent = match error.kind() {
+                AccountErrorKind::JetStream(refusal) => matches!(
+                    refusal.error_code(),
+                    ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+                ),
+                AccountErrorKind::JetStreamUnavailable => true,
+                _ => false,
+            };
+            if absent {
+                return Ok(());
+            }
+            attempts += 1;
+            let left = wait.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(TransportError::Connect {
+                    broker: BrokerKind::JetStream,
+                    reason: format!(
+                        "JetStream did not answer in {attempts} attempts over {wait:?} \
+                         (brokers.nats.startup_wait): {error}; a cluster answers once a \
+                         majority of its servers is up and has elected a leader"
+                    ),
+                });
+            }
+            let delay = startup_delay(attempts, self.reconnect_delay_max).min(left);
+            events::record_jetstream_unready_at_startup(&error.to_string(), delay, left);
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -439,17 +509,22 @@ fn jetstream_disabled(client: &Client) -> Option<&'static str> {
 /// Whether a stream lookup failed because nothing answers JetStream's API on this server
 /// (started without JetStream, or an account without it): core subjects are all there is then.
 fn jetstream_absent(err: &GetStreamByNameError) -> bool {
-    // async-nats wraps the no-responders error in a second request error; look down the
-    // whole chain rather than rely on that depth.
-    let mut source = std::error::Error::source(err);
-    while let Some(error) = source {
+    request_failed(err, RequestErrorKind::NoResponders)
+}
+
+/// Whether `err`'s chain holds a request that failed as `kind`: async-nats wraps a request's
+/// error in others (no responders in a second request error, say), so the whole chain is
+/// looked down rather than a depth relied on.
+fn request_failed(err: &(dyn std::error::Error + 'static), kind: RequestErrorKind) -> bool {
+    let mut next = Some(err);
+    while let Some(error) = next {
         if error
             .downcast_ref::<RequestError>()
-            .is_some_and(|request| request.kind() == RequestErrorKind::NoResponders)
+            .is_some_and(|request| request.kind() == kind)
         {
             return true;
         }
-        source = error.source();
+        next = error.source();
     }
     false
 }

@@ -311,6 +311,17 @@ async fn warn_of_uncaptured_subjects(transport: &NatsTransport, config: &Config)
     }
 }
 
+/// Whether anything in `config` needs JetStream: a declared stream, or a function's trigger,
+/// outputs or dead letters on it.
+fn uses_jetstream(config: &Config) -> bool {
+    !config.brokers.nats_streams.is_empty()
+        || config.functions.iter().any(|function| {
+            function.trigger.broker == BrokerKind::JetStream
+                || function.output_broker == BrokerKind::JetStream
+                || function.dead_letter.broker == BrokerKind::JetStream
+        })
+}
+
 /// Warns at start-up of every function whose outputs go to NATS and may be larger than the
 /// server takes: `max_output_bytes` above the server's `max_payload`. Such an output passes
 /// Weir's own rule, is refused by the server, retried and dead-lettered; said once here
@@ -354,16 +365,28 @@ impl Transports {
         let nats = match &config.brokers.nats {
             None => None,
             Some(nats_config) => {
+                let started = tokio::time::Instant::now();
                 let transport = NatsTransport::connect_at_startup(nats_config)
                     .await
                     .with_context(|| {
                         format!("connecting to NATS at {}", nats_config.servers.join(", "))
                     })?;
+                if uses_jetstream(config) {
+                    // One start-up wait in all, connecting included.
+                    let left = nats_config.startup_wait.saturating_sub(started.elapsed());
+                    transport.wait_for_jetstream(left).await.with_context(|| {
+                        format!(
+                            "waiting for JetStream at {}",
+                            nats_config.servers.join(", ")
+                        )
+                    })?;
+                }
                 // The bridge logs (and counts) a created or differing stream; an existing
                 // stream is never changed behind its operator's back.
                 for stream in &config.brokers.nats_streams {
+                    let left = nats_config.startup_wait.saturating_sub(started.elapsed());
                     transport
-                        .ensure_stream(stream)
+                        .ensure_stream_at_startup(stream, left)
                         .await
                         .with_context(|| format!("declaring JetStream stream {}", stream.name))?;
                 }

@@ -39,6 +39,9 @@ pub struct NatsServer {
     /// A configuration file (`-c`) with what the command line cannot say: `authorization`,
     /// `tls`, an operator. Ports, store and log still come from the command line.
     config: Option<PathBuf>,
+    /// Ready only once `/healthz` (JetStream included) answers; a cluster's server is ready
+    /// when it accepts clients, as its JetStream waits for a majority of the cluster.
+    wait_for_jetstream: bool,
 }
 
 impl NatsServer {
@@ -59,7 +62,40 @@ impl NatsServer {
         Self::start_with(true, Some(conf))
     }
 
+    /// One server of a JetStream cluster, its `conf` from [`cluster_configs`]: ready once it
+    /// accepts clients, since its JetStream answers only when a majority of the cluster is up
+    /// and has elected a leader.
+    pub fn start_cluster_node(conf: &str) -> anyhow::Result<NatsServer> {
+        Self::start_with_readiness(true, Some(conf), false)
+    }
+
+    /// A JetStream cluster of `size` servers ([`cluster_configs`]), started together: a
+    /// server started alone waits for the others' routes. Each is ready once it accepts
+    /// clients; the cluster's JetStream answers a few seconds later, when it has elected its
+    /// leader ([`NatsServer::jetstream_healthy`] says when).
+    pub fn start_cluster(name: &str, size: usize) -> anyhow::Result<Vec<NatsServer>> {
+        let starting: Vec<_> = cluster_configs(name, size)?
+            .into_iter()
+            .map(|conf| thread::spawn(move || Self::start_cluster_node(&conf)))
+            .collect();
+        starting
+            .into_iter()
+            .map(|node| {
+                node.join()
+                    .map_err(|_| anyhow::anyhow!("a thread starting a cluster server panicked"))?
+            })
+            .collect()
+    }
+
     fn start_with(jetstream: bool, conf: Option<&str>) -> anyhow::Result<NatsServer> {
+        Self::start_with_readiness(jetstream, conf, true)
+    }
+
+    fn start_with_readiness(
+        jetstream: bool,
+        conf: Option<&str>,
+        wait_for_jetstream: bool,
+    ) -> anyhow::Result<NatsServer> {
         let binary = server_binary()?;
         let root = tempfile::Builder::new()
             .prefix("weir-nats-")
@@ -87,6 +123,7 @@ impl NatsServer {
             root,
             jetstream,
             config,
+            wait_for_jetstream,
         };
         server.spawn()?;
         Ok(server)
@@ -109,6 +146,12 @@ impl NatsServer {
     /// The HTTP monitoring base URL (`/healthz`, `/jsz`, `/varz`).
     pub fn monitor_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Whether `/healthz` answers 200: the server accepts clients and its JetStream is up
+    /// (in a cluster: in contact with a meta leader).
+    pub fn jetstream_healthy(&self) -> bool {
+        healthz_ok(self.http_port)
     }
 
     /// The server's process id while it runs (benchmarks read its CPU time from `/proc`).
@@ -187,7 +230,9 @@ impl NatsServer {
                     );
                 }
             }
-            if accepts_clients(self.port) && healthz_ok(self.http_port) {
+            if accepts_clients(self.port)
+                && (!self.wait_for_jetstream || healthz_ok(self.http_port))
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -233,6 +278,34 @@ impl Drop for NatsServer {
             let _ = child.wait();
         }
     }
+}
+
+/// The configurations of a JetStream cluster of `size` servers on loopback, named `n1`,
+/// `n2`, ..., each with its own free route port and routes to all, for
+/// [`NatsServer::start_cluster_node`].
+pub fn cluster_configs(name: &str, size: usize) -> anyhow::Result<Vec<String>> {
+    let mut ports = Vec::new();
+    while ports.len() < size {
+        let port = free_port().context("finding a free route port")?;
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|port| format!("\"nats-route://127.0.0.1:{port}\""))
+        .collect();
+    Ok(ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            format!(
+                "server_name: n{n}\ncluster {{\n  name: {name}\n  listen: 127.0.0.1:{port}\n  routes: [{routes}]\n}}\n",
+                n = i + 1,
+                routes = routes.join(", ")
+            )
+        })
+        .collect())
 }
 
 /// The server sends its INFO line as soon as it accepts a client.

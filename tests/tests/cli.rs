@@ -880,14 +880,141 @@ async fn publish_count_to_jetstream_stores_every_copy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `weir run -c CONFIG` (written to `dir`), its standard error read line by line.
+fn weir_run(dir: &Path, config: &str) -> anyhow::Result<(tokio::process::Child, StderrLines)> {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let config = write(dir, "weir.toml", config)?;
+    let mut child = spawn_weir(&["run", "-c", &config.display().to_string()])?;
+    let stderr = child.stderr.take().context("the child's stderr")?;
+    Ok((child, tokio::io::BufReader::new(stderr).lines()))
+}
+
+/// The lines `lines` gives up to and including the first that contains `needle`, within
+/// `timeout`; fails with what was said when it ends first.
+async fn said_until(
+    lines: &mut StderrLines,
+    needle: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    tokio::time::timeout(timeout, async {
+        let mut said = Vec::new();
+        while let Some(line) = lines.next_line().await? {
+            let found = line.contains(needle);
+            said.push(line);
+            if found {
+                return Ok(said);
+            }
+        }
+        anyhow::bail!("ended before saying {needle:?}:\n{}", said.join("\n"))
+    })
+    .await
+    .with_context(|| format!("did not say {needle:?} within {timeout:?}"))?
+}
+
+/// Polls `done` every 200 ms, for at most [`CHECK_TIMEOUT`].
+async fn until(mut done: impl FnMut() -> bool, what: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + CHECK_TIMEOUT;
+    while !done() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "not so within {CHECK_TIMEOUT:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// `weir run` against a JetStream cluster that has lost its majority (two servers of three
+/// down): the remaining server accepts the connection, but JetStream answers nothing until a
+/// majority is back, and declaring a stream used to fail start-up with a bare "timed out".
+/// It now asks again (within `startup_wait`), says so, and runs the function once a second
+/// server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_run_waits_for_a_jetstream_cluster_to_regain_its_majority() -> anyhow::Result<()> {
+    let mut cluster =
+        tokio::task::spawn_blocking(|| NatsServer::start_cluster("weirtest", 3)).await??;
+    // Formed (every server's JetStream in contact with a leader), then without a majority
+    // (the one left has noticed).
+    until(
+        || cluster.iter().all(NatsServer::jetstream_healthy),
+        "the cluster formed",
+    )
+    .await?;
+    let url = cluster[0].url();
+    cluster[1].kill()?;
+    cluster[2].kill()?;
+    until(|| !cluster[0].jetstream_healthy(), "n1 lost its leader").await?;
+
+    let echo = functions_dir()?.join("echo.wasm");
+    let dir = tempfile::tempdir()?;
+    let http = format!("127.0.0.1:{}", weir_tests::ports::free_port()?);
+    let config = format!(
+        r#"[http]
+listen = "{http}"
+
+[brokers.nats]
+servers = ["{url}"]
+startup_wait = "90s"
+
+[[brokers.nats_streams]]
+name = "CLU"
+subjects = ["clu.>"]
+
+[[functions]]
+name = "echo"
+module = "{echo}"
+outputs = ["clu.out"]
+config = {{ output_topic = "clu.out" }}
+[functions.trigger]
+broker = "jetstream"
+topic = "clu.in"
+stream = "CLU"
+[functions.dead_letter]
+broker = "jetstream"
+topic = "clu.dlq"
+"#,
+        echo = echo.display()
+    );
+    let (mut child, mut lines) = weir_run(dir.path(), &config)?;
+    let said = said_until(
+        &mut lines,
+        "JetStream did not answer at start-up; asking again",
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(
+        !said.iter().any(|line| line.contains("weir is serving")),
+        "served without JetStream: {said:#?}"
+    );
+
+    // A majority again: the cluster elects its leader, and weir goes on by itself.
+    let mut second = cluster.remove(1);
+    let second = tokio::task::spawn_blocking(move || second.restart().map(|()| second)).await??;
+    said_until(&mut lines, "weir is serving", Duration::from_secs(90))
+        .await
+        .with_context(|| format!("n1:\n{}\nn2:\n{}", cluster[0].log(), second.log()))?;
+
+    let accepted = publish_nats(&url, "clu.in", r#"{"id":"c-1"}"#, false).await?;
+    let output = run_weir(
+        ["tail", "clu.out", "--nats", &url, "--limit", "1"],
+        CLIENT_TIMEOUT,
+    )
+    .await?;
+    ensure!(output.code == Some(0), "{output:?}");
+    let echoed: Value = serde_json::from_str(output.stdout.trim())?;
+    assert_eq!(echoed["weircausation"], accepted["ids"][0], "{echoed}");
+    child.kill().await?;
+    drop((cluster, second));
+    Ok(())
+}
+
 /// `weir run` warns at start-up of a function whose outputs go to NATS and may be larger than
 /// the server takes (`max_output_bytes` above `max_payload`), naming both limits; a function
 /// whose limit fits is not warned of. Such an output would otherwise be found only when the
 /// server refused it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_run_warns_of_outputs_larger_than_the_nats_server_takes() -> anyhow::Result<()> {
-    use tokio::io::AsyncBufReadExt as _;
-
     let server = NatsServer::start_with_config("max_payload: 65536\n")?;
     let url = server.url();
     let echo = functions_dir()?.join("echo.wasm");
@@ -925,24 +1052,8 @@ stream = "SIZES"
 "#,
         echo = echo.display()
     );
-    let config = write(dir.path(), "weir.toml", &config)?;
-    let config = config.display().to_string();
-    let mut child = spawn_weir(&["run", "-c", &config])?;
-    let stderr = child.stderr.take().context("the child's stderr")?;
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let said = tokio::time::timeout(CHECK_TIMEOUT, async {
-        let mut said = Vec::new();
-        while let Some(line) = lines.next_line().await? {
-            let serving = line.contains("weir is serving");
-            said.push(line);
-            if serving {
-                return Ok(said);
-            }
-        }
-        anyhow::bail!("weir run ended before serving:\n{}", said.join("\n"))
-    })
-    .await
-    .context("weir run did not serve in time")??;
+    let (mut child, mut lines) = weir_run(dir.path(), &config)?;
+    let said = said_until(&mut lines, "weir is serving", CHECK_TIMEOUT).await?;
     child.kill().await?;
     let warnings: Vec<&String> = said
         .iter()

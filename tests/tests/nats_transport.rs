@@ -1200,6 +1200,69 @@ async fn a_weir_starting_up_waits_for_a_late_server_up_to_startup_wait() -> anyh
     Ok(())
 }
 
+/// `wait_for_jetstream` on a cluster without its majority gives up after its wait, saying
+/// why, as does a stream declared at start-up; on a server without JetStream it returns at
+/// once (what needs JetStream then says it is disabled).
+#[tokio::test]
+async fn waiting_for_jetstream_gives_up_on_a_cluster_without_majority() -> anyhow::Result<()> {
+    let mut cluster =
+        tokio::task::spawn_blocking(|| NatsServer::start_cluster("weirwait", 3)).await??;
+    let config = config_for(&cluster[0]);
+    let transport = NatsTransport::connect(&config).await?;
+    // Formed: JetStream answers.
+    transport
+        .wait_for_jetstream(Duration::from_secs(60))
+        .await
+        .context("the cluster did not form")?;
+    cluster[1].kill()?;
+    cluster[2].kill()?;
+    // Until the one left notices, it still answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster[0].jetstream_healthy() {
+        ensure!(
+            Instant::now() < deadline,
+            "n1 did not notice it lost its leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let started = Instant::now();
+    let error = match transport.wait_for_jetstream(Duration::from_secs(2)).await {
+        Err(error) => error.to_string(),
+        Ok(()) => bail!("JetStream answered without a majority"),
+    };
+    ensure!(
+        error.contains("majority") && error.contains("startup_wait"),
+        "{error}"
+    );
+    let waited = started.elapsed();
+    ensure!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
+        "gave up after {waited:?}"
+    );
+    let stream = StreamConfig::new("NOQUORUM", vec!["noquorum.>".into()]);
+    ensure!(
+        transport
+            .ensure_stream_at_startup(&stream, Duration::from_secs(1))
+            .await
+            .is_err(),
+        "a stream declared without a majority"
+    );
+
+    let core = NatsServer::start_core_only()?;
+    let transport = NatsTransport::connect(&config_for(&core)).await?;
+    let started = Instant::now();
+    transport
+        .wait_for_jetstream(Duration::from_secs(30))
+        .await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 /// What the dispatcher's batches rely on: `try_next` hands out what is ready without waiting,
 /// and nothing when nothing is.
 #[tokio::test]

@@ -42,8 +42,9 @@ pub struct NatsConfig {
     pub reconnect_delay_max: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How long a weir starting up keeps trying to reach a server that does not answer (not
-    /// up yet, its name not resolving yet) before it gives up; zero gives up at once. Refused
+    /// How long, in all, a weir starting up keeps trying to reach a server that does not
+    /// answer (not up yet, its name not resolving yet) and a JetStream that does not answer (a
+    /// cluster without its majority) before it gives up; zero gives up at once. Refused
     /// credentials and TLS failures stop it at once: trying again would fail again.
     #[serde(with = "humantime_serde")]
     pub startup_wait: Duration,

@@ -80,6 +80,24 @@ pub(super) fn record_unreachable_at_startup(
     counter!("weir_nats_connection_events_total", "event" => "unreachable_at_startup").increment(1);
 }
 
+/// JetStream's API did not answer while the process was starting (a cluster without its
+/// leader yet); it asks again after `retry_in`, and gives up when `left` has passed.
+pub(super) fn record_jetstream_unready_at_startup(
+    reason: &str,
+    retry_in: Duration,
+    left: Duration,
+) {
+    warn!(
+        messaging.system = "jetstream",
+        error = reason,
+        retry_in = ?retry_in,
+        gives_up_in = ?left,
+        "JetStream did not answer at start-up; asking again (brokers.nats.startup_wait)"
+    );
+    counter!("weir_nats_connection_events_total", "event" => "jetstream_unready_at_startup")
+        .increment(1);
+}
+
 /// A JetStream pull request failed; the consumer will be re-bound after `retry_in`.
 pub(super) fn record_fetch_error(stream: &str, consumer: &str, reason: &str, retry_in: Duration) {
     warn!(

@@ -34,7 +34,8 @@ use std::time::Duration;
 use async_nats::datetime::DateTime;
 use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::{
-    ConsumerInfoError, ConsumerInfoErrorKind, GetStreamError, GetStreamErrorKind, PublishErrorKind,
+    ConsumerInfoError, ConsumerInfoErrorKind, CreateStreamErrorKind, GetStreamError,
+    GetStreamErrorKind, PublishErrorKind, RequestErrorKind,
 };
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
@@ -1231,13 +1232,72 @@ pub(super) async fn ensure_stream(
     jetstream: &Context,
     config: &StreamConfig,
 ) -> Result<StreamReport, TransportError> {
+    try_ensure_stream(jetstream, config)
+        .await
+        .map_err(|failure| failure.error)
+}
+
+/// [`ensure_stream`], asking again while JetStream does not answer or the cluster has no
+/// leader for the stream yet (a cluster starting up), for up to `wait`.
+pub(super) async fn ensure_stream_waiting(
+    jetstream: &Context,
+    config: &StreamConfig,
+    wait: Duration,
+    delay_max: Duration,
+) -> Result<StreamReport, TransportError> {
+    let started = tokio::time::Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        let failure = match try_ensure_stream(jetstream, config).await {
+            Ok(report) => return Ok(report),
+            Err(failure) => failure,
+        };
+        let left = wait.saturating_sub(started.elapsed());
+        if !failure.transient || left.is_zero() {
+            return Err(failure.error);
+        }
+        attempts += 1;
+        let delay = super::startup_delay(attempts, delay_max).min(left);
+        events::record_jetstream_unready_at_startup(&failure.error.to_string(), delay, left);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Why a stream could not be ensured, and whether asking again may help.
+struct StreamFailure {
+    error: TransportError,
+    /// Unanswered, or refused by a cluster that has no leader for it yet.
+    transient: bool,
+}
+
+/// A JetStream refusal that a cluster gives while it elects its leaders.
+fn cluster_not_ready(refusal: &js::Error) -> bool {
+    matches!(
+        refusal.error_code(),
+        js::ErrorCode::CLUSTER_NOT_AVAILABLE
+            | js::ErrorCode::CLUSTER_NOT_ACTIVE
+            | js::ErrorCode::CLUSTER_NOT_LEADER
+            | js::ErrorCode::STREAM_OFFLINE
+    )
+}
+
+async fn try_ensure_stream(
+    jetstream: &Context,
+    config: &StreamConfig,
+) -> Result<StreamReport, StreamFailure> {
     let problems = config.validate("stream");
     if !problems.is_empty() {
-        return Err(TransportError::Config(problems.join("; ")));
+        return Err(StreamFailure {
+            error: TransportError::Config(problems.join("; ")),
+            transient: false,
+        });
     }
-    let stream_error = |reason: String| TransportError::Subscribe {
-        topic: format!("stream {}", config.name),
-        reason,
+    let stream_error = |reason: String, transient: bool| StreamFailure {
+        error: TransportError::Subscribe {
+            topic: format!("stream {}", config.name),
+            reason,
+        },
+        transient,
     };
     let wanted = to_stream_config(config);
     match jetstream.get_stream(&config.name).await {
@@ -1253,10 +1313,14 @@ pub(super) async fn ensure_stream(
             })
         }
         Err(err) if no_such_stream(&err) => {
-            jetstream
-                .create_stream(wanted)
-                .await
-                .map_err(|err| stream_error(format!("creating: {err}")))?;
+            jetstream.create_stream(wanted).await.map_err(|err| {
+                let transient = match err.kind() {
+                    CreateStreamErrorKind::TimedOut => true,
+                    CreateStreamErrorKind::JetStream(refusal) => cluster_not_ready(&refusal),
+                    _ => false,
+                };
+                stream_error(format!("creating: {err}"), transient)
+            })?;
             events::record_stream_created(&config.name);
             Ok(StreamReport {
                 name: config.name.clone(),
@@ -1264,12 +1328,19 @@ pub(super) async fn ensure_stream(
                 differences: Vec::new(),
             })
         }
-        Err(err) => Err(stream_error(
-            match jetstream_disabled(&jetstream.client()) {
-                Some(disabled) => disabled.to_owned(),
-                None => format!("reading: {err}"),
-            },
-        )),
+        Err(err) => {
+            let transient = match err.kind() {
+                GetStreamErrorKind::JetStream(refusal) => cluster_not_ready(&refusal),
+                GetStreamErrorKind::Request => {
+                    super::request_failed(&err, RequestErrorKind::TimedOut)
+                }
+                _ => false,
+            };
+            Err(match jetstream_disabled(&jetstream.client()) {
+                Some(disabled) => stream_error(disabled.to_owned(), false),
+                None => stream_error(format!("reading: {err}"), transient),
+            })
+        }
     }
 }
 
