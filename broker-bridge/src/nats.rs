@@ -270,9 +270,10 @@ impl NatsTransport {
                 return Err(TransportError::Connect {
                     broker: BrokerKind::JetStream,
                     reason: format!(
-                        "JetStream did not answer in {attempts} attempts over {wait:?} \
+                        "JetStream did not answer in {attempts} attempt{} over {wait:?} \
                          (brokers.nats.startup_wait): {error}; a cluster answers once a \
-                         majority of its servers is up and has elected a leader"
+                         majority of its servers is up and has elected a leader",
+                        if attempts == 1 { "" } else { "s" }
                     ),
                 });
             }

@@ -369,6 +369,14 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             format!(" --kafka {bootstrap}"),
         ),
     };
+    // A redrive reads the dead letters on their broker, which the memory bus is not.
+    let redrive = match &broker {
+        demo::DemoBroker::Memory => String::new(),
+        demo::DemoBroker::JetStream(_) | demo::DemoBroker::Kafka(_) => format!(
+            "\n  weir up{via} --print-config > weir.toml     # the demo as a file, for -c\n  \
+             weir dlq redrive order-validate -c weir.toml --dry-run     # what would go back"
+        ),
+    };
     let banner = format!(
         r#"
 Weir is up: the demo pipeline on {on}, HTTP on http://{addr}
@@ -377,7 +385,7 @@ Try, in another terminal:
   weir publish orders --type com.example.order --data '{{"id":"o-1","amount":42}}'{via}
   weir tail orders.enriched --limit 1{via}
   weir publish orders --type com.example.order --data '{{"id":"o-2"}}'{via}     # rejected: no amount
-  weir tail weir.dlq.order-validate --limit 1{via}
+  weir tail weir.dlq.order-validate --limit 1{via}{redrive}
   curl -s http://{addr}/v1/functions
 "#,
         addr = args.http

@@ -442,6 +442,12 @@ async fn tail_one(up: &WeirUp, args: &[&str]) -> anyhow::Result<(CommandOutput, 
 async fn weir_up_publish_and_tail() -> anyhow::Result<()> {
     let up = WeirUp::start()?;
     let http = up.addr().to_string();
+    // A redrive reads dead letters on a broker: the memory bus's banner does not offer one.
+    let log = up.log_text();
+    ensure!(
+        log.contains("weir tail weir.dlq.order-validate --limit 1") && !log.contains("dlq redrive"),
+        "{log}"
+    );
 
     let output = run_weir(
         [
@@ -676,6 +682,11 @@ async fn weir_up_on_nats_publish_and_tail() -> anyhow::Result<()> {
     ensure!(
         log.contains(&format!("weir tail orders.enriched --limit 1 --nats {url}")),
         "the banner's commands go to the demo's broker:\n{log}"
+    );
+    ensure!(
+        log.contains(&format!("weir up --nats {url} --print-config > weir.toml"))
+            && log.contains("weir dlq redrive order-validate -c weir.toml --dry-run"),
+        "the banner shows how to redrive the dead letters:\n{log}"
     );
 
     // JetStream: published (confirmed) before the tail starts, read from the stream's history.
