@@ -75,6 +75,9 @@ pub struct NatsTransport {
     request_timeout: Duration,
     /// The cap of start-up's delays between attempts, as of reconnects.
     reconnect_delay_max: Duration,
+    /// Until when binding a consumer asks again while the cluster is not ready: connected
+    /// plus `startup_wait` for a process starting up, the moment of connecting otherwise.
+    startup_until: tokio::time::Instant,
     /// Streams [`NatsTransport::ensure_stream`] declared: created again if they disappear.
     declared: declared::DeclaredStreams,
 }
@@ -156,6 +159,7 @@ impl NatsTransport {
             jetstream,
             request_timeout: config.request_timeout,
             reconnect_delay_max: config.reconnect_delay_max,
+            startup_until: started + wait,
             declared: declared::DeclaredStreams::default(),
         })
     }
@@ -216,6 +220,18 @@ impl NatsTransport {
         .await?;
         self.declared.remember(config);
         Ok(report)
+    }
+
+    /// At start-up, before a trigger binds its consumer to `stream` (one not declared here,
+    /// whose readiness [`NatsTransport::ensure_stream_at_startup`] does not cover): waits up
+    /// to `wait` while the stream does not answer, as a cluster's does until it has elected
+    /// its leader for it. Done at once when it answers, or is missing (binding says so).
+    pub async fn wait_for_stream(
+        &self,
+        stream: &str,
+        wait: Duration,
+    ) -> Result<(), TransportError> {
+        jetstream::wait_for_stream(&self.jetstream, stream, wait, self.reconnect_delay_max).await
     }
 
     /// The JetStream stream that captures `subject`, or `None` when none does (a confirmed

@@ -390,6 +390,24 @@ impl Transports {
                         .await
                         .with_context(|| format!("declaring JetStream stream {}", stream.name))?;
                 }
+                // Streams made elsewhere that triggers bind to: a cluster may answer for the
+                // declared ones and not yet for these.
+                let mut waited_for = std::collections::HashSet::new();
+                for function in &config.functions {
+                    let Some(jetstream) = &function.trigger.jetstream else {
+                        continue;
+                    };
+                    let stream = jetstream.stream.as_str();
+                    let declared = config.brokers.nats_streams.iter().any(|s| s.name == stream);
+                    if declared || !waited_for.insert(stream) {
+                        continue;
+                    }
+                    let left = nats_config.startup_wait.saturating_sub(started.elapsed());
+                    transport
+                        .wait_for_stream(stream, left)
+                        .await
+                        .with_context(|| format!("waiting for JetStream stream {stream}"))?;
+                }
                 warn_of_uncaptured_subjects(&transport, config).await;
                 warn_of_outputs_over_max_payload(&transport, config);
                 Some(transport)

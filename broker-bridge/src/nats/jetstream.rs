@@ -38,7 +38,9 @@ use async_nats::jetstream::context::{
     GetStreamErrorKind, PublishErrorKind, RequestErrorKind,
 };
 use async_nats::jetstream::message::{AckKind, Acker};
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{
+    self, ConsumerErrorKind, DiscardPolicy, RetentionPolicy, StorageType,
+};
 use async_nats::jetstream::{self as js, Context};
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -191,31 +193,75 @@ impl NatsTransport {
             },
             ..Default::default()
         };
-        // A durable keeps its place: its deliver policy only says where a new consumer starts,
-        // and the server refuses to change it (an operator may have created it with another).
-        let mut binding = consumer_config.clone();
         let subjects = consumer_subjects(
             &consumer_config.filter_subject,
             &consumer_config.filter_subjects,
         );
-        if options.durable.is_some() {
-            let existing = existing_consumer(&stream, &name)
-                .await
-                .map_err(|err| subscribe_error(format!("reading consumer {name}: {err}")))?;
-            if let Some(existing) = existing {
-                binding.deliver_policy = existing.config.deliver_policy;
-                report_moved_subjects(&options.stream, &existing, &subjects);
+        // While the process starts (`startup_wait`), a cluster that has not elected the
+        // stream's leader yet times a binding out or refuses it: asked again then.
+        let mut attempts = 0u32;
+        let consumer: PullConsumer = loop {
+            // A durable keeps its place: its deliver policy only says where a new consumer
+            // starts, and the server refuses to change it (an operator may have created it
+            // with another).
+            let mut binding = consumer_config.clone();
+            let existing = if options.durable.is_some() {
+                existing_consumer(&stream, &name).await
+            } else {
+                Ok(None)
+            };
+            let (reason, transient) = match existing {
+                Err(err) => {
+                    let transient = match err.kind() {
+                        ConsumerInfoErrorKind::TimedOut | ConsumerInfoErrorKind::Offline => true,
+                        ConsumerInfoErrorKind::JetStream(refusal) => cluster_not_ready(&refusal),
+                        _ => false,
+                    };
+                    (format!("reading consumer {name}: {err}"), transient)
+                }
+                Ok(existing) => {
+                    if let Some(existing) = existing {
+                        binding.deliver_policy = existing.config.deliver_policy;
+                        if attempts == 0 {
+                            report_moved_subjects(&options.stream, &existing, &subjects);
+                        }
+                    }
+                    match stream.create_consumer(binding).await {
+                        Ok(consumer) => break consumer,
+                        Err(err) => {
+                            let transient = match err.kind() {
+                                ConsumerErrorKind::TimedOut => true,
+                                ConsumerErrorKind::JetStream(refusal) => {
+                                    cluster_not_ready(&refusal)
+                                }
+                                _ => false,
+                            };
+                            let rivals = if transient {
+                                None
+                            } else {
+                                work_queue_rivals(&stream, &name, &consumer_config, &err).await
+                            };
+                            (
+                                format!(
+                                    "creating consumer {name}: {err}{}",
+                                    rivals.unwrap_or_default()
+                                ),
+                                transient,
+                            )
+                        }
+                    }
+                }
+            };
+            let left = self
+                .startup_until
+                .saturating_duration_since(tokio::time::Instant::now());
+            if !transient || left.is_zero() {
+                return Err(subscribe_error(reason));
             }
-        }
-        let consumer: PullConsumer = match stream.create_consumer(binding).await {
-            Ok(consumer) => consumer,
-            Err(err) => {
-                let rivals = work_queue_rivals(&stream, &name, &consumer_config, &err).await;
-                return Err(subscribe_error(format!(
-                    "creating consumer {name}: {err}{}",
-                    rivals.unwrap_or_default()
-                )));
-            }
+            attempts += 1;
+            let delay = super::startup_delay(attempts, self.reconnect_delay_max).min(left);
+            events::record_jetstream_unready_at_startup(&reason, delay, left);
+            tokio::time::sleep(delay).await;
         };
         let position = Arc::new(ConsumerPosition::new(
             stream.cached_info().created,
@@ -1246,10 +1292,66 @@ pub(super) async fn ensure_stream_waiting(
     delay_max: Duration,
 ) -> Result<StreamReport, TransportError> {
     let started = tokio::time::Instant::now();
+    let report = at_startup(wait, delay_max, || try_ensure_stream(jetstream, config)).await?;
+    // A stream that exists may have no leader yet: its replicas answer for it all the same.
+    let left = wait.saturating_sub(started.elapsed());
+    wait_for_stream(jetstream, &config.name, left, delay_max).await?;
+    Ok(report)
+}
+
+/// Waits up to `wait` while the stream `name` does not answer, or answers that it has no
+/// leader (a cluster that has not elected one for it yet). Done when it answers with a
+/// leader, and when it is missing or any other error comes back: binding a consumer to it
+/// then says what is wrong.
+pub(super) async fn wait_for_stream(
+    jetstream: &Context,
+    name: &str,
+    wait: Duration,
+    delay_max: Duration,
+) -> Result<(), TransportError> {
+    let not_ready = |reason: String| StreamFailure {
+        error: TransportError::Subscribe {
+            topic: format!("stream {name}"),
+            reason,
+        },
+        transient: true,
+    };
+    at_startup(wait, delay_max, || async {
+        match jetstream.get_stream(name).await {
+            // A replica answers for a stream whose group has no leader, saying so.
+            Ok(stream)
+                if stream
+                    .cached_info()
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|cluster| cluster.leader.is_none()) =>
+            {
+                Err(not_ready(
+                    "its servers have not elected a leader for it yet".to_owned(),
+                ))
+            }
+            Err(err) if stream_read_transient(&err) => Err(not_ready(format!("reading: {err}"))),
+            _ => Ok(()),
+        }
+    })
+    .await
+}
+
+/// `attempt` until it succeeds or fails for good, asking again while its failure is
+/// transient, for up to `wait`; each wait logged and counted.
+async fn at_startup<T, F>(
+    wait: Duration,
+    delay_max: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, TransportError>
+where
+    F: std::future::Future<Output = Result<T, StreamFailure>>,
+{
+    let started = tokio::time::Instant::now();
     let mut attempts = 0u32;
     loop {
-        let failure = match try_ensure_stream(jetstream, config).await {
-            Ok(report) => return Ok(report),
+        let failure = match attempt().await {
+            Ok(done) => return Ok(done),
             Err(failure) => failure,
         };
         let left = wait.saturating_sub(started.elapsed());
@@ -1260,6 +1362,16 @@ pub(super) async fn ensure_stream_waiting(
         let delay = super::startup_delay(attempts, delay_max).min(left);
         events::record_jetstream_unready_at_startup(&failure.error.to_string(), delay, left);
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Whether a stream read failed for a cluster not ready (unanswered, or refused while it
+/// elects its leaders): asking again may help.
+fn stream_read_transient(err: &GetStreamError) -> bool {
+    match err.kind() {
+        GetStreamErrorKind::JetStream(refusal) => cluster_not_ready(&refusal),
+        GetStreamErrorKind::Request => super::request_failed(err, RequestErrorKind::TimedOut),
+        _ => false,
     }
 }
 
@@ -1329,13 +1441,7 @@ async fn try_ensure_stream(
             })
         }
         Err(err) => {
-            let transient = match err.kind() {
-                GetStreamErrorKind::JetStream(refusal) => cluster_not_ready(&refusal),
-                GetStreamErrorKind::Request => {
-                    super::request_failed(&err, RequestErrorKind::TimedOut)
-                }
-                _ => false,
-            };
+            let transient = stream_read_transient(&err);
             Err(match jetstream_disabled(&jetstream.client()) {
                 Some(disabled) => stream_error(disabled.to_owned(), false),
                 None => stream_error(format!("reading: {err}"), transient),
