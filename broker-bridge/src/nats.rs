@@ -114,44 +114,44 @@ impl NatsTransport {
             return Err(TransportError::Config(problems.join("; ")));
         }
         let started = tokio::time::Instant::now();
-        let mut attempts = 0u32;
-        let client = loop {
-            // Built again each time: `ConnectOptions` is consumed by `connect`.
-            let options = connect_options(config).await?;
-            let error = match options.connect(config.servers.as_slice()).await {
-                Ok(client) => break client,
-                Err(error) => error,
-            };
-            let left = wait.saturating_sub(started.elapsed());
-            if !unreachable(&error) {
-                return Err(classify_connect_error(error));
+        let client = retry_until(
+            started + wait,
+            config.reconnect_delay_max,
+            || async {
+                // Built again each time: `ConnectOptions` is consumed by `connect`.
+                let options = connect_options(config)
+                    .await
+                    .map_err(StartupFailure::for_good)?;
+                options
+                    .connect(config.servers.as_slice())
+                    .await
+                    .map_err(|error| StartupFailure {
+                        transient: unreachable(&error),
+                        error: classify_connect_error(error),
+                    })
+            },
+            |error, delay, left| {
+                events::record_unreachable_at_startup(
+                    &config.redacted_servers(),
+                    &error.to_string(),
+                    delay,
+                    left,
+                );
+            },
+        )
+        .await
+        .map_err(|(failure, attempts)| match failure.error {
+            TransportError::Connect { broker, reason } if failure.transient && attempts > 1 => {
+                TransportError::Connect {
+                    broker,
+                    reason: format!(
+                        "{reason} (no server answered in {attempts} attempts over {wait:?}: \
+                         brokers.nats.startup_wait)"
+                    ),
+                }
             }
-            if left.is_zero() {
-                return Err(match classify_connect_error(error) {
-                    TransportError::Connect { broker, reason } if attempts > 0 => {
-                        TransportError::Connect {
-                            broker,
-                            reason: format!(
-                                "{reason} (no server answered in {} attempts over {:?}: \
-                                 brokers.nats.startup_wait)",
-                                attempts + 1,
-                                wait
-                            ),
-                        }
-                    }
-                    other => other,
-                });
-            }
-            attempts += 1;
-            let delay = startup_delay(attempts, config.reconnect_delay_max).min(left);
-            events::record_unreachable_at_startup(
-                &config.redacted_servers(),
-                &connect_error_reason(&error),
-                delay,
-                left,
-            );
-            tokio::time::sleep(delay).await;
-        };
+            other => other,
+        })?;
         let mut jetstream = async_nats::jetstream::new(client.clone());
         jetstream.set_timeout(config.request_timeout);
         Ok(Self {
@@ -262,41 +262,47 @@ impl NatsTransport {
         if jetstream_disabled(&self.client).is_some() {
             return Ok(());
         }
-        let started = tokio::time::Instant::now();
-        let mut attempts = 0u32;
-        loop {
-            let error = match self.jetstream.query_account().await {
-                Ok(_) => return Ok(()),
-                Err(error) => error,
-            };
-            let absent = match error.kind() {
-                AccountErrorKind::JetStream(refusal) => matches!(
-                    refusal.error_code(),
-                    ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
-                ),
-                AccountErrorKind::JetStreamUnavailable => true,
-                _ => false,
-            };
-            if absent {
-                return Ok(());
-            }
-            attempts += 1;
-            let left = wait.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                return Err(TransportError::Connect {
-                    broker: BrokerKind::JetStream,
-                    reason: format!(
-                        "JetStream did not answer in {attempts} attempt{} over {wait:?} \
-                         (brokers.nats.startup_wait): {error}; a cluster answers once a \
-                         majority of its servers is up and has elected a leader",
-                        if attempts == 1 { "" } else { "s" }
+        let until = tokio::time::Instant::now() + wait;
+        retry_until(
+            until,
+            self.reconnect_delay_max,
+            || async {
+                let error = match self.jetstream.query_account().await {
+                    Ok(_) => return Ok(()),
+                    Err(error) => error,
+                };
+                let absent = match error.kind() {
+                    AccountErrorKind::JetStream(refusal) => matches!(
+                        refusal.error_code(),
+                        ErrorCode::JETSTREAM_NOT_ENABLED
+                            | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
                     ),
-                });
-            }
-            let delay = startup_delay(attempts, self.reconnect_delay_max).min(left);
-            events::record_jetstream_unready_at_startup(&error.to_string(), delay, left);
-            tokio::time::sleep(delay).await;
-        }
+                    AccountErrorKind::JetStreamUnavailable => true,
+                    _ => false,
+                };
+                if absent {
+                    return Ok(());
+                }
+                Err(StartupFailure {
+                    error,
+                    transient: true,
+                })
+            },
+            |error, delay, left| {
+                events::record_jetstream_unready_at_startup(&error.to_string(), delay, left);
+            },
+        )
+        .await
+        .map_err(|(failure, attempts)| TransportError::Connect {
+            broker: BrokerKind::JetStream,
+            reason: format!(
+                "JetStream did not answer in {attempts} attempt{} over {wait:?} \
+                 (brokers.nats.startup_wait): {}; a cluster answers once a majority of its \
+                 servers is up and has elected a leader",
+                if attempts == 1 { "" } else { "s" },
+                failure.error
+            ),
+        })
     }
 
     /// The largest message (payload and headers) the connected server takes, its
@@ -428,6 +434,51 @@ fn unreachable(err: &async_nats::ConnectError) -> bool {
         ConnectErrorKind::Dns | ConnectErrorKind::TimedOut => true,
         ConnectErrorKind::Io => tls_error_in(err).is_none(),
         _ => false,
+    }
+}
+
+/// A start-up step's failed attempt, and whether asking again may help.
+struct StartupFailure<E> {
+    error: E,
+    transient: bool,
+}
+
+impl<E> StartupFailure<E> {
+    fn for_good(error: E) -> Self {
+        Self {
+            error,
+            transient: false,
+        }
+    }
+}
+
+/// The one retry of every start-up step (connecting, JetStream answering, streams,
+/// consumers): runs `attempt` again after each transient failure, `report` told of each wait
+/// first, until it succeeds, fails for good or `until` has passed; then the last failure and
+/// the number of attempts made.
+async fn retry_until<T, E, F>(
+    until: tokio::time::Instant,
+    delay_max: Duration,
+    mut attempt: impl FnMut() -> F,
+    mut report: impl FnMut(&E, Duration, Duration),
+) -> Result<T, (StartupFailure<E>, u32)>
+where
+    F: std::future::Future<Output = Result<T, StartupFailure<E>>>,
+{
+    let mut attempts = 0u32;
+    loop {
+        let failure = match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(failure) => failure,
+        };
+        attempts += 1;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if !failure.transient || left.is_zero() {
+            return Err((failure, attempts));
+        }
+        let delay = startup_delay(attempts, delay_max).min(left);
+        report(&failure.error, delay, left);
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -199,70 +199,68 @@ impl NatsTransport {
         );
         // While the process starts (`startup_wait`), a cluster that has not elected the
         // stream's leader yet times a binding out or refuses it: asked again then.
-        let mut attempts = 0u32;
-        let consumer: PullConsumer = loop {
-            // A durable keeps its place: its deliver policy only says where a new consumer
-            // starts, and the server refuses to change it (an operator may have created it
-            // with another).
-            let mut binding = consumer_config.clone();
-            let existing = if options.durable.is_some() {
-                existing_consumer(&stream, &name).await
-            } else {
-                Ok(None)
-            };
-            let (reason, transient) = match existing {
-                Err(err) => {
-                    let transient = match err.kind() {
-                        ConsumerInfoErrorKind::TimedOut | ConsumerInfoErrorKind::Offline => true,
-                        ConsumerInfoErrorKind::JetStream(refusal) => cluster_not_ready(&refusal),
-                        _ => false,
-                    };
-                    (format!("reading consumer {name}: {err}"), transient)
-                }
-                Ok(existing) => {
-                    if let Some(existing) = existing {
-                        binding.deliver_policy = existing.config.deliver_policy;
-                        if attempts == 0 {
-                            report_moved_subjects(&options.stream, &existing, &subjects);
-                        }
-                    }
-                    match stream.create_consumer(binding).await {
-                        Ok(consumer) => break consumer,
+        let moved_reported = std::cell::Cell::new(false);
+        let (stream_ref, config_ref, subjects_ref) = (&stream, &consumer_config, &subjects);
+        let (name_ref, moved_ref) = (&name, &moved_reported);
+        let consumer: PullConsumer = super::retry_until(
+            self.startup_until,
+            self.reconnect_delay_max,
+            move || async move {
+                // A durable keeps its place: its deliver policy only says where a new
+                // consumer starts, and the server refuses to change it (an operator may have
+                // created it with another).
+                let mut binding = config_ref.clone();
+                if options.durable.is_some() {
+                    match existing_consumer(stream_ref, name_ref).await {
                         Err(err) => {
                             let transient = match err.kind() {
-                                ConsumerErrorKind::TimedOut => true,
-                                ConsumerErrorKind::JetStream(refusal) => {
+                                ConsumerInfoErrorKind::TimedOut
+                                | ConsumerInfoErrorKind::Offline => true,
+                                ConsumerInfoErrorKind::JetStream(refusal) => {
                                     cluster_not_ready(&refusal)
                                 }
                                 _ => false,
                             };
-                            let rivals = if transient {
-                                None
-                            } else {
-                                work_queue_rivals(&stream, &name, &consumer_config, &err).await
-                            };
-                            (
-                                format!(
-                                    "creating consumer {name}: {err}{}",
-                                    rivals.unwrap_or_default()
-                                ),
+                            return Err(super::StartupFailure {
+                                error: format!("reading consumer {name_ref}: {err}"),
                                 transient,
-                            )
+                            });
                         }
+                        Ok(Some(existing)) => {
+                            binding.deliver_policy = existing.config.deliver_policy;
+                            if !moved_ref.replace(true) {
+                                report_moved_subjects(&options.stream, &existing, subjects_ref);
+                            }
+                        }
+                        Ok(None) => {}
                     }
                 }
-            };
-            let left = self
-                .startup_until
-                .saturating_duration_since(tokio::time::Instant::now());
-            if !transient || left.is_zero() {
-                return Err(subscribe_error(reason));
-            }
-            attempts += 1;
-            let delay = super::startup_delay(attempts, self.reconnect_delay_max).min(left);
-            events::record_jetstream_unready_at_startup(&reason, delay, left);
-            tokio::time::sleep(delay).await;
-        };
+                let err = match stream_ref.create_consumer(binding).await {
+                    Ok(consumer) => return Ok(consumer),
+                    Err(err) => err,
+                };
+                let transient = match err.kind() {
+                    ConsumerErrorKind::TimedOut => true,
+                    ConsumerErrorKind::JetStream(refusal) => cluster_not_ready(&refusal),
+                    _ => false,
+                };
+                let rivals = if transient {
+                    None
+                } else {
+                    work_queue_rivals(stream_ref, name_ref, config_ref, &err).await
+                };
+                Err(super::StartupFailure {
+                    error: format!(
+                        "creating consumer {name_ref}: {err}{}",
+                        rivals.unwrap_or_default()
+                    ),
+                    transient,
+                })
+            },
+            |reason, delay, left| events::record_jetstream_unready_at_startup(reason, delay, left),
+        )
+        .await
+        .map_err(|(failure, _)| subscribe_error(failure.error))?;
         let position = Arc::new(ConsumerPosition::new(
             stream.cached_info().created,
             consumer.cached_info(),
@@ -1342,27 +1340,21 @@ pub(super) async fn wait_for_stream(
 async fn at_startup<T, F>(
     wait: Duration,
     delay_max: Duration,
-    mut attempt: impl FnMut() -> F,
+    attempt: impl FnMut() -> F,
 ) -> Result<T, TransportError>
 where
     F: std::future::Future<Output = Result<T, StreamFailure>>,
 {
-    let started = tokio::time::Instant::now();
-    let mut attempts = 0u32;
-    loop {
-        let failure = match attempt().await {
-            Ok(done) => return Ok(done),
-            Err(failure) => failure,
-        };
-        let left = wait.saturating_sub(started.elapsed());
-        if !failure.transient || left.is_zero() {
-            return Err(failure.error);
-        }
-        attempts += 1;
-        let delay = super::startup_delay(attempts, delay_max).min(left);
-        events::record_jetstream_unready_at_startup(&failure.error.to_string(), delay, left);
-        tokio::time::sleep(delay).await;
-    }
+    super::retry_until(
+        tokio::time::Instant::now() + wait,
+        delay_max,
+        attempt,
+        |error, delay, left| {
+            events::record_jetstream_unready_at_startup(&error.to_string(), delay, left);
+        },
+    )
+    .await
+    .map_err(|(failure, _)| failure.error)
 }
 
 /// Whether a stream read failed for a cluster not ready (unanswered, or refused while it
@@ -1376,11 +1368,7 @@ fn stream_read_transient(err: &GetStreamError) -> bool {
 }
 
 /// Why a stream could not be ensured, and whether asking again may help.
-struct StreamFailure {
-    error: TransportError,
-    /// Unanswered, or refused by a cluster that has no leader for it yet.
-    transient: bool,
-}
+type StreamFailure = super::StartupFailure<TransportError>;
 
 /// A JetStream refusal that a cluster gives while it elects its leaders.
 fn cluster_not_ready(refusal: &js::Error) -> bool {
